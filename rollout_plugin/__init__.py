@@ -1,0 +1,43 @@
+"""rollout-plugin: a concurrency-managed pool of vLLM servers for RL trainers' rollout stage.
+
+Imports neither torch nor vllm: engines are reached over HTTP.
+"""
+
+from rollout_plugin.config.schema import CollectConfig, EngineConfig, PoolConfig, SamplingConfig, VerifyConfig
+from rollout_plugin.errors import (
+    ConfigError,
+    EngineError,
+    EngineStartError,
+    InputError,
+    PoolError,
+    RolloutPluginError,
+    VerifierError,
+)
+from rollout_plugin.pool.dispatch import PoolStats
+from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
+from rollout_plugin.types import Request, Result, Sample, SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CollectConfig",
+    "ConfigError",
+    "EngineConfig",
+    "EngineError",
+    "EngineStartError",
+    "InputError",
+    "PoolConfig",
+    "PoolError",
+    "PoolStats",
+    "Request",
+    "Result",
+    "RolloutPluginError",
+    "RolloutPool",
+    "Sample",
+    "SamplingConfig",
+    "SamplingParams",
+    "SyncRolloutPool",
+    "VerifierError",
+    "VerifyConfig",
+    "__version__",
+]

@@ -1,0 +1,59 @@
+"""``rollout-plugin <command> key=value …``: parse, call, print; no business logic here."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import sys
+
+from rollout_plugin.errors import RolloutPluginError
+
+# command -> (module, one-line help); each module exposes run(overrides: list[str]) -> int
+COMMANDS: dict[str, tuple[str, str]] = {
+    "collect": ("rollout_plugin.cli.collect", "generate rollouts for a JSONL of prompts and score them"),
+    "model": ("rollout_plugin.cli.model", "build (if missing) and print the embedded tiny model's directory"),
+    "plan": ("rollout_plugin.cli.plan", "plan vLLM, pool, verl and TRL settings for a model, hardware and workload"),
+}
+
+log = logging.getLogger("rollout_plugin")
+
+
+def _usage() -> str:
+    lines = ["usage: rollout-plugin <command> [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _sigterm_to_exit(signum: int, frame: object) -> None:
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C so every engine is stopped on the way out.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, overrides = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"rollout-plugin: unknown command {name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""),
+              file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.run(overrides) or 0)
+    except RolloutPluginError as exc:
+        print(f"rollout-plugin {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rollout-plugin {name}: interrupted; engines stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

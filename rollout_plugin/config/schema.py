@@ -1,0 +1,134 @@
+"""Typed configs for the pool, the engines and the `collect` job.
+
+Plain dataclasses (no torch, no vllm) registered in Hydra's ConfigStore, so YAML under
+``hydra_conf/`` and ``key=value`` overrides are type-checked against them. Bounds and cross-field
+rules live in :mod:`rollout_plugin.config.validate`, which reports every problem at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+EMBEDDED_MODEL = "embedded:tiny-llama"
+
+
+# Modes are str-Enums rather than typing.Literal: OmegaConf 2.3 rejects Literal annotations, and an
+# Enum still gives Hydra-level checking ("Invalid value 'x', expected one of [auto, off]").
+class CpuBind(str, Enum):
+    auto = "auto"
+    off = "off"
+
+
+class ExecutorKind(str, Enum):
+    thread = "thread"
+    process = "process"
+
+
+class Progress(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+@dataclass
+class EngineConfig:
+    """One kind of engine; ``pool.engines`` of them are launched, or ``urls`` are attached."""
+
+    # An HF model directory, a hub id, or the project's own tiny model (built on first use).
+    model: str = EMBEDDED_MODEL
+    # Interpreter that runs the vLLM server (vllm may live in another venv than the trainer).
+    python: Optional[str] = None
+    # Attach to engines that already run (OpenAI-compatible base URLs) instead of launching.
+    urls: list[str] = field(default_factory=list)
+    api_key: Optional[str] = None  # generated for launched engines when unset
+    served_model_name: Optional[str] = None  # asked from /v1/models when unset
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port per engine; otherwise engine i gets port + i
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 2048
+    max_num_seqs: Optional[int] = None  # default: the pool's per-engine cap
+    max_num_batched_tokens: Optional[int] = None
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    # CPU engines: KV cache size and core binding (each engine gets its own cores).
+    cpu_kvcache_gb: int = 2  # VLLM_CPU_KVCACHE_SPACE (whole GiB)
+    cpu_bind: CpuBind = CpuBind.auto
+    dev_mode: bool = False  # VLLM_SERVER_DEV_MODE=1: /pause, /resume, /collective_rpc …
+    startup_timeout_s: float = 300.0
+    log_dir: str = "logs/engines"
+
+
+@dataclass
+class TimeoutConfig:
+    connect_s: float = 10.0
+    request_s: float = 1800.0  # one HTTP call (a pack may hold hundreds of long samples)
+    admission_s: float = 60.0  # waiting for a free connection in the client's pool
+    health_s: float = 5.0
+
+
+@dataclass
+class PoolConfig:
+    engines: int = 1
+    k: int = 1  # samples per prompt (GRPO group size)
+    # Xtuner's rollout_max_batch_size_per_instance; unset: 1024/512/128/64 by max_model_len.
+    per_engine: Optional[int] = None
+    over_concurrency_ratio: float = 1.2
+    # Global in-flight cap in groups; unset: per_engine × engines / k × ratio.
+    max_concurrent: Optional[int] = None
+    # Samples per HTTP call: groups go as n=k, independent prompts pack into one multi-prompt call.
+    pack_size: int = 64
+    stream: bool = False  # SSE per call (lower throughput, per-token progress)
+    max_retries: int = 3
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+
+
+@dataclass
+class SamplingConfig:
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_tokens: int = 0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+
+@dataclass
+class VerifyConfig:
+    # "module:function" or "module.function"; called as fn(completion, example) -> float.
+    verifier: str = "rollout_plugin.verify.builtin:last_number_match"
+    executor: ExecutorKind = ExecutorKind.thread
+    workers: int = 4
+
+
+@dataclass
+class CollectConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    input: Optional[str] = None  # JSONL of prompts; unset: the arithmetic set shipped in the package
+    output: str = "rollouts.jsonl"
+    overwrite: bool = False
+    resume: bool = False
+    limit: Optional[int] = None  # use only the first N prompts
+    progress: Progress = Progress.auto
+    log_level: str = "INFO"
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="collect_schema", node=CollectConfig)
+    cs.store(group="engine", name="schema", node=EngineConfig)
+    cs.store(group="pool", name="schema", node=PoolConfig)
+    cs.store(group="sampling", name="schema", node=SamplingConfig)

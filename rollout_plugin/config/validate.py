@@ -1,0 +1,138 @@
+"""Bounds and cross-field checks at the edge; every problem reported at once.
+
+Each check names the dotted key, the value, why it is wrong and the nearest valid value.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+from rollout_plugin.config.schema import EMBEDDED_MODEL, CollectConfig, EngineConfig, PoolConfig, SamplingConfig
+from rollout_plugin.errors import ConfigError, ConfigProblem
+
+
+class Problems:
+    """Collects problems; :meth:`raise_if_any` raises them together as one :class:`ConfigError`."""
+
+    def __init__(self) -> None:
+        self.items: list[ConfigProblem] = []
+
+    def add(self, key: str, value: object, reason: str, suggestion: object | None = None) -> None:
+        self.items.append(ConfigProblem(key, value, reason, None if suggestion is None else f"{key}={suggestion}"))
+
+    def at_least(self, key: str, value: float | None, low: float) -> None:
+        if value is not None and value < low:
+            self.add(key, value, f"must be >= {low}", low)
+
+    def in_range(self, key: str, value: float | None, low: float, high: float, *, low_open: bool = False) -> None:
+        if value is None:
+            return
+        if value > high or value < low or (low_open and value == low):
+            nearest = high if value > high else (low if not low_open else _tiny_above(low))
+            bounds = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+            self.add(key, value, f"must be in {bounds}", nearest)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError(self.items)
+
+
+def _tiny_above(x: float) -> float:
+    return round(x + 0.05, 2)
+
+
+def nearest_key(key: str, candidates: Iterable[str]) -> str | None:
+    """The closest valid dotted key to a misspelt one, or None."""
+    matches = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def dotted_keys(schema: type, prefix: str = "") -> list[str]:
+    """All dotted keys a dataclass schema accepts (nested dataclasses flattened)."""
+    out: list[str] = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            out.extend(dotted_keys(type(default), key + "."))
+        else:
+            out.append(key)
+    return out
+
+
+def check_engine(cfg: EngineConfig, p: Problems, prefix: str = "engine") -> None:
+    p.in_range(f"{prefix}.gpu_memory_utilization", cfg.gpu_memory_utilization, 0.0, 1.0, low_open=True)
+    p.at_least(f"{prefix}.max_model_len", cfg.max_model_len, 16)
+    p.at_least(f"{prefix}.max_num_seqs", cfg.max_num_seqs, 1)
+    p.at_least(f"{prefix}.tensor_parallel_size", cfg.tensor_parallel_size, 1)
+    p.at_least(f"{prefix}.startup_timeout_s", cfg.startup_timeout_s, 1)
+    p.at_least(f"{prefix}.cpu_kvcache_gb", cfg.cpu_kvcache_gb, 1)
+    if cfg.port and not 1 <= cfg.port <= 65535:
+        p.add(f"{prefix}.port", cfg.port, "must be 0 (pick a free port) or in [1, 65535]", 0)
+    mnbt = cfg.max_num_batched_tokens
+    if mnbt is not None and mnbt < cfg.max_model_len:
+        # vLLM refuses this without chunked prefill, and throughput suffers with it (veRL/NeMo Gym guides).
+        p.add(f"{prefix}.max_num_batched_tokens", mnbt, f"must be >= engine.max_model_len ({cfg.max_model_len})",
+              max(cfg.max_model_len, 4096))
+    for url in cfg.urls:
+        if not url.startswith(("http://", "https://")):
+            p.add(f"{prefix}.urls", url, "must be an http:// or https:// base URL", f"[http://{url.split('://')[-1]}]")
+    model = cfg.model
+    if not cfg.urls and model != EMBEDDED_MODEL and _looks_like_path(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            p.add(f"{prefix}.model", model, "no such model directory", EMBEDDED_MODEL)
+        elif not (path / "config.json").is_file():
+            p.add(f"{prefix}.model", model, "not a Hugging Face model directory (no config.json)", EMBEDDED_MODEL)
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).exists() or model.count("/") != 1
+
+
+def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, prefix: str = "pool") -> None:
+    p.at_least(f"{prefix}.engines", cfg.engines, 1)
+    p.at_least(f"{prefix}.k", cfg.k, 1)
+    p.at_least(f"{prefix}.per_engine", cfg.per_engine, 1)
+    p.at_least(f"{prefix}.over_concurrency_ratio", cfg.over_concurrency_ratio, 1.0)
+    p.at_least(f"{prefix}.max_concurrent", cfg.max_concurrent, 1)
+    p.at_least(f"{prefix}.pack_size", cfg.pack_size, 1)
+    p.at_least(f"{prefix}.max_retries", cfg.max_retries, 0)
+    if cfg.per_engine is not None and cfg.k > cfg.per_engine:
+        # A group goes to one engine as n=k; it could never be admitted.
+        p.add(f"{prefix}.k", cfg.k, f"a group must fit one engine's cap (pool.per_engine={cfg.per_engine})",
+              cfg.per_engine)
+    for name in ("connect_s", "request_s", "admission_s", "health_s"):
+        value = getattr(cfg.timeouts, name)
+        if value <= 0:
+            p.add(f"{prefix}.timeouts.{name}", value, "must be > 0", getattr(type(cfg.timeouts)(), name))
+
+
+def check_sampling(cfg: SamplingConfig, p: Problems, max_model_len: int | None = None,
+                   prefix: str = "sampling") -> None:
+    p.at_least(f"{prefix}.max_tokens", cfg.max_tokens, 1)
+    p.at_least(f"{prefix}.temperature", cfg.temperature, 0.0)
+    p.in_range(f"{prefix}.top_p", cfg.top_p, 0.0, 1.0, low_open=True)
+    p.at_least(f"{prefix}.min_tokens", cfg.min_tokens, 0)
+    if cfg.min_tokens > cfg.max_tokens:
+        p.add(f"{prefix}.min_tokens", cfg.min_tokens, f"exceeds sampling.max_tokens ({cfg.max_tokens})",
+              cfg.max_tokens)
+    if max_model_len is not None and cfg.max_tokens >= max_model_len:
+        p.add(f"{prefix}.max_tokens", cfg.max_tokens,
+              f"leaves no room for the prompt in engine.max_model_len ({max_model_len})", max_model_len // 2)
+
+
+def validate_collect(cfg: CollectConfig) -> None:
+    """Raise one :class:`ConfigError` listing every problem in a collect config."""
+    p = Problems()
+    check_engine(cfg.engine, p)
+    check_pool(cfg.pool, p)
+    check_sampling(cfg.sampling, p, cfg.engine.max_model_len)
+    p.at_least("verify.workers", cfg.verify.workers, 1)
+    p.at_least("limit", cfg.limit, 1)
+    if cfg.overwrite and cfg.resume:
+        p.add("resume", cfg.resume, "cannot be combined with overwrite=true", False)
+    p.raise_if_any()

@@ -1,0 +1,347 @@
+"""Admission, packing, routing, retries and exactly-once bookkeeping.
+
+Policy lives here and in :mod:`routing`/:mod:`limits`; transport lives behind :class:`EngineClient`.
+Invariants (each has a test):
+1. every submitted request id resolves exactly once: a :class:`Result` with samples or with an error;
+2. samples in flight per engine never exceed ``limits.engine_inflight``; groups in flight never
+   exceed ``limits.max_concurrent``;
+3. a pool that cannot go on (no healthy engine) fails every waiting request with :class:`PoolError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from rollout_plugin.errors import PoolError
+from rollout_plugin.pool.client import CallError, EngineClient, Generation
+from rollout_plugin.pool.limits import Limits
+from rollout_plugin.pool.routing import EngineLoad, pack_budget, pick_engine
+from rollout_plugin.types import Request, Result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    request: Request
+    future: asyncio.Future[Result]
+    seq: int
+    submitted_at: float
+    attempts: int = 0
+    avoid: frozenset[int] = frozenset()
+    solo: bool = False  # sent alone after a packed call was rejected
+    last_error: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        r = self.request
+        # Only requests with one prompt kind, one n and one set of sampling params share a call.
+        return ("solo", self.seq) if self.solo or r.kind == "chat" else (r.kind, r.n, r.sampling)
+
+
+@dataclass
+class EngineStats:
+    name: str
+    healthy: bool
+    inflight: int
+    cap: int
+    calls: int
+    requests: int
+    samples: int
+    output_tokens: int
+    failed_calls: int
+    mean_inflight: float
+    peak_inflight: int
+
+
+@dataclass
+class PoolStats:
+    elapsed_s: float
+    engines: list[EngineStats]
+    requests_done: int
+    requests_failed: int
+    groups_inflight: int
+    queued: int
+
+    @property
+    def samples(self) -> int:
+        return sum(e.samples for e in self.engines)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(e.output_tokens for e in self.engines)
+
+
+@dataclass
+class _Engine:
+    index: int
+    client: EngineClient
+    cap: int
+    healthy: bool = True
+    suspect: bool = False
+    inflight: int = 0
+    calls: int = 0
+    requests: int = 0
+    samples: int = 0
+    output_tokens: int = 0
+    failed_calls: int = 0
+    area: float = 0.0  # ∫ inflight dt, for the mean
+    since: float = 0.0
+    peak: int = 0
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(self.index, self.inflight, self.cap, self.healthy and not self.suspect)
+
+    def move(self, delta: int, now: float) -> None:
+        self.area += self.inflight * (now - self.since)
+        self.since = now
+        self.inflight += delta
+        self.peak = max(self.peak, self.inflight)
+
+
+@dataclass
+class _Queue:
+    """FIFO across pack keys: the oldest request goes first, compatible ones ride along."""
+
+    by_key: dict[tuple, deque[_Pending]] = field(default_factory=dict)
+    size: int = 0
+
+    def push(self, item: _Pending, front: bool = False) -> None:
+        q = self.by_key.setdefault(item.key, deque())
+        q.appendleft(item) if front else q.append(item)
+        self.size += 1
+
+    def oldest_key(self) -> tuple | None:
+        heads = [(q[0].seq if not q[0].attempts else -1, k) for k, q in self.by_key.items() if q]
+        return min(heads, key=lambda h: h[0])[1] if heads else None
+
+    def pop(self, key: tuple) -> _Pending:
+        q = self.by_key[key]
+        item = q.popleft()
+        if not q:
+            del self.by_key[key]
+        self.size -= 1
+        return item
+
+    def peek(self, key: tuple) -> _Pending | None:
+        q = self.by_key.get(key)
+        return q[0] if q else None
+
+    def drain(self) -> list[_Pending]:
+        items = [p for q in self.by_key.values() for p in q]
+        self.by_key.clear()
+        self.size = 0
+        return items
+
+
+class Dispatcher:
+    """Runs inside the pool's TaskGroup: ``tg.create_task(dispatcher.run(tg))``."""
+
+    def __init__(self, clients: Sequence[EngineClient], limits: Limits, *, pack_size: int, max_retries: int,
+                 clock: Callable[[], float] = time.monotonic):
+        if not clients:
+            raise PoolError("a pool needs at least one engine")
+        self.limits = limits
+        self.pack_size = pack_size
+        self.max_retries = max_retries
+        self._clock = clock
+        now = clock()
+        self._started = now
+        self._engines = [_Engine(i, c, limits.engine_inflight, since=now) for i, c in enumerate(clients)]
+        self._queue = _Queue()
+        self._ids: set[str] = set()
+        self._seq = itertools.count()
+        self._groups_inflight = 0
+        self._done = 0
+        self._failed = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self.failure: PoolError | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+
+    # -- public -----------------------------------------------------------------------------------
+    def submit(self, request: Request) -> asyncio.Future[Result]:
+        if self.failure is not None:
+            raise self.failure
+        if self._closing:
+            raise PoolError("the pool is closed")
+        if request.id in self._ids:
+            raise ValueError(f"request id {request.id!r} is already in flight; ids must be unique")
+        if request.n > self.limits.engine_inflight:
+            raise ValueError(f"request {request.id!r} asks n={request.n} samples, above one engine's in-flight cap "
+                             f"({self.limits.engine_inflight}); raise pool.per_engine")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._ids.add(request.id)
+        self._queue.push(_Pending(request, future, next(self._seq), self._clock()))
+        self._wake.set()
+        return future
+
+    def stats(self) -> PoolStats:
+        now = self._clock()
+        elapsed = max(now - self._started, 1e-9)
+        engines = [
+            EngineStats(e.client.name, e.healthy, e.inflight, e.cap, e.calls, e.requests, e.samples,
+                        e.output_tokens, e.failed_calls, (e.area + e.inflight * (now - e.since)) / elapsed, e.peak)
+            for e in self._engines
+        ]
+        return PoolStats(now - self._started, engines, self._done, self._failed, self._groups_inflight,
+                         self._queue.size)
+
+    def reset_stats(self) -> None:
+        now = self._clock()
+        self._started = now
+        for e in self._engines:
+            e.area, e.since, e.peak = 0.0, now, e.inflight
+            e.calls = e.requests = e.samples = e.output_tokens = e.failed_calls = 0
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    async def run(self, tg: asyncio.TaskGroup) -> None:
+        """Dispatch until closed or failed; on close, cancel calls still running (their waiters too)."""
+        self._tg = tg
+        try:
+            while self.failure is None and not self._closing:
+                self._dispatch()
+                self._wake.clear()
+                await self._wake.wait()
+        finally:
+            self._fail(self.failure or PoolError("the pool was closed before this request finished"))
+            for task in list(self._calls):
+                task.cancel()
+
+    # -- policy -----------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if self._tg is None:
+            raise RuntimeError("Dispatcher.run() was not started")
+        while self._queue.size and self._groups_inflight < self.limits.max_concurrent:
+            key = self._queue.oldest_key()
+            head = self._queue.peek(key)
+            idx = pick_engine([e.load() for e in self._engines], head.request.n, head.avoid)
+            if idx is None:
+                return
+            engine = self._engines[idx]
+            budget = pack_budget(engine.cap - engine.inflight, max(self.pack_size, head.request.n))
+            batch: list[_Pending] = []
+            while True:
+                nxt = self._queue.peek(key)
+                if nxt is None or nxt.request.n > budget:
+                    break
+                if batch and (key[0] == "solo" or self._groups_inflight + len(batch) >= self.limits.max_concurrent):
+                    break
+                batch.append(self._queue.pop(key))
+                budget -= nxt.request.n
+            samples = sum(p.request.n for p in batch)
+            engine.move(samples, self._clock())
+            self._groups_inflight += len(batch)
+            task = self._tg.create_task(self._call(engine, batch, samples))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _call(self, engine: _Engine, batch: list[_Pending], samples: int) -> None:
+        started = self._clock()
+        for p in batch:
+            p.attempts += 1
+        try:
+            generations = await engine.client.generate([p.request for p in batch])
+        except CallError as exc:
+            self._on_failure(engine, batch, exc)
+        except asyncio.CancelledError:
+            for p in batch:
+                self._ids.discard(p.request.id)
+                p.future.cancel()
+            raise
+        except Exception as exc:  # a bug or a malformed reply: data for these requests, not a dead pool
+            log.exception("%s: call failed unexpectedly", engine.client.name)
+            self._on_failure(engine, batch, CallError(f"{type(exc).__name__}: {exc}", retryable=False))
+        else:
+            latency = self._clock() - started
+            engine.calls += 1
+            for p, gen in zip(batch, generations):
+                self._resolve(p, self._result(p, gen, engine, latency))
+                engine.requests += 1
+                engine.samples += len(gen.samples)
+                engine.output_tokens += sum(s.output_tokens for s in gen.samples)
+        finally:
+            engine.move(-samples, self._clock())
+            self._groups_inflight -= len(batch)
+            self._wake.set()
+
+    @staticmethod
+    def _result(p: _Pending, gen: Generation, engine: _Engine, latency: float) -> Result:
+        return Result(id=p.request.id, samples=gen.samples, prompt_tokens=gen.prompt_tokens,
+                      engine=engine.client.name, latency_s=latency, attempts=p.attempts, request=p.request)
+
+    def _on_failure(self, engine: _Engine, batch: list[_Pending], exc: CallError) -> None:
+        engine.failed_calls += 1
+        log.warning("%s: call of %d request(s) failed: %s", engine.client.name, len(batch), exc)
+        if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429 and len(batch) > 1:
+            # One bad member fails a packed call: resend each alone so only the bad one errors.
+            for p in reversed(batch):
+                p.solo, p.attempts = True, p.attempts - 1
+                self._requeue(p)
+            return
+        if exc.suspect and engine.healthy and not engine.suspect:
+            engine.suspect = True
+            self._tg.create_task(self._probe(engine, str(exc)))
+        for p in reversed(batch):
+            p.last_error = str(exc)
+            if exc.retryable and p.attempts <= self.max_retries:
+                p.avoid = p.avoid | {engine.index}
+                if exc.retry_after_s:
+                    self._tg.create_task(self._requeue_later(p, exc.retry_after_s))
+                else:
+                    self._requeue(p)
+            else:
+                self._resolve(p, Result(id=p.request.id, engine=engine.client.name, attempts=p.attempts,
+                                        error=str(exc), request=p.request))
+
+    async def _requeue_later(self, p: _Pending, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)  # honouring the server's Retry-After, not synchronising
+        self._requeue(p)
+        self._wake.set()
+
+    def _requeue(self, p: _Pending) -> None:
+        if self.failure is not None:
+            self._ids.discard(p.request.id)
+            if not p.future.done():
+                p.future.set_exception(self.failure)
+        else:
+            self._queue.push(p, front=True)
+
+    async def _probe(self, engine: _Engine, reason: str) -> None:
+        alive = await engine.client.healthy()
+        engine.suspect = False
+        if alive:
+            log.info("%s: suspect -> healthy (health check passed)", engine.client.name)
+        else:
+            engine.healthy = False
+            log.error("%s: healthy -> dead (%s)", engine.client.name, reason)
+            if not any(e.healthy for e in self._engines):
+                self._fail(PoolError(f"every engine is dead; last error: {reason}"))
+        self._wake.set()
+
+    def _fail(self, error: PoolError) -> None:
+        """Fail everything still queued (and whatever a running call hands back later)."""
+        self.failure = error
+        for p in self._queue.drain():
+            self._ids.discard(p.request.id)
+            if not p.future.done():
+                p.future.set_exception(error)
+
+    def _resolve(self, p: _Pending, result: Result) -> None:
+        self._ids.discard(p.request.id)
+        if result.ok:
+            self._done += 1
+        else:
+            self._failed += 1
+        if not p.future.done():  # the waiter may have been cancelled
+            p.future.set_result(result)

@@ -1,0 +1,260 @@
+"""The rollout pool: engines (launched or attached) + HTTP clients + the dispatcher.
+
+Async core (``async with RolloutPool(...) as pool``) and a sync facade (:class:`SyncRolloutPool`)
+that runs the same core on a private event loop thread, for trainers that call from sync code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from concurrent.futures import Future as ThreadFuture
+from pathlib import Path
+
+import httpx
+
+from rollout_plugin.config.schema import EngineConfig, PoolConfig
+from rollout_plugin.errors import EngineError, PoolError
+from rollout_plugin.pool.client import EngineClient, HttpEngineClient, split_base_url
+from rollout_plugin.pool.dispatch import Dispatcher, PoolStats
+from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess, cpu_binding, engine_cores, reserve_ports, stop_all
+from rollout_plugin.pool.limits import Limits, derive_limits
+from rollout_plugin.types import Request, Result
+
+log = logging.getLogger(__name__)
+
+
+def pool_limits(engine: EngineConfig, pool: PoolConfig, engines: int) -> Limits:
+    return derive_limits(max_model_len=engine.max_model_len, engines=engines, k=pool.k,
+                         ratio=pool.over_concurrency_ratio, per_engine=pool.per_engine,
+                         max_concurrent=pool.max_concurrent, max_num_seqs=engine.max_num_seqs)
+
+
+async def _served_model(url: str, api_key: str | None, timeout_s: float) -> str:
+    _, api_base = split_base_url(url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s, headers=headers) as http:
+            resp = await http.get(f"{api_base}/models")
+            resp.raise_for_status()
+            return resp.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise EngineError(f"engine.urls: cannot list models at {api_base}/models ({exc}); "
+                          f"set engine.served_model_name") from None
+
+
+class RolloutPool:
+    """``async with RolloutPool(engine_cfg, pool_cfg) as pool: results = await pool.generate(requests)``.
+
+    Launches ``pool.engines`` vLLM servers (or attaches to ``engine.urls``), and stops what it
+    launched on exit. ``clients`` injects ready engine clients instead (tests, custom transports).
+    """
+
+    def __init__(self, engine: EngineConfig | None = None, pool: PoolConfig | None = None, *,
+                 clients: Sequence[EngineClient] | None = None):
+        self.engine_cfg = engine or EngineConfig()
+        self.pool_cfg = pool or PoolConfig()
+        self._given_clients = list(clients) if clients else None
+        n = len(self._given_clients or self.engine_cfg.urls) or self.pool_cfg.engines
+        self.limits = pool_limits(self.engine_cfg, self.pool_cfg, n)
+        self.processes: list[EngineProcess] = []
+        self.endpoints: list[EngineEndpoint] = []
+        self.startup_s: list[float] = []
+        self._clients: list[EngineClient] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def __aenter__(self) -> RolloutPool:
+        try:
+            self._clients = self._given_clients or await self._open_clients()
+            self._dispatcher = Dispatcher(self._clients, self.limits, pack_size=self.pool_cfg.pack_size,
+                                          max_retries=self.pool_cfg.max_retries)
+            self._tg = asyncio.TaskGroup()
+            await self._tg.__aenter__()
+            self._runner = self._tg.create_task(self._dispatcher.run(self._tg))
+        except BaseException:
+            await self._close_clients()
+            stop_all(self.processes)
+            raise
+        log.info("pool ready: %d engine(s), per-engine cap %d (in flight %d), max_concurrent %d groups of k=%d",
+                 len(self._clients), self.limits.per_engine, self.limits.engine_inflight,
+                 self.limits.max_concurrent, self.limits.k)
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        failure = self._dispatcher.failure if self._dispatcher else None
+        try:
+            if self._dispatcher:
+                self._dispatcher.close()
+            if self._tg:
+                # The caller's exception is theirs to propagate; the group only collects our tasks.
+                await self._tg.__aexit__(None, None, None)
+        finally:
+            await self._close_clients()
+            stop_all(self.processes)
+        if failure is not None and exc is None:
+            raise failure
+
+    async def _open_clients(self) -> list[EngineClient]:
+        cfg, t = self.engine_cfg, self.pool_cfg.timeouts
+        if cfg.urls:
+            self.endpoints = [EngineEndpoint(f"engine{i}", url, cfg.api_key) for i, url in enumerate(cfg.urls)]
+        else:
+            self.endpoints = await self._launch()
+        clients: list[EngineClient] = []
+        for ep in self.endpoints:
+            model = cfg.served_model_name or await _served_model(ep.url, ep.api_key, t.health_s)
+            clients.append(HttpEngineClient(
+                ep.name, ep.url, api_key=ep.api_key, model=model, max_connections=self.limits.http_connections,
+                connect_s=t.connect_s, request_s=t.request_s, admission_s=t.admission_s, health_s=t.health_s,
+                stream=self.pool_cfg.stream))
+        return clients
+
+    async def _launch(self) -> list[EngineEndpoint]:
+        from rollout_plugin.model.embedded import resolve_model
+
+        cfg, n = self.engine_cfg, self.pool_cfg.engines
+        model = await asyncio.to_thread(resolve_model, cfg.model, cfg.python)
+        ports = reserve_ports(cfg.host, cfg.port, n)
+        cores = engine_cores()
+        log_dir = Path(cfg.log_dir)
+        self.processes = [
+            EngineProcess(i, cfg, model=model, port=ports[i], max_num_seqs=self.limits.per_engine,
+                          cpu_bind=cpu_binding(i, n, cores), log_dir=log_dir)
+            for i in range(n)
+        ]
+        for proc in self.processes:
+            proc.start()  # from this (the loop's) thread: PR_SET_PDEATHSIG follows the launching thread
+        async with asyncio.TaskGroup() as tg:
+            waits = [tg.create_task(p.wait_ready()) for p in self.processes]
+        self.startup_s = [w.result() for w in waits]
+        return [p.endpoint() for p in self.processes]
+
+    async def _close_clients(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+        self._clients = []
+
+    # -- work -------------------------------------------------------------------------------------
+    def _require(self) -> Dispatcher:
+        if self._dispatcher is None:
+            raise PoolError("use the pool inside `async with RolloutPool(...) as pool`")
+        return self._dispatcher
+
+    def submit(self, request: Request) -> asyncio.Future[Result]:
+        """Queue one request; the future resolves to its one :class:`Result` (samples or error)."""
+        return self._require().submit(request)
+
+    async def generate(self, requests: Iterable[Request]) -> list[Result]:
+        """All results, in input order."""
+        futures = [self.submit(r) for r in requests]
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            for f in futures:
+                f.cancel()
+
+    async def stream(self, requests: Iterable[Request]) -> AsyncIterator[Result]:
+        """Results as they finish. Requests are submitted as admission allows, not all up front."""
+        futures = [self.submit(r) for r in requests]
+        try:
+            for next_done in asyncio.as_completed(futures):
+                yield await next_done
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def stats(self) -> PoolStats:
+        return self._require().stats()
+
+    def reset_stats(self) -> None:
+        self._require().reset_stats()
+
+    @property
+    def engine_names(self) -> list[str]:
+        return [c.name for c in self._clients]
+
+
+class SyncRolloutPool:
+    """Blocking facade: the async pool runs on a private loop thread for the facade's lifetime."""
+
+    def __init__(self, engine: EngineConfig | None = None, pool: PoolConfig | None = None, **kwargs):
+        self._pool = RolloutPool(engine, pool, **kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def limits(self) -> Limits:
+        return self._pool.limits
+
+    def __enter__(self) -> SyncRolloutPool:
+        ready: ThreadFuture[None] = ThreadFuture()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="rollout-pool", daemon=True)
+        self._thread.start()
+        try:
+            ready.result()
+        except BaseException:
+            self._thread.join()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread:
+            self._thread.join()
+
+    def _serve(self, ready: ThreadFuture[None]) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            try:
+                async with self._pool:
+                    ready.set_result(None)
+                    await self._stop.wait()
+            except BaseException as exc:
+                if not ready.done():
+                    ready.set_exception(exc)
+                else:
+                    log.error("pool stopped with an error: %s", exc)
+
+        asyncio.run(main())
+
+    def _run(self, coro):
+        if self._loop is None:
+            raise PoolError("use the pool inside `with SyncRolloutPool(...) as pool`")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, requests: Iterable[Request]) -> list[Result]:
+        return self._run(self._pool.generate(list(requests)))
+
+    def stream(self, requests: Iterable[Request]) -> Iterator[Result]:
+        """Results as they finish, in this thread."""
+        results: list[Result] = []
+        lock = threading.Condition()
+        requests = list(requests)
+
+        async def feed() -> None:
+            async for result in self._pool.stream(requests):
+                with lock:
+                    results.append(result)
+                    lock.notify()
+
+        done = asyncio.run_coroutine_threadsafe(feed(), self._loop)  # type: ignore[arg-type]
+        given = 0
+        while given < len(requests):
+            with lock:
+                lock.wait_for(lambda: len(results) > given or done.done())
+                batch = results[given:]
+            if not batch:
+                done.result()  # re-raises what stopped the feed
+                return
+            given += len(batch)
+            yield from batch
+
+    def stats(self) -> PoolStats:
+        return self._pool.stats()

@@ -1,0 +1,89 @@
+"""Requests and results: the data that crosses the pool's boundary.
+
+A :class:`Request` is one prompt and the number of samples wanted for it (a GRPO group when
+``n > 1``). Every request id yields exactly one :class:`Result`: its ``n`` samples, or an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+Message = dict[str, Any]
+Prompt = Union[str, list[int], list[Message]]
+PromptKind = Literal["text", "tokens", "chat"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the engine samples with; requests with equal params can share one HTTP call."""
+
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_tokens: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        # Lists from YAML/JSON become tuples so the params stay hashable (they key packing).
+        if not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt, ``n`` samples. ``id`` must be unique among requests in flight."""
+
+    id: str
+    prompt: Prompt
+    n: int = 1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def kind(self) -> PromptKind:
+        if isinstance(self.prompt, str):
+            return "text"
+        if self.prompt and all(isinstance(t, int) for t in self.prompt):
+            return "tokens"
+        return "chat"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion of a request."""
+
+    text: str
+    token_ids: tuple[int, ...] | None = None
+    logprobs: tuple[float, ...] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_ids) if self.token_ids is not None else 0
+
+
+@dataclass(frozen=True)
+class Result:
+    """Exactly one per request id: ``samples`` on success, ``error`` otherwise (never both)."""
+
+    id: str
+    samples: tuple[Sample, ...] = ()
+    prompt_tokens: int = 0
+    engine: str | None = None
+    latency_s: float = 0.0
+    attempts: int = 1
+    error: str | None = None
+    request: Request | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(s.output_tokens for s in self.samples)

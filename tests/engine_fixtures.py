@@ -1,0 +1,61 @@
+"""One real vLLM CPU engine per test session, shared by every integration test.
+
+It is launched with the same code users run (EngineProcess) and stopped when the session ends,
+pass or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rollout_plugin.config.schema import EngineConfig
+from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
+
+
+@dataclass(frozen=True)
+class LiveEngine:
+    url: str
+    api_key: str
+    model_dir: str
+    pid: int
+    config: EngineConfig
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from rollout_plugin.model.embedded import resolve_model
+
+    return resolve_model("embedded:tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def live_engine(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveEngine]:
+    cfg = EngineConfig(model=model_dir, max_model_len=1024, cpu_kvcache_gb=1, dev_mode=True,
+                       log_dir=str(tmp_path_factory.mktemp("engine-logs")))
+    (port,) = reserve_ports(cfg.host, 0, 1)
+    proc = EngineProcess(0, cfg, model=model_dir, port=port, max_num_seqs=256, cpu_bind=None,
+                         log_dir=Path(cfg.log_dir))
+    proc.start()
+    try:
+        asyncio.run(proc.wait_ready())
+        yield LiveEngine(proc.url, proc.api_key, model_dir, proc.proc.pid, cfg)
+    finally:
+        proc.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,151 @@
+"""Policy of the pool against in-memory engines: caps, packing, exactly-once, failover."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fakes import FakeEngine
+from rollout_plugin.config.schema import PoolConfig
+from rollout_plugin.errors import PoolError
+from rollout_plugin.pool.client import CallError
+from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.types import Request, SamplingParams
+
+
+def requests(count: int, n: int = 1, prefix: str = "r") -> list[Request]:
+    return [Request(f"{prefix}{i}", f"prompt {i}", n=n) for i in range(count)]
+
+
+def pool_of(engines, **cfg) -> RolloutPool:
+    return RolloutPool(pool=PoolConfig(**cfg), clients=engines)
+
+
+async def test_results_in_input_order_exactly_once():
+    engines = [FakeEngine("a"), FakeEngine("b")]
+    async with pool_of(engines, per_engine=8, k=2, pack_size=4) as pool:
+        results = await pool.generate(requests(50, n=2))
+    assert [r.id for r in results] == [f"r{i}" for i in range(50)]
+    assert all(r.ok and len(r.samples) == 2 for r in results)
+    sent = [rid for e in engines for call in e.calls for rid in call]
+    assert sorted(sent) == sorted(f"r{i}" for i in range(50))  # each sent once: no failures here
+
+
+async def test_per_engine_and_global_caps_hold_while_saturated():
+    engines = [FakeEngine("a"), FakeEngine("b")]
+    for e in engines:
+        e.gate = asyncio.Event()
+    async with pool_of(engines, per_engine=10, over_concurrency_ratio=1.2, k=1, pack_size=4,
+                       max_concurrent=20) as pool:
+        task = asyncio.ensure_future(pool.generate(requests(100)))
+        async with asyncio.timeout(5):
+            while pool.stats().groups_inflight < 20:
+                await asyncio.sleep(0)
+        stats = pool.stats()
+        assert stats.groups_inflight == 20 and stats.queued == 80
+        assert all(e.inflight <= 12 for e in engines)  # ceil(10 × 1.2)
+        for e in engines:
+            e.gate.set()
+        results = await task
+    assert len(results) == 100 and all(r.ok for r in results)
+    assert max(e.peak for e in engines) <= 12
+
+
+async def test_packs_compatible_requests_into_one_call():
+    engine = FakeEngine("a")
+    engine.gate = asyncio.Event()
+    async with pool_of([engine], per_engine=100, pack_size=16) as pool:
+        task = asyncio.ensure_future(pool.generate(requests(32)))
+        async with asyncio.timeout(5):
+            while pool.stats().queued:
+                await asyncio.sleep(0)
+        engine.gate.set()
+        await task
+    assert [len(c) for c in engine.calls] == [16, 16]
+
+
+async def test_different_sampling_params_never_share_a_call():
+    engine = FakeEngine("a")
+    reqs = [Request(f"r{i}", "p", sampling=SamplingParams(temperature=0.5 + (i % 2))) for i in range(8)]
+    async with pool_of([engine], per_engine=100, pack_size=16) as pool:
+        await pool.generate(reqs)
+    for call in engine.calls:
+        assert len({int(rid[1:]) % 2 for rid in call}) == 1
+
+
+async def test_groups_go_whole_with_n():
+    engine = FakeEngine("a")
+    async with pool_of([engine], per_engine=64, k=8, pack_size=16) as pool:
+        results = await pool.generate(requests(6, n=8))
+    assert all(len(r.samples) == 8 for r in results)
+    assert all(len(c) <= 2 for c in engine.calls)  # 16 samples per call = 2 groups of 8
+
+
+async def test_dead_engine_loses_nothing():
+    alive, dead = FakeEngine("alive"), FakeEngine("dead", dead=True)
+    async with pool_of([dead, alive], per_engine=4, pack_size=2, max_retries=2) as pool:
+        results = await pool.generate(requests(40))
+        stats = pool.stats()
+    assert len(results) == 40 and all(r.ok for r in results)
+    assert {r.engine for r in results} == {"alive"}
+    assert [e.healthy for e in stats.engines] == [False, True]
+
+
+async def test_every_engine_dead_fails_the_pool():
+    engines = [FakeEngine("a", dead=True), FakeEngine("b", dead=True)]
+    with pytest.raises(PoolError, match="every engine is dead"):
+        async with pool_of(engines, per_engine=4) as pool:
+            await pool.generate(requests(10))
+
+
+async def test_bad_member_of_a_pack_fails_alone():
+    engine = FakeEngine("a")
+    engine.bad_ids = {"r3"}
+    async with pool_of([engine], per_engine=64, pack_size=8) as pool:
+        results = await pool.generate(requests(8))
+    assert [r.ok for r in results] == [i != 3 for i in range(8)]
+    assert "400" in results[3].error
+
+
+async def test_retryable_errors_become_error_records_after_max_retries():
+    engine = FakeEngine("a", fail_with=CallError("HTTP 503", retryable=True, status=503))
+    async with pool_of([engine], per_engine=4, max_retries=2) as pool:
+        (result,) = await pool.generate(requests(1))
+    assert not result.ok and result.attempts == 3 and "503" in result.error
+
+
+async def test_duplicate_ids_in_flight_are_refused():
+    engine = FakeEngine("a")
+    engine.gate = asyncio.Event()
+    async with pool_of([engine], per_engine=4) as pool:
+        pool.submit(Request("same", "p"))
+        with pytest.raises(ValueError, match="already in flight"):
+            pool.submit(Request("same", "p"))
+        engine.gate.set()
+
+
+async def test_stream_yields_as_finished():
+    slow, fast = FakeEngine("slow"), FakeEngine("fast")
+    slow.gate = asyncio.Event()
+    async with pool_of([slow, fast], per_engine=1, over_concurrency_ratio=1.0, pack_size=1) as pool:
+        seen = []
+        async for result in pool.stream(requests(5)):
+            seen.append(result.engine)
+            if len(seen) == 4:
+                slow.gate.set()
+    assert seen[:4] == ["fast"] * 4 and seen[4] == "slow"
+
+
+async def test_closing_fails_waiting_requests_instead_of_hanging():
+    engine = FakeEngine("a")
+    engine.gate = asyncio.Event()
+    pool = pool_of([engine], per_engine=1, over_concurrency_ratio=1.0)
+    async with pool:
+        futures = [pool.submit(r) for r in requests(3)]
+        async with asyncio.timeout(5):
+            while pool.stats().groups_inflight < 1:
+                await asyncio.sleep(0)
+    assert all(f.done() for f in futures)
+    assert sum(f.cancelled() for f in futures) == 1  # the one in flight
+    assert all(isinstance(f.exception(), PoolError) for f in futures if not f.cancelled())
