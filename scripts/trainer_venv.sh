@@ -26,11 +26,15 @@ start=$(date +%s)
 if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-"${PIP[@]}" "$TORCH_SPEC"
-"${PIP[@]}" "${TRAINER_SPECS[@]}"
+pip_install() {
+    # This machine's pip config lists index folders that may be absent; drop that noise, keep real errors.
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install "$TORCH_SPEC"
+pip_install "${TRAINER_SPECS[@]}"
 # The package itself without its deps: hydra/omegaconf come with verl, httpx etc. are not needed here.
-"${PIP[@]}" --no-deps -e "$ROOT"
+pip_install --no-deps -e "$ROOT"
 # Fail now, not in the first test, if the torch pin was lost or a CUDA build sneaked in.
 "$VENV/bin/python" - <<'EOF'
 import torch, verl, trl, transformers

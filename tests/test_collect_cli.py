@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import pid_alive
+from engine_fixtures import group_alive
 from rollout_plugin.collect.dataset import load_examples
 
-CLI = [sys.executable, "-m", "rollout_plugin.cli.main"]
+CLI = [sys.executable, "-m", "rollout_plugin.cli.main", "collect"]
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -56,7 +56,7 @@ def test_two_engines_k4_write_every_sample_exactly_once(tmp_path):
     assert all(e["share"] > 0.2 and e["mean_inflight"] > 0 for e in summary["engines"])
     assert "output tokens/s" in proc.stdout and "engine1: share" in proc.stdout
     pids = engine_pids(proc.stderr)
-    assert len(pids) == 2 and not any(pid_alive(p) for p in pids)
+    assert len(pids) == 2 and not any(group_alive(p) for p in pids)
 
 
 @pytest.mark.slow
@@ -80,7 +80,7 @@ def test_ctrl_c_stops_every_engine(tmp_path):
             proc.kill()
     assert proc.returncode == 130, rest[-2000:]
     assert "interrupted; engines stopped" in rest
-    assert not any(pid_alive(p) for p in pids)
+    assert not any(group_alive(p) for p in pids)
 
 
 def test_resume_skips_done_ids_and_never_duplicates(live_engine, tmp_path):
@@ -126,3 +126,26 @@ def test_engine_start_failure_reports_log_tail(tmp_path, model_dir):
     line = proc.stderr.strip().splitlines()[-1]
     assert "engine0 exited with code" in line and "log tail:" in line and "--no-such-flag" in line
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_engine_dies_with_a_killed_owner(tmp_path, model_dir):
+    """SIGKILL leaves no chance to clean up: PR_SET_PDEATHSIG must take the engine down."""
+    script = (
+        "import sys\n"
+        "from rollout_plugin import EngineConfig, PoolConfig, SyncRolloutPool\n"
+        f"cfg = EngineConfig(model={model_dir!r}, max_model_len=512, cpu_kvcache_gb=1, log_dir={str(tmp_path)!r})\n"
+        "with SyncRolloutPool(cfg, PoolConfig(per_engine=8)) as pool:\n"
+        "    print('READY', pool.endpoints[0].pid, flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = owner.stdout.readline()
+        assert line.startswith("READY"), line
+        pgid = int(line.split()[1])
+        assert group_alive(pgid)
+    finally:
+        owner.kill()
+        owner.wait()
+    wait_until(lambda: not group_alive(pgid), 60, "the orphaned engine to exit")

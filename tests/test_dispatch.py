@@ -149,3 +149,12 @@ async def test_closing_fails_waiting_requests_instead_of_hanging():
     assert all(f.done() for f in futures)
     assert sum(f.cancelled() for f in futures) == 1  # the one in flight
     assert all(isinstance(f.exception(), PoolError) for f in futures if not f.cancelled())
+
+
+async def test_chat_requests_go_one_per_call():
+    engine = FakeEngine("a")
+    reqs = [Request(f"c{i}", [{"role": "user", "content": f"hi {i}"}], n=2) for i in range(5)]
+    async with pool_of([engine], per_engine=64, pack_size=64) as pool:
+        results = await pool.generate(reqs)
+    assert all(r.ok for r in results)
+    assert sorted(c[0] for c in engine.calls) == [f"c{i}" for i in range(5)] and len(engine.calls) == 5

@@ -107,3 +107,15 @@ def test_port_in_use_is_refused_before_launch(live_engine):
     port = int(live_engine.url.rsplit(":", 1)[1])
     with pytest.raises(EngineError, match=f"engine.port={port}: port {port} on 127.0.0.1 is in use"):
         reserve_ports("127.0.0.1", port, 1)
+
+
+async def test_unreachable_engine_is_marked_dead_and_its_work_moves(live_engine):
+    (closed_port,) = reserve_ports("127.0.0.1", 0, 1)  # nothing listens there: connection refused
+    engine_cfg = EngineConfig(urls=[f"http://127.0.0.1:{closed_port}", live_engine.url], api_key=live_engine.api_key,
+                              served_model_name=live_engine.model_dir, max_model_len=1024)
+    reqs = [Request(f"f{i}", "Hello", sampling=SHORT) for i in range(40)]
+    async with RolloutPool(engine_cfg, PoolConfig(per_engine=8, pack_size=4)) as pool:
+        results = await pool.generate(reqs)
+        stats = pool.stats()
+    assert all(r.ok for r in results) and {r.engine for r in results} == {"engine1"}
+    assert [e.healthy for e in stats.engines] == [False, True] and stats.engines[0].failed_calls >= 1

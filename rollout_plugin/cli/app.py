@@ -86,3 +86,11 @@ def _friendly(exc: Exception, overrides: list[str], schema: type) -> ConfigError
         reason = text.split(" full_key")[0]
         return ConfigError(ConfigProblem(key, value, reason))
     return ConfigError(ConfigProblem("<overrides>", " ".join(overrides), text[:300]))
+
+
+def configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per HTTP call drowns the state changes this project logs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

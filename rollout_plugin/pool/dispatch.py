@@ -41,8 +41,9 @@ class _Pending:
     @property
     def key(self) -> tuple:
         r = self.request
-        # Only requests with one prompt kind, one n and one set of sampling params share a call.
-        return ("solo", self.seq) if self.solo or r.kind == "chat" else (r.kind, r.n, r.sampling)
+        # Only requests with one prompt kind, one n and one set of sampling params share a call
+        # (chat requests queue together too, but go one per call: the chat API takes one conversation).
+        return ("solo", self.seq) if self.solo else (r.kind, r.n, r.sampling)
 
 
 @dataclass
@@ -235,7 +236,8 @@ class Dispatcher:
                 nxt = self._queue.peek(key)
                 if nxt is None or nxt.request.n > budget:
                     break
-                if batch and (key[0] == "solo" or self._groups_inflight + len(batch) >= self.limits.max_concurrent):
+                if batch and (key[0] in ("solo", "chat")
+                              or self._groups_inflight + len(batch) >= self.limits.max_concurrent):
                     break
                 batch.append(self._queue.pop(key))
                 budget -= nxt.request.n

@@ -129,8 +129,17 @@ class RolloutPool:
         ]
         for proc in self.processes:
             proc.start()  # from this (the loop's) thread: PR_SET_PDEATHSIG follows the launching thread
-        async with asyncio.TaskGroup() as tg:
-            waits = [tg.create_task(p.wait_ready()) for p in self.processes]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                waits = [tg.create_task(p.wait_ready()) for p in self.processes]
+        except BaseExceptionGroup as group:
+            # One engine failing cancels the others' waits; report the failure, not the group.
+            failed = group.subgroup(lambda e: isinstance(e, EngineError))
+            if failed is None:
+                raise
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+            raise failed from None
         self.startup_s = [w.result() for w in waits]
         return [p.endpoint() for p in self.processes]
 
@@ -191,6 +200,10 @@ class SyncRolloutPool:
     @property
     def limits(self) -> Limits:
         return self._pool.limits
+
+    @property
+    def endpoints(self) -> list[EngineEndpoint]:
+        return self._pool.endpoints
 
     def __enter__(self) -> SyncRolloutPool:
         ready: ThreadFuture[None] = ThreadFuture()

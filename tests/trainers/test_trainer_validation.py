@@ -9,6 +9,7 @@ Elsewhere the module is skipped as a whole (verl/trl not importable).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -103,7 +104,8 @@ def _verl_validate(cfg):
 def test_verl_accepts_the_overrides(model, hardware, n, lengths, setup, tmp_path_factory):
     plan = _plan(model, hardware, n, lengths, setup)
     overrides = verl_overrides(plan) + _local_model(plan, tmp_path_factory.getbasetemp())
-    actor, rollout, hf_model, critic = _verl_validate(_verl_config(overrides))
+    cfg = _verl_config(overrides)
+    actor, rollout, hf_model, critic = _verl_validate(cfg)
     assert hf_model.hf_config.num_hidden_layers == plan.model.num_layers
     assert actor.ppo_mini_batch_size == plan.workload.ppo_mini_batch_size
     assert actor.ppo_micro_batch_size_per_gpu == plan.verl.micro_batch_per_gpu
@@ -118,10 +120,13 @@ def test_verl_accepts_the_overrides(model, hardware, n, lengths, setup, tmp_path
     if critic is not None:
         assert critic.ppo_micro_batch_size_per_gpu >= actor.ppo_micro_batch_size_per_gpu
 
-    # verl skips its batch checks under dynamic batching; run them on the fixed micro-batches as well.
-    _verl_validate(_verl_config(overrides + ["actor_rollout_ref.actor.use_dynamic_bsz=false",
-                                             "actor_rollout_ref.actor.use_kl_loss=true",
-                                             "critic.use_dynamic_bsz=false"]))
+    # verl skips its batch checks under dynamic batching; run them on the fixed micro-batches as well
+    # (with the reference policy on, so its log-prob micro-batch is checked too).
+    fixed = copy.deepcopy(cfg)
+    for key, value in (("actor_rollout_ref.actor.use_dynamic_bsz", False),
+                       ("actor_rollout_ref.actor.use_kl_loss", True), ("critic.use_dynamic_bsz", False)):
+        OmegaConf.update(fixed, key, value)
+    _verl_validate(fixed)
 
 
 def test_verl_rejects_what_the_planner_would_refuse(tmp_path):
@@ -155,7 +160,8 @@ def test_trl_grpo_config_accepts_the_kwargs(model, hardware, n, lengths, setup, 
     kwargs = trl_kwargs(plan)
     assert kwargs is not None
     world_size(plan.train_gpus)
-    cfg = GRPOConfig(output_dir=str(tmp_path), report_to="none", **kwargs)
+    # use_cpu: this machine has no GPU, and TrainingArguments refuses bf16 on a CPU without it.
+    cfg = GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kwargs)
     assert cfg.generation_batch_size == plan.workload.train_batch_size * n
     assert cfg.steps_per_generation * cfg.per_device_train_batch_size * plan.train_gpus == cfg.generation_batch_size
     assert cfg.num_generations == n
@@ -168,4 +174,4 @@ def test_trl_rejects_a_generation_batch_that_splits_a_group(world_size, tmp_path
     kwargs = dict(trl_kwargs(plan), generation_batch_size=plan.trl.generation_batch_size - 64)
     world_size(plan.train_gpus)
     with pytest.raises(ValueError, match="divisible"):
-        GRPOConfig(output_dir=str(tmp_path), report_to="none", **{**kwargs, "num_generations": 48})
+        GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{**kwargs, "num_generations": 48})
