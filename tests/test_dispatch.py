@@ -158,3 +158,15 @@ async def test_chat_requests_go_one_per_call():
         results = await pool.generate(reqs)
     assert all(r.ok for r in results)
     assert sorted(c[0] for c in engine.calls) == [f"c{i}" for i in range(5)] and len(engine.calls) == 5
+
+
+async def test_abandoned_stream_stops_generating_its_requests():
+    engine = FakeEngine("a")
+    async with pool_of([engine], per_engine=2, over_concurrency_ratio=1.0, pack_size=1) as pool:
+        async for _ in pool.stream(requests(50)):
+            break  # the consumer walks away after the first result
+        queued_after_break = pool.stats().queued
+        later = await pool.generate(requests(3, prefix="next"))
+    sent = sum(len(c) for c in engine.calls)
+    assert all(r.ok for r in later)
+    assert sent <= 2 + 2 + 3 and queued_after_break <= 48  # at most what was already in flight

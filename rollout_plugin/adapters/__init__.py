@@ -1,0 +1,1 @@
+"""Trainer adapters (verl, TRL). Each imports its trainer lazily, so the core stays light."""

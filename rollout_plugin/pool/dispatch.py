@@ -226,6 +226,9 @@ class Dispatcher:
         while self._queue.size and self._groups_inflight < self.limits.max_concurrent:
             key = self._queue.oldest_key()
             head = self._queue.peek(key)
+            if head.future.cancelled():  # its waiter is gone (a stream closed early): don't generate it
+                self._ids.discard(self._queue.pop(key).request.id)
+                continue
             idx = pick_engine([e.load() for e in self._engines], head.request.n, head.avoid)
             if idx is None:
                 return
@@ -234,6 +237,9 @@ class Dispatcher:
             batch: list[_Pending] = []
             while True:
                 nxt = self._queue.peek(key)
+                if nxt is not None and nxt.future.cancelled() and batch:
+                    self._ids.discard(self._queue.pop(key).request.id)
+                    continue
                 if nxt is None or nxt.request.n > budget:
                     break
                 if batch and (key[0] in ("solo", "chat")
