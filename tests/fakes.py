@@ -25,6 +25,7 @@ class FakeEngine:
         self.peak = 0
         self.gate: asyncio.Event | None = None
         self.bad_ids: set[str] = set()  # requests this engine rejects with HTTP 400
+        self.metrics_text: str | None = None
 
     async def generate(self, requests: Sequence[Request]) -> list[Generation]:
         samples = sum(r.n for r in requests)
@@ -49,6 +50,9 @@ class FakeEngine:
 
     async def healthy(self) -> bool:
         return not self.dead
+
+    async def metrics(self) -> str | None:
+        return self.metrics_text
 
     async def aclose(self) -> None:
         pass

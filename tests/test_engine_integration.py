@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from rollout_plugin.config.schema import EngineConfig, PoolConfig, TimeoutConfig
+from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
 from rollout_plugin.errors import EngineError, EngineStartError
 from rollout_plugin.pool.client import HttpEngineClient
 from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
@@ -58,7 +58,7 @@ async def test_token_and_chat_prompts(live_engine):
 async def test_pool_on_real_engine_keeps_caps_and_loses_nothing(live_engine):
     engine_cfg, pool_cfg = attached(live_engine, per_engine=32, k=4, pack_size=16)
     reqs = [Request(f"g{i}", f"Count to {i}:", n=4, sampling=SamplingParams(max_tokens=16)) for i in range(64)]
-    async with RolloutPool(engine_cfg, pool_cfg) as pool:
+    async with RolloutPool(engine_cfg, pool_cfg, ControllerConfig(mode=ControllerMode.off)) as pool:
         results = await pool.generate(reqs)
         stats = pool.stats()
     assert [r.id for r in results] == [r.id for r in reqs]

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("rollout_plugin.cli.collect", "generate rollouts for a JSONL of prompts and score them"),
     "model": ("rollout_plugin.cli.model", "build (if missing) and print the embedded tiny model's directory"),
     "plan": ("rollout_plugin.cli.plan", "plan vLLM, pool, verl and TRL settings for a model, hardware and workload"),
+    "plot": ("rollout_plugin.cli.plot", "draw a pool run's timeline (JSONL) as a PNG: caps, KV, tokens/s, health"),
 }
 
 log = logging.getLogger("rollout_plugin")

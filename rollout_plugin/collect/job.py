@@ -11,12 +11,12 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rollout_plugin.collect.dataset import Example, load_examples
-from rollout_plugin.collect.output import RolloutWriter, sample_id, summary_path
+from rollout_plugin.collect.output import RolloutWriter, sample_id, summary_path, timeline_path
 from rollout_plugin.config.schema import CollectConfig, SamplingConfig
 from rollout_plugin.config.validate import validate_collect
 from rollout_plugin.pool.pool import RolloutPool
@@ -56,8 +56,10 @@ class CollectSummary:
     output_tokens_per_s: float
     reward_mean: float | None
     verify_errors: int
+    cap_changes: int = 0
     engines: list[EngineSummary] = field(default_factory=list)
     output: str = ""
+    timeline: str = ""
 
     def lines(self) -> list[str]:
         reward = "n/a" if self.reward_mean is None else f"{self.reward_mean:.4f}"
@@ -68,9 +70,10 @@ class CollectSummary:
             f"reward mean {reward}",
         ]
         for e in self.engines:
-            out.append(f"  {e.name}: share {e.share:.0%} | mean in-flight {e.mean_inflight:.1f} (cap {e.cap}) | "
+            out.append(f"  {e.name}: share {e.share:.0%} | mean in-flight {e.mean_inflight:.1f} (final cap {e.cap}) | "
                        f"{e.samples} samples, {e.output_tokens} tokens")
-        out.append(f"  output: {self.output}")
+        out.append(f"  output: {self.output} | timeline: {self.timeline} ({self.cap_changes} cap changes; "
+                   f"`rollout-plugin plot timeline={self.timeline}`)")
         return out
 
 
@@ -109,7 +112,10 @@ async def collect(cfg: CollectConfig) -> CollectSummary:
     rewards_all: list[float] = []
     verify_errors = failed = samples = 0
 
-    async with RolloutPool(cfg.engine, cfg.pool) as pool, VerifierRunner(
+    # The KV-based first cap needs a per-sample size: the sampling budget plus a prompt allowance.
+    controller = replace(cfg.controller, timeline=cfg.controller.timeline or str(timeline_path(writer.path)),
+                         expected_tokens=cfg.controller.expected_tokens or cfg.sampling.max_tokens + 128)
+    async with RolloutPool(cfg.engine, cfg.pool, controller) as pool, VerifierRunner(
             verifier, cfg.verify.executor, cfg.verify.workers) as runner:
         writer.open()
         try:
@@ -139,6 +145,7 @@ async def collect(cfg: CollectConfig) -> CollectSummary:
             generation_s = time.monotonic() - gen0
             bar.close()
             stats = pool.stats()
+            cap_changes = pool.monitor.cap_changes if pool.monitor else 0
         finally:
             writer.close()
         startup = pool.startup_s
@@ -155,7 +162,8 @@ async def collect(cfg: CollectConfig) -> CollectSummary:
         samples_per_s=round(samples / max(generation_s, 1e-9), 2), output_tokens=total_tokens,
         output_tokens_per_s=round(total_tokens / max(generation_s, 1e-9), 1),
         reward_mean=round(sum(rewards_all) / len(rewards_all), 4) if rewards_all else None,
-        verify_errors=verify_errors, engines=engines, output=str(writer.path),
+        verify_errors=verify_errors, cap_changes=cap_changes, engines=engines, output=str(writer.path),
+        timeline=controller.timeline or "",
     )
     path = summary_path(writer.path)
     path.write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")

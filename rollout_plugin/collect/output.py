@@ -24,6 +24,10 @@ def summary_path(output: Path) -> Path:
     return output.with_name(output.stem + ".summary.json")
 
 
+def timeline_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".timeline.jsonl")
+
+
 def errors_path(output: Path) -> Path:
     return output.with_name(output.stem + ".errors.jsonl")
 

@@ -108,10 +108,33 @@ class VerifyConfig:
     workers: int = 4
 
 
+class ControllerMode(str, Enum):
+    adaptive = "adaptive"
+    off = "off"
+
+
+@dataclass
+class ControllerConfig:
+    """``controller=adaptive`` (default) or ``controller=off`` (fixed caps from the Xtuner presets)."""
+
+    mode: ControllerMode = ControllerMode.adaptive
+    interval_s: float = 1.0  # how often each engine is observed
+    min_cap: int = 1  # samples; raised to the group size k
+    max_cap: Optional[int] = None  # samples; unset: 2 × the initial cap
+    kv_high: float = 0.95  # cut above this KV-cache usage
+    raise_factor: float = 1.25
+    cut_factor: float = 0.7
+    min_gain: float = 0.03  # a raise must buy ≥3 % more tokens/s, or the cap stops rising
+    at_cap_fraction: float = 0.9  # the engine counts as cap-bound above this share of its cap
+    expected_tokens: Optional[int] = None  # per sample, for the KV-based first estimate; unset: max_model_len
+    timeline: Optional[str] = None  # JSONL timeline path (`rollout-plugin plot` draws it)
+
+
 @dataclass
 class CollectConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     input: Optional[str] = None  # JSONL of prompts; unset: the arithmetic set shipped in the package
@@ -132,3 +155,4 @@ def register_configs() -> None:
     cs.store(group="engine", name="schema", node=EngineConfig)
     cs.store(group="pool", name="schema", node=PoolConfig)
     cs.store(group="sampling", name="schema", node=SamplingConfig)
+    cs.store(group="controller", name="schema", node=ControllerConfig)

@@ -125,12 +125,25 @@ def check_sampling(cfg: SamplingConfig, p: Problems, max_model_len: int | None =
               f"leaves no room for the prompt in engine.max_model_len ({max_model_len})", max_model_len // 2)
 
 
+def check_controller(cfg: CollectConfig, p: Problems, prefix: str = "controller") -> None:
+    c = cfg.controller
+    p.at_least(f"{prefix}.interval_s", c.interval_s, 0.05)
+    p.at_least(f"{prefix}.min_cap", c.min_cap, 1)
+    p.at_least(f"{prefix}.max_cap", c.max_cap, max(1, c.min_cap))
+    p.in_range(f"{prefix}.kv_high", c.kv_high, 0.0, 1.0, low_open=True)
+    p.at_least(f"{prefix}.raise_factor", c.raise_factor, 1.01)
+    p.in_range(f"{prefix}.cut_factor", c.cut_factor, 0.05, 0.99)
+    p.in_range(f"{prefix}.at_cap_fraction", c.at_cap_fraction, 0.1, 1.0)
+    p.at_least(f"{prefix}.expected_tokens", c.expected_tokens, 1)
+
+
 def validate_collect(cfg: CollectConfig) -> None:
     """Raise one :class:`ConfigError` listing every problem in a collect config."""
     p = Problems()
     check_engine(cfg.engine, p)
     check_pool(cfg.pool, p)
     check_sampling(cfg.sampling, p, cfg.engine.max_model_len)
+    check_controller(cfg, p)
     p.at_least("verify.workers", cfg.verify.workers, 1)
     p.at_least("limit", cfg.limit, 1)
     if cfg.overwrite and cfg.resume:

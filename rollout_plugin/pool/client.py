@@ -53,6 +53,10 @@ class EngineClient(Protocol):
 
     async def healthy(self) -> bool: ...
 
+    async def metrics(self) -> str | None:
+        """The engine's Prometheus text, or None when it has none (hosted APIs) or did not answer."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -121,6 +125,13 @@ class HttpEngineClient:
             if resp.status_code != 404:  # hosted APIs have no /health: fall back to /v1/models
                 return False
         return False
+
+    async def metrics(self) -> str | None:
+        try:
+            resp = await self._http.get(f"{self.root}/metrics", timeout=self._health_timeout)
+        except httpx.HTTPError:
+            return None
+        return resp.text if resp.status_code == 200 else None
 
     async def generate(self, requests: Sequence[Request]) -> list[Generation]:
         first = requests[0]

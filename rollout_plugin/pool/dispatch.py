@@ -92,6 +92,7 @@ class _Engine:
     samples: int = 0
     output_tokens: int = 0
     failed_calls: int = 0
+    output_tokens_all: int = 0  # never reset: the controller's client-side throughput signal
     area: float = 0.0  # ∫ inflight dt, for the mean
     since: float = 0.0
     peak: int = 0
@@ -112,11 +113,13 @@ class _Queue:
 
     by_key: dict[tuple, deque[_Pending]] = field(default_factory=dict)
     size: int = 0
+    samples: int = 0
 
     def push(self, item: _Pending, front: bool = False) -> None:
         q = self.by_key.setdefault(item.key, deque())
         q.appendleft(item) if front else q.append(item)
         self.size += 1
+        self.samples += item.request.n
 
     def oldest_key(self) -> tuple | None:
         heads = [(q[0].seq if not q[0].attempts else -1, k) for k, q in self.by_key.items() if q]
@@ -128,6 +131,7 @@ class _Queue:
         if not q:
             del self.by_key[key]
         self.size -= 1
+        self.samples -= item.request.n
         return item
 
     def peek(self, key: tuple) -> _Pending | None:
@@ -137,7 +141,7 @@ class _Queue:
     def drain(self) -> list[_Pending]:
         items = [p for q in self.by_key.values() for p in q]
         self.by_key.clear()
-        self.size = 0
+        self.size = self.samples = 0
         return items
 
 
@@ -145,13 +149,15 @@ class Dispatcher:
     """Runs inside the pool's TaskGroup: ``tg.create_task(dispatcher.run(tg))``."""
 
     def __init__(self, clients: Sequence[EngineClient], limits: Limits, *, pack_size: int, max_retries: int,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[str, str, object, object, str], None] | None = None):
         if not clients:
             raise PoolError("a pool needs at least one engine")
         self.limits = limits
         self.pack_size = pack_size
         self.max_retries = max_retries
         self._clock = clock
+        self._on_change = on_change or (lambda kind, engine, old, new, reason: None)
         now = clock()
         self._started = now
         self._engines = [_Engine(i, c, limits.engine_inflight, since=now) for i, c in enumerate(clients)]
@@ -194,6 +200,26 @@ class Dispatcher:
         ]
         return PoolStats(now - self._started, engines, self._done, self._failed, self._groups_inflight,
                          self._queue.size)
+
+    @property
+    def backlog_samples(self) -> int:
+        """Samples queued in the pool, waiting for capacity."""
+        return self._queue.samples
+
+    def engine_state(self, index: int) -> tuple[int, int, int, bool]:
+        """(in-flight samples, cap, output tokens so far, healthy) of one engine."""
+        e = self._engines[index]
+        return e.inflight, e.cap, e.output_tokens_all, e.healthy
+
+    def set_cap(self, index: int, cap: int, reason: str) -> None:
+        """Apply a controller decision; in-flight work above a lowered cap drains, it is not cancelled."""
+        e = self._engines[index]
+        if cap == e.cap:
+            return
+        log.info("%s: cap %d -> %d (%s)", e.client.name, e.cap, cap, reason)
+        self._on_change("cap", e.client.name, e.cap, cap, reason)
+        e.cap = cap
+        self._wake.set()
 
     def reset_stats(self) -> None:
         now = self._clock()
@@ -278,6 +304,7 @@ class Dispatcher:
                 engine.requests += 1
                 engine.samples += len(gen.samples)
                 engine.output_tokens += sum(s.output_tokens for s in gen.samples)
+                engine.output_tokens_all += sum(s.output_tokens for s in gen.samples)
         finally:
             engine.move(-samples, self._clock())
             self._groups_inflight -= len(batch)
@@ -333,6 +360,7 @@ class Dispatcher:
         else:
             engine.healthy = False
             log.error("%s: healthy -> dead (%s)", engine.client.name, reason)
+            self._on_change("health", engine.client.name, "healthy", "dead", reason)
             if not any(e.healthy for e in self._engines):
                 self._fail(PoolError(f"every engine is dead; last error: {reason}"))
         self._wake.set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import Future as ThreadFuture
 from pathlib import Path
@@ -18,9 +19,12 @@ import httpx
 from rollout_plugin.config.schema import EngineConfig, PoolConfig
 from rollout_plugin.errors import EngineError, PoolError
 from rollout_plugin.pool.client import EngineClient, HttpEngineClient, split_base_url
+from rollout_plugin.pool.control import ControllerConfig
 from rollout_plugin.pool.dispatch import Dispatcher, PoolStats
 from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess, cpu_binding, engine_cores, reserve_ports, stop_all
 from rollout_plugin.pool.limits import Limits, derive_limits
+from rollout_plugin.pool.monitor import Monitor
+from rollout_plugin.pool.timeline import TimelineRecorder
 from rollout_plugin.types import Request, Result
 
 log = logging.getLogger(__name__)
@@ -52,10 +56,15 @@ class RolloutPool:
     launched on exit. ``clients`` injects ready engine clients instead (tests, custom transports).
     """
 
-    def __init__(self, engine: EngineConfig | None = None, pool: PoolConfig | None = None, *,
-                 clients: Sequence[EngineClient] | None = None):
+    def __init__(self, engine: EngineConfig | None = None, pool: PoolConfig | None = None,
+                 controller: ControllerConfig | None = None, *, clients: Sequence[EngineClient] | None = None,
+                 clock=time.monotonic):
         self.engine_cfg = engine or EngineConfig()
         self.pool_cfg = pool or PoolConfig()
+        self.controller_cfg = controller or ControllerConfig()
+        self._clock = clock
+        self.monitor: Monitor | None = None
+        self._timeline: TimelineRecorder | None = None
         self._given_clients = list(clients) if clients else None
         n = len(self._given_clients or self.engine_cfg.urls) or self.pool_cfg.engines
         self.limits = pool_limits(self.engine_cfg, self.pool_cfg, n)
@@ -66,16 +75,30 @@ class RolloutPool:
         self._tg: asyncio.TaskGroup | None = None
         self._dispatcher: Dispatcher | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+
+    def _record_change(self, kind: str, engine: str, old: object, new: object, reason: str) -> None:
+        if self._timeline is not None:
+            self._timeline.change(kind, self._clock(), engine, old, new, reason)
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def __aenter__(self) -> RolloutPool:
         try:
             self._clients = self._given_clients or await self._open_clients()
+            names = [c.name for c in self._clients]
+            if self.controller_cfg.timeline:
+                self._timeline = TimelineRecorder(self.controller_cfg.timeline, names, self._clock())
             self._dispatcher = Dispatcher(self._clients, self.limits, pack_size=self.pool_cfg.pack_size,
-                                          max_retries=self.pool_cfg.max_retries)
+                                          max_retries=self.pool_cfg.max_retries, clock=self._clock,
+                                          on_change=self._record_change)
+            self.monitor = Monitor(
+                self._dispatcher, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
+                expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,
+                ratio=self.pool_cfg.over_concurrency_ratio, clock=self._clock, timeline=self._timeline)
             self._tg = asyncio.TaskGroup()
             await self._tg.__aenter__()
             self._runner = self._tg.create_task(self._dispatcher.run(self._tg))
+            self._monitor_task = self._tg.create_task(self.monitor.run())
         except BaseException:
             await self._close_clients()
             stop_all(self.processes)
@@ -88,12 +111,16 @@ class RolloutPool:
     async def __aexit__(self, exc_type, exc, tb) -> None:
         failure = self._dispatcher.failure if self._dispatcher else None
         try:
+            if self._monitor_task is not None:
+                self._monitor_task.cancel()
             if self._dispatcher:
                 self._dispatcher.close()
             if self._tg:
                 # The caller's exception is theirs to propagate; the group only collects our tasks.
                 await self._tg.__aexit__(None, None, None)
         finally:
+            if self._timeline is not None:
+                self._timeline.close()
             await self._close_clients()
             stop_all(self.processes)
         if failure is not None and exc is None:

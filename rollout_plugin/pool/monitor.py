@@ -1,0 +1,92 @@
+"""The pool's observe-decide-apply loop: scrape each engine, step its controller, apply the cap.
+
+I/O lives here (scraping through the engine clients, the timeline file); the decisions are
+:func:`rollout_plugin.pool.control.step`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from rollout_plugin.pool.client import EngineClient
+from rollout_plugin.pool.control import (
+    ControllerConfig,
+    ControllerMode,
+    ControlState,
+    Observation,
+    initial_state,
+    kv_estimate_cap,
+    step,
+)
+from rollout_plugin.pool.dispatch import Dispatcher
+from rollout_plugin.pool.telemetry import EngineMetrics, parse_vllm_metrics
+from rollout_plugin.pool.timeline import TimelineRecorder
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(self, dispatcher: Dispatcher, clients: Sequence[EngineClient], cfg: ControllerConfig, *,
+                 group_size: int, expected_tokens: int, ratio: float, clock: Callable[[], float],
+                 timeline: TimelineRecorder | None = None):
+        self.dispatcher = dispatcher
+        self.clients = list(clients)
+        self.cfg = cfg
+        self.group_size = group_size
+        self.expected_tokens = expected_tokens
+        self.ratio = ratio
+        self.clock = clock
+        self.timeline = timeline
+        self.states: list[ControlState] | None = None
+        self.latest: list[EngineMetrics] = [EngineMetrics() for _ in self.clients]
+        self.cap_changes = 0
+
+    async def _scrape(self) -> list[EngineMetrics]:
+        texts = await asyncio.gather(*(c.metrics() for c in self.clients))
+        return [parse_vllm_metrics(t) if t else EngineMetrics() for t in texts]
+
+    def _start(self, metrics: list[EngineMetrics]) -> list[ControlState]:
+        states = []
+        for i, m in enumerate(metrics):
+            _, preset, _, _ = self.dispatcher.engine_state(i)
+            cap, why = preset, "preset by context length"
+            if self.cfg.mode == ControllerMode.adaptive:
+                cap, why = kv_estimate_cap(preset, m.kv_tokens, self.expected_tokens, self.ratio)
+            state = initial_state(cap, self.cfg, self.group_size)
+            if state.cap != preset:
+                self.dispatcher.set_cap(i, state.cap, why)
+                self.cap_changes += 1
+            states.append(state)
+        return states
+
+    def observe(self, metrics: list[EngineMetrics]) -> None:
+        """One control step for every engine (public so tests can drive it without the loop)."""
+        now = self.clock()
+        self.latest = metrics
+        if self.states is None:
+            self.states = self._start(metrics)
+        backlog = self.dispatcher.backlog_samples
+        for i, (client, m) in enumerate(zip(self.clients, metrics)):
+            inflight, cap, client_tokens, healthy = self.dispatcher.engine_state(i)
+            if not healthy:
+                continue
+            tokens = m.generation_tokens_total if m.generation_tokens_total is not None else float(client_tokens)
+            obs = Observation(t=now, inflight=inflight, backlog=backlog, tokens_total=tokens, running=m.running,
+                              waiting=m.waiting, kv_usage=m.kv_usage, preemptions_total=m.preemptions_total)
+            self.states[i], decision = step(self.states[i], obs, self.cfg)
+            if decision.changed:
+                self.dispatcher.set_cap(i, decision.cap, decision.reason or "")
+                self.cap_changes += 1
+            if self.timeline is not None:
+                self.timeline.sample(now, client.name, inflight=inflight, cap=self.states[i].cap, queued=backlog,
+                                     kv_usage=m.kv_usage, running=m.running, waiting=m.waiting,
+                                     preemptions=m.preemptions_total, tokens_per_s=self.states[i].throughput)
+        if self.timeline is not None:
+            self.timeline.flush()
+
+    async def run(self) -> None:
+        while True:
+            self.observe(await self._scrape())
+            await asyncio.sleep(self.cfg.interval_s)  # the poll period itself, not a synchronisation

@@ -1,0 +1,65 @@
+"""Engine telemetry: vLLM's Prometheus ``/metrics`` text parsed into the few numbers policy needs.
+
+Parsing is pure (text in, :class:`EngineMetrics` out); fetching goes through the engine client.
+Engines without metrics (hosted APIs) give ``None`` and the controller falls back to client counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    running: int | None = None
+    waiting: int | None = None
+    kv_usage: float | None = None  # 0..1
+    preemptions_total: float | None = None
+    generation_tokens_total: float | None = None
+    prompt_tokens_total: float | None = None
+    kv_tokens: int | None = None  # KV cache capacity in tokens (num blocks × block size)
+
+
+_SUMS = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:num_preemptions_total": "preemptions_total",
+    "vllm:generation_tokens_total": "generation_tokens_total",
+    "vllm:prompt_tokens_total": "prompt_tokens_total",
+}
+
+
+def parse_vllm_metrics(text: str) -> EngineMetrics:
+    """Sum each metric over its label sets (one engine may report per-model or per-DP-rank series)."""
+    sums: dict[str, float] = {}
+    kv: list[float] = []
+    kv_tokens: int | None = None
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as exc:
+        log.debug("unparseable /metrics: %s", exc)
+        return EngineMetrics()
+    for family in families:
+        for sample in family.samples:
+            if sample.name in _SUMS:
+                sums[_SUMS[sample.name]] = sums.get(_SUMS[sample.name], 0.0) + sample.value
+            elif sample.name == "vllm:kv_cache_usage_perc":
+                kv.append(sample.value)
+            elif sample.name == "vllm:cache_config_info":
+                blocks, size = sample.labels.get("num_gpu_blocks"), sample.labels.get("block_size")
+                if blocks and size and blocks.isdigit() and size.isdigit():
+                    kv_tokens = int(blocks) * int(size)
+    return EngineMetrics(
+        running=int(sums["running"]) if "running" in sums else None,
+        waiting=int(sums["waiting"]) if "waiting" in sums else None,
+        kv_usage=max(kv) if kv else None,
+        preemptions_total=sums.get("preemptions_total"),
+        generation_tokens_total=sums.get("generation_tokens_total"),
+        prompt_tokens_total=sums.get("prompt_tokens_total"),
+        kv_tokens=kv_tokens,
+    )
