@@ -77,6 +77,7 @@ class Result:
     engine: str | None = None
     latency_s: float = 0.0
     attempts: int = 1
+    weight_version: int = 0  # the weights the engine held when it produced these samples
     error: str | None = None
     request: Request | None = field(default=None, compare=False, repr=False)
 

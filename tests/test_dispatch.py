@@ -170,3 +170,67 @@ async def test_abandoned_stream_stops_generating_its_requests():
     sent = sum(len(c) for c in engine.calls)
     assert all(r.ok for r in later)
     assert sent <= 2 + 2 + 3 and queued_after_break <= 48  # at most what was already in flight
+
+
+async def test_weight_update_drains_then_tags_results_with_the_new_version():
+    engine = FakeEngine("a")
+    engine.gate = asyncio.Event()
+    async with pool_of([engine], per_engine=4, over_concurrency_ratio=1.0, pack_size=1) as pool:
+        first = [pool.submit(r) for r in requests(4, prefix="old")]
+        async with asyncio.timeout(5):
+            while pool.stats().groups_inflight < 4:
+                await asyncio.sleep(0)
+        engine.gate.set()
+        async with pool.weight_update(version=7):
+            assert all(f.done() for f in first)  # drained before the weights change
+            later = [pool.submit(r) for r in requests(4, prefix="new")]
+            await asyncio.sleep(0)
+            assert pool.stats().groups_inflight == 0  # paused: nothing admitted during the update
+        results = [await f for f in first] + [await f for f in later]
+    assert [r.weight_version for r in results] == [0] * 4 + [7] * 4
+
+
+async def test_cancel_before_a_call_starts_keeps_the_books():
+    engine = FakeEngine("a")
+    engine.gate = asyncio.Event()
+    async with pool_of([engine], per_engine=4, over_concurrency_ratio=1.0, pack_size=1) as pool:
+        futures = [pool.submit(r) for r in requests(4)]
+        async with asyncio.timeout(5):
+            while pool.stats().groups_inflight < 4:  # dispatched; the call tasks have not run yet
+                await asyncio.sleep(0)
+        async with pool.weight_update(abort=True):
+            assert pool.stats().groups_inflight == 0 and pool.stats().engines[0].inflight == 0
+        engine.gate.set()
+        results = [await f for f in futures]
+    assert all(r.ok and r.weight_version == 1 for r in results)
+
+
+async def test_weight_update_with_abort_requeues_under_the_same_ids():
+    engine = FakeEngine("a")
+    engine.gate = asyncio.Event()
+    async with pool_of([engine], per_engine=4, over_concurrency_ratio=1.0, pack_size=1) as pool:
+        futures = [pool.submit(r) for r in requests(4)]
+        async with asyncio.timeout(5):
+            while engine.inflight < 4:  # the calls have reached the engine
+                await asyncio.sleep(0)
+        async with pool.weight_update(abort=True):
+            assert not any(f.done() for f in futures)
+        engine.gate.set()
+        results = [await f for f in futures]
+    assert [r.id for r in results] == [f"r{i}" for i in range(4)]
+    assert all(r.ok and r.weight_version == 1 and r.attempts == 1 for r in results)
+    assert sum(len(c) for c in engine.calls) == 8  # each sent twice, resolved once
+
+
+async def test_hung_engine_is_marked_dead_and_its_inflight_work_moves():
+    hung, good = FakeEngine("hung"), FakeEngine("good")
+    hung.gate = asyncio.Event()  # never opens: calls hang like a SIGSTOPped server
+    async with pool_of([hung, good], per_engine=2, over_concurrency_ratio=1.0, pack_size=1) as pool:
+        task = asyncio.ensure_future(pool.generate(requests(10)))
+        async with asyncio.timeout(5):
+            while hung.inflight < 2:
+                await asyncio.sleep(0)
+        pool._dispatcher.mark_dead(0, "test: hung")
+        results = await task
+    assert all(r.ok and r.engine == "good" for r in results)
+    assert len({r.id for r in results}) == 10

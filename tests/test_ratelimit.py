@@ -71,6 +71,13 @@ def test_a_429_holds_every_send_until_retry_after_and_resumes_at_the_steady_rate
     assert times[-1] == pytest.approx(21.0 + 50 / 10, rel=1e-9)
 
 
+def test_a_429_holds_sends_even_when_no_limits_are_known():
+    limiter = RateLimiter(RateLimits())  # limits unknown: the provider's 429s are the only signal
+    limiter.penalize(3.0, retry_after_s=7.0)
+    assert limiter.reserve(4.0, tokens=100) == pytest.approx(6.0)
+    assert limiter.reserve(10.0) == 0.0
+
+
 def test_a_caller_already_sleeping_is_held_by_a_later_429():
     limiter = RateLimiter(RateLimits(rpm=60, burst_s=1))  # 1/s, bucket of 1
     limiter.reserve(0.0)

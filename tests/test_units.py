@@ -98,3 +98,13 @@ def test_last_number_match():
     assert last_number_match("the answer is 1,024", {"answer": "1024"}) == 1.0
     assert last_number_match("12 then 13", {"answer": "12"}) == 0.0
     assert last_number_match("no digits", {"answer": "3"}) == 0.0
+
+
+def test_every_package_is_listed_for_the_wheel():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "rollout_plugin").rglob("__init__.py")}
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"

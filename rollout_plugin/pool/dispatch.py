@@ -11,6 +11,7 @@ Invariants (each has a test):
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -96,6 +97,8 @@ class _Engine:
     area: float = 0.0  # ∫ inflight dt, for the mean
     since: float = 0.0
     peak: int = 0
+    tasks: set = field(default_factory=set)  # this engine's running calls
+    rescue: bool = False  # cancels of its calls are ours (weight-sync abort): requeue, don't drop
 
     def load(self) -> EngineLoad:
         return EngineLoad(self.index, self.inflight, self.cap, self.healthy and not self.suspect)
@@ -172,6 +175,8 @@ class Dispatcher:
         self.failure: PoolError | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        self.paused = False
+        self.weight_version = 0
 
     # -- public -----------------------------------------------------------------------------------
     def submit(self, request: Request) -> asyncio.Future[Result]:
@@ -249,7 +254,7 @@ class Dispatcher:
     def _dispatch(self) -> None:
         if self._tg is None:
             raise RuntimeError("Dispatcher.run() was not started")
-        while self._queue.size and self._groups_inflight < self.limits.max_concurrent:
+        while self._queue.size and self._groups_inflight < self.limits.max_concurrent and not self.paused:
             key = self._queue.oldest_key()
             head = self._queue.peek(key)
             if head.future.cancelled():  # its waiter is gone (a stream closed early): don't generate it
@@ -276,23 +281,20 @@ class Dispatcher:
             samples = sum(p.request.n for p in batch)
             engine.move(samples, self._clock())
             self._groups_inflight += len(batch)
-            task = self._tg.create_task(self._call(engine, batch, samples))
+            for p in batch:
+                p.attempts += 1
+            task = self._tg.create_task(self._call(engine, batch, self.weight_version))
             self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+            engine.tasks.add(task)
+            task.add_done_callback(functools.partial(self._call_done, engine=engine, batch=batch, samples=samples))
 
-    async def _call(self, engine: _Engine, batch: list[_Pending], samples: int) -> None:
+    async def _call(self, engine: _Engine, batch: list[_Pending], version: int) -> None:
+        """One HTTP call. Bookkeeping lives in :meth:`_call_done`, which runs even if this never starts."""
         started = self._clock()
-        for p in batch:
-            p.attempts += 1
         try:
             generations = await engine.client.generate([p.request for p in batch])
         except CallError as exc:
             self._on_failure(engine, batch, exc)
-        except asyncio.CancelledError:
-            for p in batch:
-                self._ids.discard(p.request.id)
-                p.future.cancel()
-            raise
         except Exception as exc:  # a bug or a malformed reply: data for these requests, not a dead pool
             log.exception("%s: call failed unexpectedly", engine.client.name)
             self._on_failure(engine, batch, CallError(f"{type(exc).__name__}: {exc}", retryable=False))
@@ -300,20 +302,85 @@ class Dispatcher:
             latency = self._clock() - started
             engine.calls += 1
             for p, gen in zip(batch, generations):
-                self._resolve(p, self._result(p, gen, engine, latency))
+                self._resolve(p, self._result(p, gen, engine, latency, version))
+                tokens = sum(s.output_tokens for s in gen.samples)
                 engine.requests += 1
                 engine.samples += len(gen.samples)
-                engine.output_tokens += sum(s.output_tokens for s in gen.samples)
-                engine.output_tokens_all += sum(s.output_tokens for s in gen.samples)
-        finally:
-            engine.move(-samples, self._clock())
-            self._groups_inflight -= len(batch)
-            self._wake.set()
+                engine.output_tokens += tokens
+                engine.output_tokens_all += tokens
+
+    def _call_done(self, task: asyncio.Task[None], engine: _Engine, batch: list[_Pending], samples: int) -> None:
+        self._calls.discard(task)
+        engine.tasks.discard(task)
+        engine.move(-samples, self._clock())
+        self._groups_inflight -= len(batch)
+        self._wake.set()
+        if task.cancelled() and not self._rescue(engine, batch):
+            for p in batch:
+                self._ids.discard(p.request.id)
+                p.future.cancel()
 
     @staticmethod
-    def _result(p: _Pending, gen: Generation, engine: _Engine, latency: float) -> Result:
+    def _result(p: _Pending, gen: Generation, engine: _Engine, latency: float, version: int) -> Result:
         return Result(id=p.request.id, samples=gen.samples, prompt_tokens=gen.prompt_tokens,
-                      engine=engine.client.name, latency_s=latency, attempts=p.attempts, request=p.request)
+                      engine=engine.client.name, latency_s=latency, attempts=p.attempts, request=p.request,
+                      weight_version=version)
+
+    def _rescue(self, engine: _Engine, batch: list[_Pending]) -> bool:
+        """Requeue a cancelled call's requests (same ids) when the cancel was ours: engine dead or aborted."""
+        if self._closing or self.failure is not None or not (engine.rescue or not engine.healthy):
+            return False
+        for p in reversed(batch):
+            p.attempts -= 1  # not the request's fault
+            p.avoid = p.avoid | {engine.index}
+            self._requeue(p)
+        return True
+
+    def mark_dead(self, index: int, reason: str) -> None:
+        """Take an engine out of rotation and move its in-flight work elsewhere under the same ids."""
+        e = self._engines[index]
+        if not e.healthy:
+            return
+        e.healthy = False
+        log.error("%s: healthy -> dead (%s); moving %d in-flight call(s)", e.client.name, reason, len(e.tasks))
+        self._on_change("health", e.client.name, "healthy", "dead", reason)
+        for task in list(e.tasks):
+            task.cancel()
+        if not any(x.healthy for x in self._engines):
+            self._fail(PoolError(f"every engine is dead; last: {e.client.name}: {reason}"))
+        self._wake.set()
+
+    # -- weight sync ------------------------------------------------------------------------------
+    def pause(self) -> None:
+        """Stop admitting new calls (queued work waits); in-flight calls go on."""
+        if not self.paused:
+            log.info("pool: running -> paused (weight sync)")
+        self.paused = True
+
+    def abort_inflight(self) -> int:
+        """Cancel every running call and requeue its requests under the same ids; returns the count."""
+        count = 0
+        for e in self._engines:
+            e.rescue = True
+            count += len(e.tasks)
+            for task in list(e.tasks):
+                task.cancel()
+        return count
+
+    async def wait_idle(self) -> None:
+        """Until no call is in flight (admission should be paused first)."""
+        while self._calls:
+            await asyncio.wait(set(self._calls))
+        for e in self._engines:
+            e.rescue = False
+
+    def resume(self, weight_version: int | None = None) -> None:
+        if weight_version is not None:
+            self.weight_version = weight_version
+        if self.paused:
+            log.info("pool: paused -> running (weight version %d)", self.weight_version)
+        self.paused = False
+        self._wake.set()
 
     def _on_failure(self, engine: _Engine, batch: list[_Pending], exc: CallError) -> None:
         engine.failed_calls += 1
@@ -358,11 +425,7 @@ class Dispatcher:
         if alive:
             log.info("%s: suspect -> healthy (health check passed)", engine.client.name)
         else:
-            engine.healthy = False
-            log.error("%s: healthy -> dead (%s)", engine.client.name, reason)
-            self._on_change("health", engine.client.name, "healthy", "dead", reason)
-            if not any(e.healthy for e in self._engines):
-                self._fail(PoolError(f"every engine is dead; last error: {reason}"))
+            self.mark_dead(engine.index, reason)
         self._wake.set()
 
     def _fail(self, error: PoolError) -> None:

@@ -86,7 +86,20 @@ class Monitor:
         if self.timeline is not None:
             self.timeline.flush()
 
+    async def _check_silent(self, metrics: list[EngineMetrics]) -> None:
+        """An engine that served /metrics and now does not may hang (SIGSTOP, a wedged GPU): probe it."""
+        silent = [i for i, (before, now) in enumerate(zip(self.latest, metrics))
+                  if before != EngineMetrics() and now == EngineMetrics() and self.dispatcher.engine_state(i)[3]]
+        if not silent:
+            return
+        alive = await asyncio.gather(*(self.clients[i].healthy() for i in silent))
+        for i, ok in zip(silent, alive):
+            if not ok:
+                self.dispatcher.mark_dead(i, "no answer to /metrics or /health within engine timeout")
+
     async def run(self) -> None:
         while True:
-            self.observe(await self._scrape())
+            metrics = await self._scrape()
+            await self._check_silent(metrics)
+            self.observe(metrics)
             await asyncio.sleep(self.cfg.interval_s)  # the poll period itself, not a synchronisation

@@ -7,6 +7,7 @@ that runs the same core on a private event loop thread, for trainers that call f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -206,6 +207,24 @@ class RolloutPool:
 
     def stats(self) -> PoolStats:
         return self._require().stats()
+
+    @contextlib.asynccontextmanager
+    async def weight_update(self, version: int | None = None, *, abort: bool = False) -> AsyncIterator[None]:
+        """Pause admission, drain (or ``abort`` and requeue) in-flight work, yield for the weight load,
+        then resume with the new version; every later result carries it."""
+        d = self._require()
+        d.pause()
+        if abort:
+            d.abort_inflight()
+        await d.wait_idle()
+        try:
+            yield
+        finally:
+            d.resume(version if version is not None else d.weight_version + 1)
+
+    @property
+    def weight_version(self) -> int:
+        return self._require().weight_version
 
     def reset_stats(self) -> None:
         self._require().reset_stats()

@@ -161,6 +161,17 @@ def _shape(records: list[dict]) -> tuple[dict, dict[str, _Engine]]:
     return meta, engines
 
 
+def cap_steps(engine: _Engine) -> list[tuple[float, float]]:
+    """The cap over time as (t, cap) steps, from the samples' ``cap`` and the ``cap`` change records."""
+    cols = engine.columns
+    # Stable sort on t alone: at equal times the change record wins over a sample's (maybe stale) cap.
+    points = sorted([(x, c) for x, c in zip(cols["t"], cols["cap"]) if not math.isnan(c)]
+                    + [(c.t, float(c.new)) for c in engine.caps], key=lambda p: p[0])
+    if points and cols["t"] and cols["t"][-1] > points[-1][0]:
+        points.append((cols["t"][-1], points[-1][1]))  # hold the last cap to the last sample
+    return points
+
+
 def _template(reason: str) -> str:
     return _NUMBER.sub("#", reason.strip()) or "(no reason given)"
 
@@ -174,8 +185,7 @@ def _summarise_reasons(reasons: list[str]) -> str:
         lo, hi = min(p[j] for p in parts), max(p[j] for p in parts)
         out += f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
         out += tail
-    out = out or "(no reason given)"
-    return out if len(out) <= REASON_CHARS else out[:REASON_CHARS - 1] + "…"
+    return _clip(out or "(no reason given)")
 
 
 def _letters(n: int) -> list[str]:
@@ -229,15 +239,24 @@ def describe(records: list[dict]) -> str:
 
 # -- drawing ------------------------------------------------------------------------------------------
 
+@dataclass
+class _Frame:
+    """What every panel needs: the time scale, the end of the run, the reason letters."""
+
+    end: float
+    scale: float
+    unit: str
+    letter_of: dict[str, str]
+
+    def x(self, seconds: float) -> float:
+        return seconds / self.scale
+
+
 def plot_timeline(records: list[dict], out_png: str | Path, title: str | None = None, *, dpi: int = 110) -> Path:
     """Render ``records`` (as :func:`load_timeline` returns them) to ``out_png``; returns its path."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-        from matplotlib.patches import Patch
-        from matplotlib.ticker import MaxNLocator, PercentFormatter
-        from matplotlib.transforms import blended_transform_factory
     except ImportError:
         raise RolloutPluginError(f"plotting needs matplotlib: pip install '{MATPLOTLIB_REQUIREMENT}'") from None
 
@@ -245,167 +264,192 @@ def plot_timeline(records: list[dict], out_png: str | Path, title: str | None = 
     if not any(e.columns["t"] for e in engines.values()):
         raise InputError("the timeline has no sample records to draw (did the run get past its first poll?)")
     names = list(engines)
-    end = max([*(t for e in engines.values() for t in e.columns["t"]),
-               *(c.t for e in engines.values() for c in e.caps + e.health)])
-    end = max(end, 1e-3)
-    # Long runs read better in minutes; the data stay in seconds, only the axis is scaled.
-    scale, unit = (60.0, "min") if end > 1200 else (1.0, "s")
-
+    end = max(1e-3, *(t for e in engines.values() for t in e.columns["t"]),
+              *(c.t for e in engines.values() for c in e.caps + e.health))
     # Cap-change reasons grouped by wording, lettered in order of first appearance.
     groups: dict[str, list[tuple[str, _Change]]] = {}
     for name in names:
         for change in engines[name].caps:
             groups.setdefault(_template(change.reason), []).append((name, change))
-    letter_of = dict(zip(groups, _letters(len(groups))))
+    # Long runs read better in minutes; the data stay in seconds, only the axis is scaled.
+    frame = _Frame(end, *((60.0, "min") if end > 1200 else (1.0, "s")), dict(zip(groups, _letters(len(groups)))))
 
     ncols = min(len(names), MAX_COLUMNS)
     blocks = math.ceil(len(names) / ncols)
-    key_lines = _key_lines(engines, groups, letter_of, scale, unit)
+    key_lines = _key_lines(engines, groups, frame)
     heights = [0.42, 1.7, 1.35, 1.2] * blocks + [0.45, 0.2 + 0.2 * len(key_lines)]
     fig = Figure(figsize=(1.0 + 4.6 * ncols, sum(heights) + 0.9), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(heights), ncols, height_ratios=heights)
 
-    heading = title or meta.get("title") or "rollout timeline"
-    sub = [_count(len(names), "engine"), _duration(end)]
+    sub = [_count(len(names), "engine"), _duration(end),
+           _count(sum(len(e.caps) for e in engines.values()), "cap change"),
+           _count(sum(len(e.health) for e in engines.values()), "health change")]
     if _is_number(meta.get("started_at")):
         started = _dt.datetime.fromtimestamp(meta["started_at"], tz=_dt.timezone.utc)
         sub.insert(0, "started " + started.strftime("%Y-%m-%d %H:%M:%S UTC"))
-    sub.append(_count(sum(len(e.caps) for e in engines.values()), "cap change"))
-    sub.append(_count(sum(len(e.health) for e in engines.values()), "health change"))
-    fig.suptitle(f"{heading}\n{'  ·  '.join(sub)}", fontsize=12)
+    fig.suptitle(f"{title or meta.get('title') or 'rollout timeline'}\n{'  ·  '.join(sub)}", fontsize=12)
 
+    def has(column: str) -> bool:
+        return any(not math.isnan(v) for e in engines.values() for v in e.columns[column])
+
+    blank = {"seq": not (has("running") or has("waiting")), "tps": not has("tokens_per_s")}
     first: dict[str, Any] = {}  # the first axes of each kind: every later one shares with it
     for index, name in enumerate(names):
-        engine = engines[name]
         block, col = divmod(index, ncols)
-        row = 4 * block
-        last_col = col == ncols - 1 or index == len(names) - 1
 
-        def axes(offset: int, kind: str, *, share_y: bool = True) -> Any:
-            ax = fig.add_subplot(grid[row + offset, col], sharex=first.get("x"),
-                                 sharey=first.get(kind) if share_y else None)
+        def axes(offset: int, kind: str) -> Any:
+            ax = fig.add_subplot(grid[4 * block + offset, col], sharex=first.get("x"), sharey=first.get(kind))
             first.setdefault("x", ax)
             first.setdefault(kind, ax)
             return ax
 
-        strip = axes(0, "strip")
-        ax_load, ax_kv, ax_tps = axes(1, "load"), axes(2, "kv"), axes(3, "tps")
+        engine = engines[name]
         spans = _health_spans(engine, end)
-        cols = {k: v for k, v in engine.columns.items()}
-        t = [x / scale for x in cols["t"]]
-
-        # Status strip: health as coloured bands below, cap changes as lettered ticks above.
-        strip.set_ylim(0, 1)
-        strip.set_yticks([])
-        strip.tick_params(labelbottom=False, bottom=False)
-        for spine in ("top", "right", "left"):
-            strip.spines[spine].set_visible(False)
-        for start, stop, state in spans:
-            color = _HEALTH_COLORS.get(state, _OTHER_HEALTH)
-            strip.axvspan(start / scale, stop / scale, 0.0, 0.42, color=color, lw=0)
-            width = (stop - start) / end
-            if width * 4.6 * 72 > 7 * len(state) + 6:  # room for the word (about 7 pt per character)
-                strip.text((start + stop) / 2 / scale, 0.21, state, ha="center", va="center", fontsize=8,
-                           color="white" if state == "dead" else "0.25", clip_on=True)
-        last_x = -math.inf
-        for change in engine.caps:
-            color = {1: _UP, -1: _DOWN}.get(_direction(change), "0.4")
-            strip.vlines(change.t / scale, 0.47, 0.62, color=color, lw=1.2)
-            x = change.t / end
-            if x - last_x > 0.035:  # letters closer than ~one character width would overlap
-                strip.text(change.t / scale, 0.66, letter_of[_template(change.reason)], ha="center", va="bottom",
-                           fontsize=7.5, color=color, fontweight="bold", clip_on=False)
-                last_x = x
-        state_now = spans[-1][2] if spans else "healthy"
-        status = state_now if state_now == "healthy" else f"{state_now} at {_fmt_t(spans[-1][0], scale, unit)}"
-        strip.set_title(f"{name}  ·  {status}", fontsize=11, fontweight="bold", loc="left",
-                        color="#a01010" if state_now == "dead" else "black")
-
-        # Unhealthy time shaded behind the data in every panel.
-        for ax in (ax_load, ax_kv, ax_tps):
-            for start, stop, state in spans:
-                if state != "healthy":
-                    ax.axvspan(start / scale, stop / scale, color=_HEALTH_COLORS.get(state, _OTHER_HEALTH),
-                               alpha=0.12, lw=0)
-            for change in engine.health:
-                ax.axvline(change.t / scale, color="#a01010" if change.new == "dead" else "0.4", lw=1.0, ls="--")
-            if len(engine.caps) <= 40:  # beyond that the guides are a grey wash
-                for change in engine.caps:
-                    ax.axvline(change.t / scale, color="0.75", lw=0.6, ls=":", zorder=0)
-
-        # (1) in-flight against the cap; the pool's queue behind them.
-        cap_points = sorted([(x, c) for x, c in zip(cols["t"], cols["cap"]) if not math.isnan(c)]
-                            + [(c.t, float(c.new)) for c in engine.caps])
-        if cap_points:
-            if cols["t"] and cols["t"][-1] > cap_points[-1][0]:
-                cap_points.append((cols["t"][-1], cap_points[-1][1]))
-            ax_load.step([p[0] / scale for p in cap_points], [p[1] for p in cap_points], where="post",
-                         color="black", lw=1.6, label="cap (per engine)", zorder=3)
-            moves = [(c.t / scale, float(c.new), _direction(c)) for c in engine.caps]
-            for direction, marker, color in ((1, "^", _UP), (-1, "v", _DOWN)):
-                pts = [(x, y) for x, y, d in moves if d == direction]
-                if pts:
-                    ax_load.scatter(*zip(*pts), marker=marker, color=color, s=28, zorder=4, edgecolors="white",
-                                    linewidths=0.5)
-        ax_load.fill_between(t, cols["queued"], color="#ff7f0e", alpha=0.13, lw=0)
-        ax_load.plot(t, cols["queued"], color="#ff7f0e", lw=1.0, label="queued in pool")
-        ax_load.plot(t, cols["inflight"], color="#1f77b4", lw=1.4, label="in-flight")
-        ax_load.set_title("in-flight vs cap, pool queue", fontsize=9, loc="left", color="0.3")
-        ax_load.set_ylim(bottom=0)
-        ax_load.yaxis.set_major_locator(MaxNLocator(5, integer=True))
-
-        # (2) KV-cache usage (left, 0–100 %) and the engine's scheduler (right, sequences).
-        ax_kv.plot(t, cols["kv_usage"], color="#9467bd", lw=1.4, label="KV cache usage")
-        ax_kv.set_ylim(0, 1.05)
-        ax_kv.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-        ax_kv.set_title("KV cache and engine scheduler", fontsize=9, loc="left", color="0.3")
-        ax_seq = ax_kv.twinx()
+        panels = (axes(1, "load"), axes(2, "kv"), axes(3, "tps"))
+        _draw_strip(axes(0, "strip"), engine, spans, frame)
+        _draw_guides(panels, engine, spans, frame)
+        _draw_load(panels[0], engine, frame)
+        ax_seq = panels[1].twinx()
         if "seq" in first:
             ax_seq.sharey(first["seq"])
         first.setdefault("seq", ax_seq)
-        ax_seq.plot(t, cols["running"], color="#17becf", lw=1.1, label="running (engine)")
-        ax_seq.plot(t, cols["waiting"], color="#8c564b", lw=1.1, ls="--", label="waiting (engine)")
-        ax_seq.set_ylim(bottom=0)
-        ax_seq.yaxis.set_major_locator(MaxNLocator(5, integer=True))
-        bumps = _increments(cols["t"], cols["preemptions"])
-        if bumps:
-            ax_kv.plot([x / scale for x in bumps], [0.03] * len(bumps), ls="none", marker="|", ms=9,
-                       color="crimson", mew=1.5, label="preemption", zorder=5)
-        if all(math.isnan(v) for v in cols["kv_usage"] + cols["running"] + cols["waiting"]):
-            _note(ax_kv, "no engine metrics (/metrics not exposed)")
-
-        # (3) generation throughput.
-        ax_tps.plot(t, cols["tokens_per_s"], color="#2ca02c", lw=1.3, label="tokens/s")
-        ax_tps.set_ylim(bottom=0)
-        ax_tps.set_title("generation throughput", fontsize=9, loc="left", color="0.3")
-        ax_tps.set_xlabel(f"time since start ({unit})")
-        if all(math.isnan(v) for v in cols["tokens_per_s"]):
-            _note(ax_tps, "no throughput measured")
-        if not cols["t"]:
-            _note(ax_load, "no samples for this engine")
-
-        for ax in (ax_load, ax_kv, ax_tps):
+        _draw_kv(panels[1], ax_seq, engine, frame)
+        _draw_tps(panels[2], engine, frame)
+        # Shared scales: blank ticks only when no engine at all has numbers for them.
+        for ax, kind in ((ax_seq, "seq"), (panels[2], "tps")):
+            if blank[kind]:
+                ax.set_yticks([])
+        for ax in panels:
             ax.grid(True, color="0.92", lw=0.6)
-            ax.set_xlim(0, end / scale * 1.01)
-        for ax in (ax_load, ax_kv):
+            ax.set_xlim(0, frame.x(end) * 1.01)
+        for ax in panels[:2]:
             ax.tick_params(labelbottom=False)
         if col == 0:
-            ax_load.set_ylabel("samples")
-            ax_kv.set_ylabel("KV cache used")
-            ax_tps.set_ylabel("tokens / s")
+            for ax, label in zip(panels, ("samples", "KV cache used", "tokens / s")):
+                ax.set_ylabel(label)
         else:  # shared with column 0: the numbers are on the left already
-            for ax in (ax_load, ax_kv, ax_tps):
+            for ax in panels:
                 ax.tick_params(labelleft=False)
-        if last_col:
+        if col == ncols - 1 or index == len(names) - 1:
             ax_seq.set_ylabel("sequences")
 
-    # One legend for every panel, then the key to the letters and the health changes.
-    legend_ax = fig.add_subplot(grid[-2, :])
-    legend_ax.axis("off")
+    _draw_key(fig.add_subplot(grid[-2, :]), fig.add_subplot(grid[-1, :]), key_lines, ncols)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, facecolor="white")
+    log.info("wrote %s", out)
+    return out
+
+
+def _draw_strip(ax: Any, engine: _Engine, spans: list[tuple[float, float, str]], frame: _Frame) -> None:
+    """Health as coloured bands below, cap changes as ticks above, lettered by reason where room allows."""
+    ax.set_ylim(0, 1)
+    ax.set_yticks([])
+    ax.tick_params(labelbottom=False, bottom=False)
+    for spine in ("top", "right", "left"):
+        ax.spines[spine].set_visible(False)
+    for start, stop, state in spans:
+        ax.axvspan(frame.x(start), frame.x(stop), 0.0, 0.42, color=_HEALTH_COLORS.get(state, _OTHER_HEALTH), lw=0)
+        if (stop - start) / frame.end * 4.6 * 72 > 7 * len(state) + 6:  # room for the word (~7 pt a letter)
+            ax.text(frame.x((start + stop) / 2), 0.21, state, ha="center", va="center", fontsize=8,
+                    color="white" if state == "dead" else "0.25", clip_on=True)
+    last = -math.inf
+    for change in engine.caps:
+        color = {1: _UP, -1: _DOWN}.get(_direction(change), "0.4")
+        ax.vlines(frame.x(change.t), 0.47, 0.62, color=color, lw=1.2)
+        if change.t / frame.end - last > 0.035:  # closer letters would overlap; the key counts them all
+            ax.text(frame.x(change.t), 0.66, frame.letter_of[_template(change.reason)], ha="center",
+                    va="bottom", fontsize=7.5, color=color, fontweight="bold", clip_on=False)
+            last = change.t / frame.end
+    state = spans[-1][2] if spans else "healthy"
+    status = state if state == "healthy" else f"{state} at {_fmt_t(spans[-1][0], frame)}"
+    ax.set_title(f"{engine.name}  ·  {status}", fontsize=11, fontweight="bold", loc="left",
+                 color="#a01010" if state == "dead" else "black")
+
+
+def _draw_guides(panels: tuple[Any, ...], engine: _Engine, spans: list[tuple[float, float, str]],
+                 frame: _Frame) -> None:
+    """Unhealthy time shaded, health changes dashed, cap changes dotted, behind the data of every panel."""
+    for ax in panels:
+        for start, stop, state in spans:
+            if state != "healthy":
+                ax.axvspan(frame.x(start), frame.x(stop), color=_HEALTH_COLORS.get(state, _OTHER_HEALTH),
+                           alpha=0.12, lw=0)
+        for change in engine.health:
+            ax.axvline(frame.x(change.t), color="#a01010" if change.new == "dead" else "0.4", lw=1.0, ls="--")
+        if len(engine.caps) <= 40:  # beyond that the guides are a grey wash
+            for change in engine.caps:
+                ax.axvline(frame.x(change.t), color="0.75", lw=0.6, ls=":", zorder=0)
+
+
+def _draw_load(ax: Any, engine: _Engine, frame: _Frame) -> None:
+    """(1) in-flight against the cap (a step line), the pool's queue behind them."""
+    from matplotlib.ticker import MaxNLocator
+
+    cols = engine.columns
+    t = [frame.x(x) for x in cols["t"]]
+    points = cap_steps(engine)
+    if points:
+        ax.step([frame.x(p[0]) for p in points], [p[1] for p in points], where="post", color="black", lw=2.4,
+                zorder=3)
+        for direction, marker, color in ((1, "^", _UP), (-1, "v", _DOWN)):
+            moves = [(frame.x(c.t), float(c.new)) for c in engine.caps if _direction(c) == direction]
+            if moves:
+                ax.scatter(*zip(*moves), marker=marker, color=color, s=28, zorder=4, edgecolors="white",
+                           linewidths=0.5)
+    ax.fill_between(t, cols["queued"], color="#ff7f0e", alpha=0.13, lw=0)
+    ax.plot(t, cols["queued"], color="#ff7f0e", lw=1.0)
+    # Above the (thicker) cap line: an engine held at its cap shows both lines, not just the black one.
+    ax.plot(t, cols["inflight"], color="#1f77b4", lw=1.1, zorder=5)
+    ax.set_title("in-flight vs cap, pool queue", fontsize=9, loc="left", color="0.3")
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_locator(MaxNLocator(5, integer=True))
+    if not cols["t"]:
+        _note(ax, "no samples for this engine")
+
+
+def _draw_kv(ax: Any, ax_seq: Any, engine: _Engine, frame: _Frame) -> None:
+    """(2) KV-cache usage (left, 0–100 %), the engine's running/waiting (right), preemptions as a rug."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    cols = engine.columns
+    t = [frame.x(x) for x in cols["t"]]
+    ax.plot(t, cols["kv_usage"], color="#9467bd", lw=1.4)
+    ax.set_ylim(0, 1.05)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_title("KV cache and engine scheduler", fontsize=9, loc="left", color="0.3")
+    ax_seq.plot(t, cols["running"], color="#17becf", lw=1.1)
+    ax_seq.plot(t, cols["waiting"], color="#8c564b", lw=1.1, ls="--")
+    ax_seq.set_ylim(bottom=0)
+    ax_seq.yaxis.set_major_locator(MaxNLocator(5, integer=True))
+    bumps = _increments(cols["t"], cols["preemptions"])
+    if bumps:
+        ax.plot([frame.x(x) for x in bumps], [0.03] * len(bumps), ls="none", marker="|", ms=9, color="crimson",
+                mew=1.5, zorder=5)
+    if all(math.isnan(v) for v in cols["kv_usage"] + cols["running"] + cols["waiting"]):
+        _note(ax, "no engine metrics (/metrics not exposed)")
+
+
+def _draw_tps(ax: Any, engine: _Engine, frame: _Frame) -> None:
+    """(3) generation throughput."""
+    cols = engine.columns
+    ax.plot([frame.x(x) for x in cols["t"]], cols["tokens_per_s"], color="#2ca02c", lw=1.3)
+    ax.set_ylim(bottom=0)
+    ax.set_title("generation throughput", fontsize=9, loc="left", color="0.3")
+    ax.set_xlabel(f"time since start ({frame.unit})")
+    if all(math.isnan(v) for v in cols["tokens_per_s"]):
+        _note(ax, "no throughput measured")
+
+
+def _draw_key(legend_ax: Any, key_ax: Any, key_lines: list[str], ncols: int) -> None:
+    """One legend for every panel, then the letters and the health changes spelt out."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     handles = [
-        Line2D([], [], color="#1f77b4", lw=1.4, label="in-flight"),
-        Line2D([], [], color="black", lw=1.6, drawstyle="steps-post", label="cap"),
+        Line2D([], [], color="#1f77b4", lw=1.1, label="in-flight"),
+        Line2D([], [], color="black", lw=2.4, label="cap"),
         Patch(facecolor="#ff7f0e", alpha=0.35, edgecolor="#ff7f0e", label="queued in pool"),
         Line2D([], [], color="#9467bd", lw=1.4, label="KV cache usage"),
         Line2D([], [], color="#17becf", lw=1.1, label="running"),
@@ -417,36 +461,30 @@ def plot_timeline(records: list[dict], out_png: str | Path, title: str | None = 
         Patch(facecolor=_HEALTH_COLORS["dead"], alpha=0.5, label="engine dead"),
         Patch(facecolor=_OTHER_HEALTH, alpha=0.5, label="engine degraded"),
     ]
-    legend_ax.legend(handles=handles, loc="center", ncol=min(6, 2 * ncols + 2), fontsize=8.5, frameon=False)
-    key_ax = fig.add_subplot(grid[-1, :])
+    legend_ax.axis("off")
+    legend_ax.legend(handles=handles, loc="center", ncol={1: 3, 2: 4}.get(ncols, 6), fontsize=8.5, frameon=False)
     key_ax.axis("off")
-    key_ax.text(0.0, 1.0, "\n".join(key_lines), transform=key_ax.transAxes, va="top", ha="left",
-                fontsize=8.5, linespacing=1.45, family="DejaVu Sans")
-
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, facecolor="white")
-    log.info("wrote %s", out)
-    return out
+    key_ax.text(0.0, 1.0, "\n".join(key_lines), transform=key_ax.transAxes, va="top", ha="left", fontsize=8,
+                family="DejaVu Sans Mono",  # the key is a table: columns line up
+                linespacing=1.45)
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _fmt_t(seconds: float, scale: float, unit: str) -> str:
-    return f"{seconds / scale:.1f} {unit}"
+def _fmt_t(seconds: float, frame: _Frame) -> str:
+    return f"{frame.x(seconds):.1f} {frame.unit}"
 
 
 def _increments(ts: list[float], totals: list[float]) -> list[float]:
-    """Times at which a cumulative counter rose (a drop is a restarted engine: its new value counts)."""
+    """Times at which a cumulative counter moved (a drop is a restarted engine, which counts too)."""
     out, prev = [], None
     for t, total in zip(ts, totals):
-        if math.isnan(total):
-            continue
-        if prev is not None and total != prev:
-            out.append(t)
-        prev = total
+        if not math.isnan(total):
+            if prev is not None and total != prev:
+                out.append(t)
+            prev = total
     return out
 
 
@@ -455,30 +493,32 @@ def _note(ax: Any, text: str) -> None:
             style="italic")
 
 
-def _key_lines(engines: dict[str, _Engine], groups: dict[str, list[tuple[str, _Change]]],
-               letter_of: dict[str, str], scale: float, unit: str) -> list[str]:
+def _clip(text: str) -> str:
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 1] + "…"
+
+
+def _key_lines(engines: dict[str, _Engine], groups: dict[str, list[tuple[str, _Change]]], frame: _Frame) -> list[str]:
     lines = []
     if groups:
         lines.append("Cap changes (letters in each engine's strip; ▲ raised, ▼ cut):")
-        shown = list(groups.items())[:MAX_KEY_LINES]
-        for template, members in shown:
+        for template, members in list(groups.items())[:MAX_KEY_LINES]:
             ups = sum(_direction(c) > 0 for _, c in members)
             downs = sum(_direction(c) < 0 for _, c in members)
             counts = "  ".join(s for s in (f"▲{ups}" if ups else "", f"▼{downs}" if downs else "") if s)
-            per_engine = {}
+            per_engine: dict[str, int] = {}
             for name, _ in members:
                 per_engine[name] = per_engine.get(name, 0) + 1
             where = ", ".join(f"{n} ×{k}" for n, k in per_engine.items())
             reason = _summarise_reasons([c.reason for _, c in members])
-            lines.append(f"   {letter_of[template]}   {counts:<9}  {reason}   [{where}]")
-        if len(groups) > len(shown):
-            lines.append(f"   … and {len(groups) - len(shown)} more kinds of reason")
-    health = [(name, c) for name, e in engines.items() for c in e.health]
+            lines.append(f"   {frame.letter_of[template]}   {counts:<9}  {reason}   [{where}]")
+        if len(groups) > MAX_KEY_LINES:
+            lines.append(f"   … and {len(groups) - MAX_KEY_LINES} more kinds of reason")
+    health = sorted(((name, c) for name, e in engines.items() for c in e.health), key=lambda p: p[1].t)
     if health:
         lines.append("Health changes:")
-        for name, c in sorted(health, key=lambda p: p[1].t)[:MAX_KEY_LINES]:
-            reason = c.reason if len(c.reason) <= REASON_CHARS else c.reason[:REASON_CHARS - 1] + "…"
-            lines.append(f"   {name} at {_fmt_t(c.t, scale, unit)}:  {c.old} → {c.new}" + (f"  ({reason})" if reason else ""))
+        for name, c in health[:MAX_KEY_LINES]:
+            lines.append(f"   {name} at {_fmt_t(c.t, frame)}:  {c.old} → {c.new}"
+                         + (f"  ({_clip(c.reason)})" if c.reason else ""))
         if len(health) > MAX_KEY_LINES:
             lines.append(f"   … and {len(health) - MAX_KEY_LINES} more")
     return lines or ["No cap or health changes in this run."]
