@@ -110,7 +110,7 @@ async def test_bad_member_of_a_pack_fails_alone():
 
 async def test_retryable_errors_become_error_records_after_max_retries():
     engine = FakeEngine("a", fail_with=CallError("HTTP 503", retryable=True, status=503))
-    async with pool_of([engine], per_engine=4, max_retries=2) as pool:
+    async with pool_of([engine], per_engine=4, max_retries=2, backoff_base_s=0.001) as pool:
         (result,) = await pool.generate(requests(1))
     assert not result.ok and result.attempts == 3 and "503" in result.error
 

@@ -107,4 +107,6 @@ def test_every_package_is_listed_for_the_wheel():
     root = Path(__file__).parents[1]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "rollout_plugin").rglob("__init__.py")}
+    found |= {f"rollout_plugin.hydra_conf.{d.name}" for d in (root / "hydra_conf").iterdir()
+              if d.is_dir() and not d.name.startswith("__")}
     assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"

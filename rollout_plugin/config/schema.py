@@ -33,6 +33,15 @@ class Progress(str, Enum):
 
 
 @dataclass
+class RateLimitConfig:
+    """Hosted APIs: the provider's per-minute limits, honoured with token buckets (unset: unlimited)."""
+
+    rpm: Optional[float] = None
+    tpm: Optional[float] = None
+    burst_s: float = 60.0  # seconds of allowance that may go at once
+
+
+@dataclass
 class EngineConfig:
     """One kind of engine; ``pool.engines`` of them are launched, or ``urls`` are attached."""
 
@@ -44,6 +53,9 @@ class EngineConfig:
     urls: list[str] = field(default_factory=list)
     api_key: Optional[str] = None  # generated for launched engines when unset
     served_model_name: Optional[str] = None  # asked from /v1/models when unset
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    # Extra request fields passed through as they are, e.g. {service_tier: scale} for hosted APIs.
+    extra_body: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port per engine; otherwise engine i gets port + i
     dtype: str = "auto"
@@ -84,6 +96,10 @@ class PoolConfig:
     pack_size: int = 64
     stream: bool = False  # SSE per call (lower throughput, per-token progress)
     max_retries: int = 3
+    # Retries go to another healthy engine at once; when none is left, they back off exponentially
+    # with full jitter (connection errors, 5xx, 429 without Retry-After).
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 30.0
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 
 

@@ -77,6 +77,11 @@ def check_engine(cfg: EngineConfig, p: Problems, prefix: str = "engine") -> None
         # vLLM refuses this without chunked prefill, and throughput suffers with it (veRL/NeMo Gym guides).
         p.add(f"{prefix}.max_num_batched_tokens", mnbt, f"must be >= engine.max_model_len ({cfg.max_model_len})",
               max(cfg.max_model_len, 4096))
+    for name in ("rpm", "tpm"):
+        value = getattr(cfg.rate_limit, name)
+        if value is not None and value <= 0:
+            p.add(f"{prefix}.rate_limit.{name}", value, "must be > 0 per minute, or null for no limit", "null")
+    p.at_least(f"{prefix}.rate_limit.burst_s", cfg.rate_limit.burst_s, 0.1)
     for url in cfg.urls:
         if not url.startswith(("http://", "https://")):
             p.add(f"{prefix}.urls", url, "must be an http:// or https:// base URL", f"[http://{url.split('://')[-1]}]")
@@ -101,6 +106,8 @@ def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, p
     p.at_least(f"{prefix}.max_concurrent", cfg.max_concurrent, 1)
     p.at_least(f"{prefix}.pack_size", cfg.pack_size, 1)
     p.at_least(f"{prefix}.max_retries", cfg.max_retries, 0)
+    p.at_least(f"{prefix}.backoff_base_s", cfg.backoff_base_s, 0.0)
+    p.at_least(f"{prefix}.backoff_cap_s", cfg.backoff_cap_s, cfg.backoff_base_s)
     if cfg.per_engine is not None and cfg.k > cfg.per_engine:
         # A group goes to one engine as n=k; it could never be admitted.
         p.add(f"{prefix}.k", cfg.k, f"a group must fit one engine's cap (pool.per_engine={cfg.per_engine})",

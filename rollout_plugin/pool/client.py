@@ -96,11 +96,13 @@ class HttpEngineClient:
 
     def __init__(self, name: str, url: str, *, api_key: str | None, model: str, max_connections: int,
                  connect_s: float, request_s: float, admission_s: float, health_s: float,
-                 stream: bool = False, transport: httpx.AsyncBaseTransport | None = None):
+                 stream: bool = False, extra_body: dict[str, Any] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.name = name
         self.root, self.api_base = split_base_url(url)
         self.model = model
         self.stream = stream
+        self.extra_body = dict(extra_body or {})
         self._health_timeout = health_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # Connection limit = the engine's in-flight cap: the client never queues work the pool admitted.
@@ -136,7 +138,7 @@ class HttpEngineClient:
     async def generate(self, requests: Sequence[Request]) -> list[Generation]:
         first = requests[0]
         n, sp = first.n, first.sampling
-        body = {"model": self.model, **sampling_body(sp, n)}
+        body = {"model": self.model, **sampling_body(sp, n), **self.extra_body}
         if first.kind == "chat":
             if len(requests) != 1:
                 raise ValueError("chat prompts go one group per call")
@@ -166,7 +168,7 @@ class HttpEngineClient:
         _raise_for_status(self.name, resp.status_code, resp.text, resp.headers)
         try:
             return resp.json()
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # not JSON, or not even text (UnicodeDecodeError)
             raise CallError(f"{self.name}: response is not JSON", retryable=True, suspect=True) from exc
 
     async def _post_stream(self, path: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -189,7 +191,7 @@ class HttpEngineClient:
             raise CallError(f"{self.name}: no free connection within the admission timeout", retryable=True) from exc
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             raise CallError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True, suspect=True) from exc
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             raise CallError(f"{self.name}: malformed event in stream", retryable=True, suspect=True) from exc
         return [merged[i] for i in sorted(merged)], usage
 
@@ -201,10 +203,17 @@ def _raise_for_status(name: str, status: int, text: str, headers: httpx.Headers)
     if status == 429:
         retry_after = headers.get("retry-after")
         raise CallError(f"{name}: rate limited (429)", retryable=True, status=status,
-                        retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None)
+                        retry_after_s=_seconds(retry_after))
     if status >= 500:
         raise CallError(f"{name}: HTTP {status}: {detail}", retryable=True, suspect=True, status=status)
     raise CallError(f"{name}: HTTP {status}: {detail}", retryable=False, status=status)
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date: not worth parsing; the backoff takes over
+        return None
 
 
 def _merge_delta(acc: dict[str, Any], choice: dict[str, Any]) -> None:

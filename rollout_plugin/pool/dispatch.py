@@ -14,6 +14,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from rollout_plugin.errors import PoolError
 from rollout_plugin.pool.client import CallError, EngineClient, Generation
 from rollout_plugin.pool.limits import Limits
+from rollout_plugin.pool.ratelimit import RateLimiter, RateLimits, backoff_delay
 from rollout_plugin.pool.routing import EngineLoad, pack_budget, pick_engine
 from rollout_plugin.types import Request, Result
 
@@ -99,6 +101,7 @@ class _Engine:
     peak: int = 0
     tasks: set = field(default_factory=set)  # this engine's running calls
     rescue: bool = False  # cancels of its calls are ours (weight-sync abort): requeue, don't drop
+    limiter: RateLimiter | None = None  # hosted APIs: RPM/TPM token buckets
 
     def load(self) -> EngineLoad:
         return EngineLoad(self.index, self.inflight, self.cap, self.healthy and not self.suspect)
@@ -153,7 +156,9 @@ class Dispatcher:
 
     def __init__(self, clients: Sequence[EngineClient], limits: Limits, *, pack_size: int, max_retries: int,
                  clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[str, str, object, object, str], None] | None = None):
+                 on_change: Callable[[str, str, object, object, str], None] | None = None,
+                 rate_limits: RateLimits | None = None, backoff: tuple[float, float] = (0.5, 30.0),
+                 rand: Callable[[], float] = random.random):
         if not clients:
             raise PoolError("a pool needs at least one engine")
         self.limits = limits
@@ -163,7 +168,11 @@ class Dispatcher:
         self._on_change = on_change or (lambda kind, engine, old, new, reason: None)
         now = clock()
         self._started = now
-        self._engines = [_Engine(i, c, limits.engine_inflight, since=now) for i, c in enumerate(clients)]
+        self._engines = [_Engine(i, c, limits.engine_inflight, since=now,
+                                 limiter=RateLimiter(rate_limits, now) if rate_limits else None)
+                         for i, c in enumerate(clients)]
+        self._backoff = backoff
+        self._rand = rand
         self._queue = _Queue()
         self._ids: set[str] = set()
         self._seq = itertools.count()
@@ -290,10 +299,20 @@ class Dispatcher:
 
     async def _call(self, engine: _Engine, batch: list[_Pending], version: int) -> None:
         """One HTTP call. Bookkeeping lives in :meth:`_call_done`, which runs even if this never starts."""
+        reserved = sum(p.request.n * p.request.sampling.max_tokens for p in batch)
+        if engine.limiter is not None:
+            delay = engine.limiter.reserve(self._clock(), 1, reserved)
+            while delay > 0:  # the provider's rate limit, not a synchronisation
+                await asyncio.sleep(delay)
+                delay = engine.limiter.hold(self._clock())
         started = self._clock()
         try:
             generations = await engine.client.generate([p.request for p in batch])
         except CallError as exc:
+            if engine.limiter is not None:
+                engine.limiter.settle(self._clock(), reserved, 0)
+                if exc.status == 429:
+                    engine.limiter.penalize(self._clock(), exc.retry_after_s)
             self._on_failure(engine, batch, exc)
         except Exception as exc:  # a bug or a malformed reply: data for these requests, not a dead pool
             log.exception("%s: call failed unexpectedly", engine.client.name)
@@ -301,6 +320,9 @@ class Dispatcher:
         else:
             latency = self._clock() - started
             engine.calls += 1
+            if engine.limiter is not None:
+                engine.limiter.settle(self._clock(), reserved, sum(g.prompt_tokens + sum(
+                    s.output_tokens for s in g.samples) for g in generations))
             for p, gen in zip(batch, generations):
                 self._resolve(p, self._result(p, gen, engine, latency, version))
                 tokens = sum(s.output_tokens for s in gen.samples)
@@ -394,12 +416,16 @@ class Dispatcher:
         if exc.suspect and engine.healthy and not engine.suspect:
             engine.suspect = True
             self._tg.create_task(self._probe(engine, str(exc)))
+        elsewhere = any(e.healthy and not e.suspect and e.index != engine.index for e in self._engines)
         for p in reversed(batch):
             p.last_error = str(exc)
             if exc.retryable and p.attempts <= self.max_retries:
                 p.avoid = p.avoid | {engine.index}
-                if exc.retry_after_s:
-                    self._tg.create_task(self._requeue_later(p, exc.retry_after_s))
+                if exc.retry_after_s is not None or not elsewhere:
+                    # Nowhere else to go (or the server said when): back off with full jitter.
+                    delay = exc.retry_after_s if exc.retry_after_s is not None else backoff_delay(
+                        p.attempts - 1, self._backoff[0], self._backoff[1], self._rand())
+                    self._tg.create_task(self._requeue_later(p, delay))
                 else:
                     self._requeue(p)
             else:

@@ -25,6 +25,7 @@ from rollout_plugin.pool.dispatch import Dispatcher, PoolStats
 from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess, cpu_binding, engine_cores, reserve_ports, stop_all
 from rollout_plugin.pool.limits import Limits, derive_limits
 from rollout_plugin.pool.monitor import Monitor
+from rollout_plugin.pool.ratelimit import RateLimits
 from rollout_plugin.pool.timeline import TimelineRecorder
 from rollout_plugin.types import Request, Result
 
@@ -89,9 +90,12 @@ class RolloutPool:
             names = [c.name for c in self._clients]
             if self.controller_cfg.timeline:
                 self._timeline = TimelineRecorder(self.controller_cfg.timeline, names, self._clock())
-            self._dispatcher = Dispatcher(self._clients, self.limits, pack_size=self.pool_cfg.pack_size,
-                                          max_retries=self.pool_cfg.max_retries, clock=self._clock,
-                                          on_change=self._record_change)
+            rl = self.engine_cfg.rate_limit
+            self._dispatcher = Dispatcher(
+                self._clients, self.limits, pack_size=self.pool_cfg.pack_size, max_retries=self.pool_cfg.max_retries,
+                clock=self._clock, on_change=self._record_change,
+                rate_limits=RateLimits(rl.rpm, rl.tpm, rl.burst_s) if (rl.rpm or rl.tpm) else None,
+                backoff=(self.pool_cfg.backoff_base_s, self.pool_cfg.backoff_cap_s))
             self.monitor = Monitor(
                 self._dispatcher, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
                 expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,
@@ -139,7 +143,7 @@ class RolloutPool:
             clients.append(HttpEngineClient(
                 ep.name, ep.url, api_key=ep.api_key, model=model, max_connections=self.limits.http_connections,
                 connect_s=t.connect_s, request_s=t.request_s, admission_s=t.admission_s, health_s=t.health_s,
-                stream=self.pool_cfg.stream))
+                stream=self.pool_cfg.stream, extra_body=dict(cfg.extra_body)))
         return clients
 
     async def _launch(self) -> list[EngineEndpoint]:

@@ -1,0 +1,78 @@
+"""A small OpenAI-compatible HTTP server of the tests' own that misbehaves on cue.
+
+Real sockets and real HTTP, for faults a vLLM engine can't be made to produce on demand:
+500s, 429s with Retry-After, garbage bodies, responses slower than the client's timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FaultServer:
+    """``with FaultServer(["500", "ok"]) as srv: srv.url``; script entries are consumed per completion call:
+    ``ok``, ``500``, ``429:<retry-after>``, ``garbage``, ``slow:<seconds>``; when empty, ``ok``."""
+
+    def __init__(self, script: list[str] | None = None):
+        self.script: deque[str] = deque(script or [])
+        self.calls: list[tuple[float, str]] = []  # (monotonic time, behaviour)
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for k, v in (headers or {"Content-Type": "application/json"}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path in ("/health", "/v1/models"):
+                    self._send(200, json.dumps({"data": [{"id": "fault"}]}).encode())
+                else:
+                    self._send(404, b"{}")
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    action = server.script.popleft() if server.script else "ok"
+                    server.calls.append((time.monotonic(), action))
+                kind, _, arg = action.partition(":")
+                if kind == "500":
+                    return self._send(500, b'{"error": "boom"}')
+                if kind == "429":
+                    return self._send(429, b'{"error": "slow down"}', {"Retry-After": arg or "1",
+                                                                       "Content-Type": "application/json"})
+                if kind == "garbage":
+                    return self._send(200, b"\x00not json{{")
+                if kind == "slow":
+                    time.sleep(float(arg))  # the fault itself: a server slower than the client's timeout
+                prompts = body["prompt"] if isinstance(body.get("prompt"), list) else [body.get("prompt")]
+                n = body.get("n", 1)
+                choices = [{"index": i * n + j, "text": f"answer {i}.{j}", "token_ids": [1, 2, 3],
+                            "prompt_token_ids": [9, 9], "finish_reason": "stop"}
+                           for i in range(len(prompts)) for j in range(n)]
+                self._send(200, json.dumps({"choices": choices, "usage": {"prompt_tokens": 2}}).encode())
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
