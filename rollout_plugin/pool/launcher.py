@@ -187,6 +187,7 @@ class EngineProcess:
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(pgid, sig)
+                os.killpg(pgid, signal.SIGCONT)  # a stopped (hung) engine handles SIGTERM only once resumed
             except ProcessLookupError:
                 break
             try:

@@ -1,0 +1,104 @@
+"""Engines that die, hang or run out of KV, for real: SIGKILL, SIGSTOP, --num-gpu-blocks-override."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolConfig, TimeoutConfig
+from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
+from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.types import Request, SamplingParams
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+WORK = SamplingParams(max_tokens=48, ignore_eos=True)
+
+
+def start_engine(live_engine, tmp_path, *extra: str) -> EngineProcess:
+    cfg = EngineConfig(model=live_engine.model_dir, api_key=live_engine.api_key, max_model_len=1024,
+                       cpu_kvcache_gb=1, extra_args=list(extra), log_dir=str(tmp_path))
+    (port,) = reserve_ports(cfg.host, 0, 1)
+    proc = EngineProcess(1, cfg, model=live_engine.model_dir, port=port, max_num_seqs=128, cpu_bind=None,
+                         log_dir=tmp_path)
+    proc.start()
+    asyncio.run(proc.wait_ready())
+    return proc
+
+
+@pytest.fixture
+def victim(live_engine, tmp_path) -> Iterator[EngineProcess]:
+    proc = start_engine(live_engine, tmp_path)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def pair(live_engine, victim: EngineProcess) -> EngineConfig:
+    return EngineConfig(urls=[live_engine.url, victim.url], api_key=live_engine.api_key,
+                        served_model_name=live_engine.model_dir, max_model_len=1024)
+
+
+async def run_and_break(live_engine, victim: EngineProcess, sig: signal.Signals, tmp_path) -> tuple[list, object]:
+    """Stream 96 groups of 2; once the victim has delivered a result, send it ``sig``."""
+    ctl = ControllerConfig(interval_s=0.5, timeline=str(tmp_path / "t.jsonl"))
+    pool_cfg = PoolConfig(per_engine=16, k=2, pack_size=4, max_retries=3,
+                          timeouts=TimeoutConfig(request_s=600, health_s=2))
+    results, broken = [], False
+    reqs = [Request(f"g{i}", f"Story {i}:", n=2, sampling=WORK) for i in range(96)]
+    async with RolloutPool(pair(live_engine, victim), pool_cfg, ctl) as pool:
+        async with asyncio.timeout(400):
+            async for result in pool.stream(reqs):
+                results.append(result)
+                if not broken and result.engine == "engine1":
+                    os.killpg(victim.proc.pid, sig)
+                    broken = True
+        stats = pool.stats()
+    assert broken, "the victim never served a request"
+    return results, stats
+
+
+async def test_engine_killed_mid_run_loses_nothing(live_engine, victim, tmp_path):
+    results, stats = await run_and_break(live_engine, victim, signal.SIGKILL, tmp_path)
+    ids = [r.id for r in results]
+    assert len(ids) == len(set(ids)) == 96 and all(r.ok and len(r.samples) == 2 for r in results)
+    assert [e.healthy for e in stats.engines] == [True, False]
+
+
+async def test_hung_engine_is_detected_and_drained(live_engine, victim, tmp_path):
+    results, stats = await run_and_break(live_engine, victim, signal.SIGSTOP, tmp_path)
+    ids = [r.id for r in results]
+    assert len(ids) == len(set(ids)) == 96 and all(r.ok for r in results)
+    assert [e.healthy for e in stats.engines] == [True, False]
+    events = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "health" and e["engine"] == "engine1" and e["new"] == "dead" for e in events)
+
+
+async def test_kv_starved_engine_cap_goes_down_and_preemptions_stop(live_engine, tmp_path):
+    starved = start_engine(live_engine, tmp_path, "--num-gpu-blocks-override", "64")  # 64 × 16 = 1024 tokens
+    try:
+        engine = EngineConfig(urls=[starved.url], api_key=live_engine.api_key, served_model_name=live_engine.model_dir,
+                              max_model_len=1024)
+        # expected_tokens small on purpose: the first cap is far above what 512 KV tokens hold.
+        ctl = ControllerConfig(interval_s=0.5, expected_tokens=8, timeline=str(tmp_path / "kv.jsonl"))
+        reqs = [Request(f"r{i}", f"Tell me about {i}", sampling=SamplingParams(max_tokens=96, ignore_eos=True))
+                for i in range(256)]
+        async with RolloutPool(engine, PoolConfig(per_engine=64, pack_size=4), ctl) as pool:
+            results = await pool.generate(reqs)
+    finally:
+        starved.stop()
+    assert all(r.ok for r in results)
+    events = [json.loads(line) for line in (tmp_path / "kv.jsonl").read_text().splitlines()]
+    cuts = [e for e in events if e["kind"] == "cap" and e["new"] < e["old"] and "preemptions" in e["reason"]]
+    assert cuts, "the controller never cut the cap on preemptions"
+    samples = [e for e in events if e["kind"] == "sample" and e["preemptions"] is not None]
+    third = len(samples) // 3
+    early = samples[third]["preemptions"] - samples[0]["preemptions"]
+    late = samples[-1]["preemptions"] - samples[-third]["preemptions"]
+    assert late < early, f"preemptions kept climbing: first third +{early}, last third +{late}"
