@@ -1,4 +1,9 @@
-"""Engines that die, hang or run out of KV, for real: SIGKILL, SIGSTOP, --num-gpu-blocks-override."""
+"""Engines that die or run out of KV, for real: SIGKILL, --num-gpu-blocks-override.
+
+A real hang (SIGSTOP) is not tested here: vLLM 0.32's server keeps answering /metrics from a process
+the signal did not reach, and stopping the whole group is undone by the kernel (an orphaned process
+group with stopped members gets SIGCONT). Hang handling is tested with an in-memory engine
+(tests/test_dispatch.py) and over HTTP with a slow server (tests/test_faults.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +32,6 @@ def start_engine(live_engine, tmp_path, *extra: str) -> EngineProcess:
     proc = EngineProcess(1, cfg, model=live_engine.model_dir, port=port, max_num_seqs=128, cpu_bind=None,
                          log_dir=tmp_path)
     proc.start()
-    asyncio.run(proc.wait_ready())
     return proc
 
 
@@ -35,6 +39,7 @@ def start_engine(live_engine, tmp_path, *extra: str) -> EngineProcess:
 def victim(live_engine, tmp_path) -> Iterator[EngineProcess]:
     proc = start_engine(live_engine, tmp_path)
     try:
+        asyncio.run(proc.wait_ready())
         yield proc
     finally:
         proc.stop()
@@ -46,12 +51,14 @@ def pair(live_engine, victim: EngineProcess) -> EngineConfig:
 
 
 async def run_and_break(live_engine, victim: EngineProcess, sig: signal.Signals, tmp_path) -> tuple[list, object]:
-    """Stream 96 groups of 2; once the victim has delivered a result, send it ``sig``."""
+    """Stream 192 groups of 2; once the victim has delivered a result, send it ``sig``.
+
+    Enough work that most of it is still queued when the victim breaks, so the pool must notice."""
     ctl = ControllerConfig(interval_s=0.5, timeline=str(tmp_path / "t.jsonl"))
-    pool_cfg = PoolConfig(per_engine=16, k=2, pack_size=4, max_retries=3,
+    pool_cfg = PoolConfig(per_engine=8, k=2, pack_size=4, max_retries=3,
                           timeouts=TimeoutConfig(request_s=600, health_s=2))
     results, broken = [], False
-    reqs = [Request(f"g{i}", f"Story {i}:", n=2, sampling=WORK) for i in range(96)]
+    reqs = [Request(f"g{i}", f"Story {i}:", n=2, sampling=WORK) for i in range(192)]
     async with RolloutPool(pair(live_engine, victim), pool_cfg, ctl) as pool:
         async with asyncio.timeout(400):
             async for result in pool.stream(reqs):
@@ -67,22 +74,14 @@ async def run_and_break(live_engine, victim: EngineProcess, sig: signal.Signals,
 async def test_engine_killed_mid_run_loses_nothing(live_engine, victim, tmp_path):
     results, stats = await run_and_break(live_engine, victim, signal.SIGKILL, tmp_path)
     ids = [r.id for r in results]
-    assert len(ids) == len(set(ids)) == 96 and all(r.ok and len(r.samples) == 2 for r in results)
+    assert len(ids) == len(set(ids)) == 192 and all(r.ok and len(r.samples) == 2 for r in results)
     assert [e.healthy for e in stats.engines] == [True, False]
-
-
-async def test_hung_engine_is_detected_and_drained(live_engine, victim, tmp_path):
-    results, stats = await run_and_break(live_engine, victim, signal.SIGSTOP, tmp_path)
-    ids = [r.id for r in results]
-    assert len(ids) == len(set(ids)) == 96 and all(r.ok for r in results)
-    assert [e.healthy for e in stats.engines] == [True, False]
-    events = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
-    assert any(e["kind"] == "health" and e["engine"] == "engine1" and e["new"] == "dead" for e in events)
 
 
 async def test_kv_starved_engine_cap_goes_down_and_preemptions_stop(live_engine, tmp_path):
     starved = start_engine(live_engine, tmp_path, "--num-gpu-blocks-override", "64")  # 64 × 16 = 1024 tokens
     try:
+        await starved.wait_ready()
         engine = EngineConfig(urls=[starved.url], api_key=live_engine.api_key, served_model_name=live_engine.model_dir,
                               max_model_len=1024)
         # expected_tokens small on purpose: the first cap is far above what 512 KV tokens hold.
@@ -95,10 +94,11 @@ async def test_kv_starved_engine_cap_goes_down_and_preemptions_stop(live_engine,
         starved.stop()
     assert all(r.ok for r in results)
     events = [json.loads(line) for line in (tmp_path / "kv.jsonl").read_text().splitlines()]
-    cuts = [e for e in events if e["kind"] == "cap" and e["new"] < e["old"] and "preemptions" in e["reason"]]
-    assert cuts, "the controller never cut the cap on preemptions"
+    cuts = [e for e in events if e["kind"] == "cap" and e["new"] < e["old"]
+            and e["reason"].startswith(("preemptions", "KV usage"))]
+    assert cuts and cuts[0]["old"] == 77, "the controller never cut the first (too high) cap on KV pressure"
     samples = [e for e in events if e["kind"] == "sample" and e["preemptions"] is not None]
     third = len(samples) // 3
     early = samples[third]["preemptions"] - samples[0]["preemptions"]
     late = samples[-1]["preemptions"] - samples[-third]["preemptions"]
-    assert late < early, f"preemptions kept climbing: first third +{early}, last third +{late}"
+    assert late == 0 or late < early, f"preemptions kept climbing: first third +{early}, last third +{late}"
