@@ -278,7 +278,8 @@ def plot_timeline(records: list[dict], out_png: str | Path, title: str | None = 
     blocks = math.ceil(len(names) / ncols)
     key_lines = _key_lines(engines, groups, frame)
     heights = [0.42, 1.7, 1.35, 1.2] * blocks + [0.45, 0.2 + 0.2 * len(key_lines)]
-    fig = Figure(figsize=(1.0 + 4.6 * ncols, sum(heights) + 0.9), dpi=dpi, layout="constrained")
+    # At least 11 in wide: the title, legend and reason key span the figure even for one engine.
+    fig = Figure(figsize=(max(11.0, 1.0 + 4.6 * ncols), sum(heights) + 0.9), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(heights), ncols, height_ratios=heights)
 
