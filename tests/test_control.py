@@ -116,3 +116,21 @@ async def test_monitor_applies_the_kv_estimate_and_records_a_timeline(tmp_path):
     assert all(r.ok for r in results) and engine.peak <= 5
     kinds = [json.loads(line)["kind"] for line in timeline.read_text().splitlines()]
     assert kinds[0] == "meta" and "cap" in kinds and "sample" in kinds
+
+
+async def test_pool_exports_namespaced_prometheus_metrics():
+    engine = FakeEngine("a")
+    engine.metrics_text = METRICS
+    async with RolloutPool(pool=PoolConfig(per_engine=64), controller=ControllerConfig(expected_tokens=256),
+                           clients=[engine]) as pool:
+        await pool.generate([Request(f"r{i}", "p") for i in range(10)])
+        async with asyncio.timeout(5):
+            while pool.monitor.states is None:
+                await asyncio.sleep(0)
+        pool.monitor.observe([parse_vllm_metrics(METRICS)])
+        text = pool.metrics_text()
+    assert 'rollout_pool_results_total{engine="a",outcome="ok"} 10.0' in text
+    assert 'rollout_pool_output_tokens_total{engine="a"} 40.0' in text
+    assert 'rollout_pool_cap_samples{engine="a"} 5.0' in text and 'rollout_pool_engine_kv_usage{engine="a"} 0.5' in text
+    assert 'rollout_pool_call_latency_seconds_count{engine="a"}' in text
+    assert 'rollout_pool_cap_changes_total{direction="down",engine="a"} 1.0' in text

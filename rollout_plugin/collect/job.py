@@ -40,6 +40,7 @@ class EngineSummary:
     output_tokens: int
     failed_calls: int
     startup_s: float | None
+    preemptions: float | None = None  # the engine's own counter (None: it exposes no metrics)
 
 
 @dataclass
@@ -71,7 +72,8 @@ class CollectSummary:
         ]
         for e in self.engines:
             out.append(f"  {e.name}: share {e.share:.0%} | mean in-flight {e.mean_inflight:.1f} (final cap {e.cap}) | "
-                       f"{e.samples} samples, {e.output_tokens} tokens")
+                       f"{e.samples} samples, {e.output_tokens} tokens"
+                       + (f", {e.preemptions:g} preemptions" if e.preemptions is not None else ""))
         out.append(f"  output: {self.output} | timeline: {self.timeline} ({self.cap_changes} cap changes; "
                    f"`rollout-plugin plot timeline={self.timeline}`)")
         return out
@@ -146,6 +148,7 @@ async def collect(cfg: CollectConfig) -> CollectSummary:
             bar.close()
             stats = pool.stats()
             cap_changes = pool.monitor.cap_changes if pool.monitor else 0
+            preemptions = [m.preemptions_total for m in pool.monitor.latest] if pool.monitor else []
         finally:
             writer.close()
         startup = pool.startup_s
@@ -153,7 +156,8 @@ async def collect(cfg: CollectConfig) -> CollectSummary:
     total_tokens = stats.output_tokens
     engines = [
         EngineSummary(e.name, e.samples, e.samples / max(1, stats.samples), round(e.mean_inflight, 2), e.cap,
-                      e.output_tokens, e.failed_calls, round(startup[i], 1) if i < len(startup) else None)
+                      e.output_tokens, e.failed_calls, round(startup[i], 1) if i < len(startup) else None,
+                      preemptions[i] if i < len(preemptions) else None)
         for i, e in enumerate(stats.engines)
     ]
     summary = CollectSummary(

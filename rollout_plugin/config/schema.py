@@ -100,6 +100,7 @@ class PoolConfig:
     # with full jitter (connection errors, 5xx, 429 without Retry-After).
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
+    metrics_port: Optional[int] = None  # serve rollout_pool_* Prometheus metrics on 127.0.0.1:<port>
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 
 

@@ -43,6 +43,10 @@ class Generation:
     samples: tuple[Sample, ...]
     prompt_tokens: int
 
+    @property
+    def output_tokens(self) -> int:
+        return sum(s.output_tokens for s in self.samples)
+
 
 class EngineClient(Protocol):
     """All engine I/O goes through this; tests of policy may implement it in memory."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from rollout_plugin.errors import PoolError
 from rollout_plugin.pool.client import CallError, EngineClient, Generation
 from rollout_plugin.pool.limits import Limits
+from rollout_plugin.pool.metrics import PoolMetrics
 from rollout_plugin.pool.ratelimit import RateLimiter, RateLimits, backoff_delay
 from rollout_plugin.pool.routing import EngineLoad, pack_budget, pick_engine
 from rollout_plugin.types import Request, Result
@@ -158,7 +159,7 @@ class Dispatcher:
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[str, str, object, object, str], None] | None = None,
                  rate_limits: RateLimits | None = None, backoff: tuple[float, float] = (0.5, 30.0),
-                 rand: Callable[[], float] = random.random):
+                 rand: Callable[[], float] = random.random, metrics: PoolMetrics | None = None):
         if not clients:
             raise PoolError("a pool needs at least one engine")
         self.limits = limits
@@ -173,6 +174,7 @@ class Dispatcher:
                          for i, c in enumerate(clients)]
         self._backoff = backoff
         self._rand = rand
+        self.metrics = metrics
         self._queue = _Queue()
         self._ids: set[str] = set()
         self._seq = itertools.count()
@@ -231,6 +233,8 @@ class Dispatcher:
         if cap == e.cap:
             return
         log.info("%s: cap %d -> %d (%s)", e.client.name, e.cap, cap, reason)
+        if self.metrics is not None:
+            self.metrics.cap_changes.labels(e.client.name, "up" if cap > e.cap else "down").inc()
         self._on_change("cap", e.client.name, e.cap, cap, reason)
         e.cap = cap
         self._wake.set()
@@ -320,6 +324,10 @@ class Dispatcher:
         else:
             latency = self._clock() - started
             engine.calls += 1
+            if self.metrics is not None:
+                name = engine.client.name
+                self.metrics.latency.labels(name).observe(latency)
+                self.metrics.output_tokens.labels(name).inc(sum(g.output_tokens for g in generations))
             if engine.limiter is not None:
                 engine.limiter.settle(self._clock(), reserved, sum(g.prompt_tokens + sum(
                     s.output_tokens for s in g.samples) for g in generations))
@@ -464,6 +472,8 @@ class Dispatcher:
 
     def _resolve(self, p: _Pending, result: Result) -> None:
         self._ids.discard(p.request.id)
+        if self.metrics is not None:
+            self.metrics.results.labels(result.engine or "none", "ok" if result.ok else "error").inc()
         if result.ok:
             self._done += 1
         else:

@@ -68,9 +68,13 @@ class Monitor:
         if self.states is None:
             self.states = self._start(metrics)
         backlog = self.dispatcher.backlog_samples
+        if self.dispatcher.metrics is not None:
+            self.dispatcher.metrics.queued.set(backlog)
         for i, (client, m) in enumerate(zip(self.clients, metrics)):
             inflight, cap, client_tokens, healthy = self.dispatcher.engine_state(i)
             if not healthy:
+                if self.dispatcher.metrics is not None:
+                    self.dispatcher.metrics.healthy.labels(client.name).set(0)
                 continue
             tokens = m.generation_tokens_total if m.generation_tokens_total is not None else float(client_tokens)
             obs = Observation(t=now, inflight=inflight, backlog=backlog, tokens_total=tokens, running=m.running,
@@ -79,6 +83,16 @@ class Monitor:
             if decision.changed:
                 self.dispatcher.set_cap(i, decision.cap, decision.reason or "")
                 self.cap_changes += 1
+            metrics_out = self.dispatcher.metrics
+            if metrics_out is not None:
+                name = client.name
+                metrics_out.inflight.labels(name).set(inflight)
+                metrics_out.cap.labels(name).set(self.states[i].cap)
+                metrics_out.healthy.labels(name).set(1)
+                for gauge, value in ((metrics_out.kv_usage, m.kv_usage), (metrics_out.preemptions, m.preemptions_total),
+                                     (metrics_out.tokens_per_s, self.states[i].throughput)):
+                    if value is not None:
+                        gauge.labels(name).set(value)
             if self.timeline is not None:
                 self.timeline.sample(now, client.name, inflight=inflight, cap=self.states[i].cap, queued=backlog,
                                      kv_usage=m.kv_usage, running=m.running, waiting=m.waiting,

@@ -24,6 +24,7 @@ from rollout_plugin.pool.control import ControllerConfig
 from rollout_plugin.pool.dispatch import Dispatcher, PoolStats
 from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess, cpu_binding, engine_cores, reserve_ports, stop_all
 from rollout_plugin.pool.limits import Limits, derive_limits
+from rollout_plugin.pool.metrics import PoolMetrics
 from rollout_plugin.pool.monitor import Monitor
 from rollout_plugin.pool.ratelimit import RateLimits
 from rollout_plugin.pool.timeline import TimelineRecorder
@@ -95,7 +96,8 @@ class RolloutPool:
                 self._clients, self.limits, pack_size=self.pool_cfg.pack_size, max_retries=self.pool_cfg.max_retries,
                 clock=self._clock, on_change=self._record_change,
                 rate_limits=RateLimits(rl.rpm, rl.tpm, rl.burst_s) if (rl.rpm or rl.tpm) else None,
-                backoff=(self.pool_cfg.backoff_base_s, self.pool_cfg.backoff_cap_s))
+                backoff=(self.pool_cfg.backoff_base_s, self.pool_cfg.backoff_cap_s),
+                metrics=PoolMetrics(self.pool_cfg.metrics_port))
             self.monitor = Monitor(
                 self._dispatcher, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
                 expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,
@@ -211,6 +213,11 @@ class RolloutPool:
 
     def stats(self) -> PoolStats:
         return self._require().stats()
+
+    def metrics_text(self) -> str:
+        """The pool's ``rollout_pool_*`` metrics in Prometheus text format."""
+        metrics = self._require().metrics
+        return metrics.text() if metrics is not None else ""
 
     @contextlib.asynccontextmanager
     async def weight_update(self, version: int | None = None, *, abort: bool = False) -> AsyncIterator[None]:
