@@ -134,3 +134,16 @@ async def test_pool_exports_namespaced_prometheus_metrics():
     assert 'rollout_pool_cap_samples{engine="a"} 5.0' in text and 'rollout_pool_engine_kv_usage{engine="a"} 0.5' in text
     assert 'rollout_pool_call_latency_seconds_count{engine="a"}' in text
     assert 'rollout_pool_cap_changes_total{direction="down",engine="a"} 1.0' in text
+
+
+def test_after_kv_pressure_raises_stop_below_the_cap_that_met_it():
+    state = initial_state(100, ControllerConfig(max_cap=1000), group_size=1)
+    cfg = ControllerConfig(max_cap=1000)
+    state, d = run(state, [busy(0, 0), busy(1, 1000, inflight=100, kv_usage=0.99)], cfg)
+    assert d[1].cap == 70
+    tokens, t, caps = 1000, 1, []
+    for rate in (1100, 1300, 1600, 2000, 2500, 3100):  # throughput keeps rising: the controller wants more
+        t, tokens = t + 1, tokens + rate
+        state, dec = step(state, busy(t, tokens, inflight=state.cap), cfg)
+        caps.append(dec.cap)
+    assert max(caps) == 99 and caps[-1] == 99  # probes back up, never to 100 again

@@ -96,7 +96,7 @@ async def test_kv_starved_engine_cap_goes_down_and_preemptions_stop(live_engine,
     events = [json.loads(line) for line in (tmp_path / "kv.jsonl").read_text().splitlines()]
     cuts = [e for e in events if e["kind"] == "cap" and e["new"] < e["old"]
             and e["reason"].startswith(("preemptions", "KV usage"))]
-    assert cuts and cuts[0]["old"] == 77, "the controller never cut the first (too high) cap on KV pressure"
+    assert cuts and min(e["new"] for e in cuts) < 77, "the controller never cut below the first (too high) cap"
     samples = [e for e in events if e["kind"] == "sample" and e["preemptions"] is not None]
     third = len(samples) // 3
     early = samples[third]["preemptions"] - samples[0]["preemptions"]

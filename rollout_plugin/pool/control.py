@@ -7,7 +7,8 @@ to enforce, with the reason. The rules, in order:
 1. preemptions rose since the last look  -> cut (the engine is evicting KV: too many sequences);
 2. KV usage above ``kv_high``              -> cut before preemptions start;
 3. work waits in the pool, the engine is at its cap and nothing waits inside the engine, and
-   throughput rose with the last raise     -> raise (multiplicative);
+   throughput rose with the last raise     -> raise (multiplicative), but never back up to a cap
+                                              that met KV pressure (no flapping);
 4. otherwise hold.
 
 Caps never leave ``[floor, max_cap]``; the floor is at least one GRPO group, so an engine always
@@ -47,6 +48,7 @@ class ControlState:
     throughput: float | None = None  # tokens/s over the last interval
     throughput_at_raise: float | None = None  # tokens/s measured before the last raise
     plateau: bool = False  # the last raise bought nothing: hold until something changes
+    pressure_cap: int | None = None  # lowest cap that met KV pressure: raises stay below it
 
 
 @dataclass(frozen=True)
@@ -99,14 +101,18 @@ def step(state: ControlState, obs: Observation, cfg: ControllerConfig) -> tuple[
         gained = state.throughput_at_raise is None or throughput >= state.throughput_at_raise * (1 + cfg.min_gain)
         if gained and not state.plateau:
             cap = math.ceil(old * cfg.raise_factor)
+            if state.pressure_cap is not None:
+                cap = min(cap, state.pressure_cap - 1)
             reason = f"throughput {throughput:.0f} tok/s rising, {obs.backlog} samples waiting, engine queue empty"
             nxt = replace(nxt, throughput_at_raise=throughput)
         elif not gained:
             nxt = replace(nxt, plateau=True)
     if reason is not None and reason.startswith(("preemptions", "KV")):
-        nxt = replace(nxt, plateau=False, throughput_at_raise=None)  # conditions changed: probe again later
+        # Conditions changed: probe upward again, but never back to a cap that met pressure (no flapping).
+        pressure = old if state.pressure_cap is None else min(old, state.pressure_cap)
+        nxt = replace(nxt, plateau=False, throughput_at_raise=None, pressure_cap=pressure)
 
     cap = min(max(cap, state.floor), state.ceiling)
     if cap == old:
-        return nxt, Decision(old, old, None)
+        return replace(nxt, throughput_at_raise=state.throughput_at_raise), Decision(old, old, None)
     return replace(nxt, cap=cap), Decision(cap, old, reason)
