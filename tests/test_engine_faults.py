@@ -102,3 +102,24 @@ async def test_kv_starved_engine_cap_goes_down_and_preemptions_stop(live_engine,
     early = samples[third]["preemptions"] - samples[0]["preemptions"]
     late = samples[-1]["preemptions"] - samples[-third]["preemptions"]
     assert late == 0 or late < early, f"preemptions kept climbing: first third +{early}, last third +{late}"
+
+
+async def test_a_killed_launched_engine_is_restarted_and_the_run_completes(model_dir, tmp_path):
+    engine = EngineConfig(model=model_dir, max_model_len=512, cpu_kvcache_gb=1, log_dir=str(tmp_path))
+    ctl = ControllerConfig(interval_s=0.5, timeline=str(tmp_path / "t.jsonl"))
+    reqs = [Request(f"r{i}", f"Once upon a time {i}", sampling=WORK) for i in range(160)]
+    results, killed = [], None
+    async with RolloutPool(engine, PoolConfig(engines=1, per_engine=16, pack_size=4, max_restarts=1), ctl) as pool:
+        async with asyncio.timeout(600):
+            async for result in pool.stream(reqs):
+                results.append(result)
+                if killed is None:
+                    killed = pool.processes[0].proc.pid
+                    os.killpg(killed, signal.SIGKILL)
+        restarted = pool.processes[0].proc.pid
+    ids = [r.id for r in results]
+    assert len(ids) == len(set(ids)) == 160 and all(r.ok for r in results)
+    assert restarted != killed
+    events = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    health = [(e["old"], e["new"]) for e in events if e["kind"] == "health"]
+    assert health == [("healthy", "dead"), ("dead", "healthy")]

@@ -101,6 +101,7 @@ class PoolConfig:
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     metrics_port: Optional[int] = None  # serve rollout_pool_* Prometheus metrics on 127.0.0.1:<port>
+    max_restarts: int = 2  # per launched engine that dies; 0: a dead engine stays out
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 
 

@@ -107,6 +107,7 @@ def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, p
     p.at_least(f"{prefix}.pack_size", cfg.pack_size, 1)
     p.at_least(f"{prefix}.max_retries", cfg.max_retries, 0)
     p.at_least(f"{prefix}.backoff_base_s", cfg.backoff_base_s, 0.0)
+    p.at_least(f"{prefix}.max_restarts", cfg.max_restarts, 0)
     if cfg.metrics_port is not None and not 1 <= cfg.metrics_port <= 65535:
         p.add(f"{prefix}.metrics_port", cfg.metrics_port, "must be a TCP port in [1, 65535], or null for none", 9400)
     p.at_least(f"{prefix}.backoff_cap_s", cfg.backoff_cap_s, cfg.backoff_base_s)

@@ -103,6 +103,7 @@ class _Engine:
     tasks: set = field(default_factory=set)  # this engine's running calls
     rescue: bool = False  # cancels of its calls are ours (weight-sync abort): requeue, don't drop
     limiter: RateLimiter | None = None  # hosted APIs: RPM/TPM token buckets
+    recovering: bool = False  # dead, but a restart is under way
 
     def load(self) -> EngineLoad:
         return EngineLoad(self.index, self.inflight, self.cap, self.healthy and not self.suspect)
@@ -159,7 +160,8 @@ class Dispatcher:
                  clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[str, str, object, object, str], None] | None = None,
                  rate_limits: RateLimits | None = None, backoff: tuple[float, float] = (0.5, 30.0),
-                 rand: Callable[[], float] = random.random, metrics: PoolMetrics | None = None):
+                 rand: Callable[[], float] = random.random, metrics: PoolMetrics | None = None,
+                 recover: Callable[[int], bool] | None = None):
         if not clients:
             raise PoolError("a pool needs at least one engine")
         self.limits = limits
@@ -175,6 +177,7 @@ class Dispatcher:
         self._backoff = backoff
         self._rand = rand
         self.metrics = metrics
+        self._recover = recover or (lambda index: False)  # asked when an engine dies: will it come back?
         self._queue = _Queue()
         self._ids: set[str] = set()
         self._seq = itertools.count()
@@ -373,12 +376,37 @@ class Dispatcher:
             return
         e.healthy = False
         log.error("%s: healthy -> dead (%s); moving %d in-flight call(s)", e.client.name, reason, len(e.tasks))
+        e.recovering = self._recover(index)
         self._on_change("health", e.client.name, "healthy", "dead", reason)
         for task in list(e.tasks):
             task.cancel()
-        if not any(x.healthy for x in self._engines):
-            self._fail(PoolError(f"every engine is dead; last: {e.client.name}: {reason}"))
+        self.fail_if_hopeless(f"{e.client.name}: {reason}")
         self._wake.set()
+
+    def fail_if_hopeless(self, reason: str) -> None:
+        """No engine healthy and none coming back: the pool cannot go on."""
+        if not any(x.healthy or x.recovering for x in self._engines):
+            self._fail(PoolError(f"every engine is dead; last: {reason}"))
+
+    def replace_client(self, index: int, client: EngineClient) -> EngineClient:
+        """A restarted engine rejoins rotation with a fresh client and the starting cap; returns the old client."""
+        e = self._engines[index]
+        old, e.client = e.client, client
+        e.healthy, e.suspect, e.recovering, e.cap = True, False, False, self.limits.engine_inflight
+        log.info("%s: dead -> healthy (restarted)", client.name)
+        self._on_change("health", client.name, "dead", "healthy", "restarted")
+        self._wake.set()
+        return old
+
+    def give_up(self, index: int, reason: str) -> None:
+        """A restart failed: the engine stays dead."""
+        self._engines[index].recovering = False
+        self.fail_if_hopeless(reason)
+        self._wake.set()
+
+    @property
+    def clients(self) -> list[EngineClient]:
+        return [e.client for e in self._engines]
 
     # -- weight sync ------------------------------------------------------------------------------
     def pause(self) -> None:

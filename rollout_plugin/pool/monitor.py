@@ -32,7 +32,6 @@ class Monitor:
                  group_size: int, expected_tokens: int, ratio: float, clock: Callable[[], float],
                  timeline: TimelineRecorder | None = None):
         self.dispatcher = dispatcher
-        self.clients = list(clients)
         self.cfg = cfg
         self.group_size = group_size
         self.expected_tokens = expected_tokens
@@ -40,8 +39,19 @@ class Monitor:
         self.clock = clock
         self.timeline = timeline
         self.states: list[ControlState] | None = None
-        self.latest: list[EngineMetrics] = [EngineMetrics() for _ in self.clients]
+        self.latest: list[EngineMetrics] = [EngineMetrics() for _ in clients]
         self.cap_changes = 0
+
+    @property
+    def clients(self) -> list[EngineClient]:
+        return self.dispatcher.clients  # a restarted engine gets a new client
+
+    def reset_engine(self, index: int) -> None:
+        """A restarted engine starts its controller afresh."""
+        if self.states is not None:
+            _, cap, _, _ = self.dispatcher.engine_state(index)
+            self.states[index] = initial_state(cap, self.cfg, self.group_size)
+        self.latest[index] = EngineMetrics()
 
     async def _scrape(self) -> list[EngineMetrics]:
         texts = await asyncio.gather(*(c.metrics() for c in self.clients))

@@ -79,10 +79,44 @@ class RolloutPool:
         self._dispatcher: Dispatcher | None = None
         self._runner: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
+        self._model = self.engine_cfg.model
+        self._restarts = [0] * n
 
     def _record_change(self, kind: str, engine: str, old: object, new: object, reason: str) -> None:
         if self._timeline is not None:
             self._timeline.change(kind, self._clock(), engine, old, new, reason)
+
+    def _will_restart(self, index: int) -> bool:
+        """Called when an engine dies: restart it if we launched it and it has restarts left."""
+        if not self.processes or self._tg is None or self._restarts[index] >= self.pool_cfg.max_restarts:
+            return False
+        self._restarts[index] += 1
+        self._tg.create_task(self._restart(index))
+        return True
+
+    async def _restart(self, index: int) -> None:
+        old = self.processes[index]
+        await asyncio.to_thread(old.stop)
+        cfg = self.engine_cfg
+        fresh = EngineProcess(index, cfg, model=self._model, port=reserve_ports(cfg.host, 0, 1)[0],
+                              max_num_seqs=self.limits.per_engine, cpu_bind=old.cpu_bind, log_dir=Path(cfg.log_dir))
+        self.processes[index] = fresh
+        log.warning("%s: dead -> restarting (restart %d of %d)", old.name, self._restarts[index],
+                    self.pool_cfg.max_restarts)
+        try:
+            fresh.start()  # on the loop's thread, like the first launch (PR_SET_PDEATHSIG)
+            await fresh.wait_ready()
+        except EngineError as exc:
+            log.error("%s: restart failed: %s", old.name, exc)
+            fresh.stop()
+            self._require().give_up(index, f"{old.name}: restart failed")
+            return
+        client = self._http_client(EngineEndpoint(old.name, fresh.url, fresh.api_key), self._clients[index].model)
+        self._clients[index] = client
+        stale = self._require().replace_client(index, client)
+        if self.monitor is not None:
+            self.monitor.reset_engine(index)
+        await stale.aclose()
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def __aenter__(self) -> RolloutPool:
@@ -97,7 +131,7 @@ class RolloutPool:
                 clock=self._clock, on_change=self._record_change,
                 rate_limits=RateLimits(rl.rpm, rl.tpm, rl.burst_s) if (rl.rpm or rl.tpm) else None,
                 backoff=(self.pool_cfg.backoff_base_s, self.pool_cfg.backoff_cap_s),
-                metrics=PoolMetrics(self.pool_cfg.metrics_port))
+                metrics=PoolMetrics(self.pool_cfg.metrics_port), recover=self._will_restart)
             self.monitor = Monitor(
                 self._dispatcher, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
                 expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,
@@ -142,17 +176,21 @@ class RolloutPool:
         clients: list[EngineClient] = []
         for ep in self.endpoints:
             model = cfg.served_model_name or await _served_model(ep.url, ep.api_key, t.health_s)
-            clients.append(HttpEngineClient(
-                ep.name, ep.url, api_key=ep.api_key, model=model, max_connections=self.limits.http_connections,
-                connect_s=t.connect_s, request_s=t.request_s, admission_s=t.admission_s, health_s=t.health_s,
-                stream=self.pool_cfg.stream, extra_body=dict(cfg.extra_body)))
+            clients.append(self._http_client(ep, model))
         return clients
+
+    def _http_client(self, ep: EngineEndpoint, model: str) -> HttpEngineClient:
+        t = self.pool_cfg.timeouts
+        return HttpEngineClient(
+            ep.name, ep.url, api_key=ep.api_key, model=model, max_connections=self.limits.http_connections,
+            connect_s=t.connect_s, request_s=t.request_s, admission_s=t.admission_s, health_s=t.health_s,
+            stream=self.pool_cfg.stream, extra_body=dict(self.engine_cfg.extra_body))
 
     async def _launch(self) -> list[EngineEndpoint]:
         from rollout_plugin.model.embedded import resolve_model
 
         cfg, n = self.engine_cfg, self.pool_cfg.engines
-        model = await asyncio.to_thread(resolve_model, cfg.model, cfg.python)
+        model = self._model = await asyncio.to_thread(resolve_model, cfg.model, cfg.python)
         ports = reserve_ports(cfg.host, cfg.port, n)
         cores = engine_cores()
         log_dir = Path(cfg.log_dir)
