@@ -13,7 +13,7 @@ from rollout_plugin.errors import (
     RolloutPluginError,
     VerifierError,
 )
-from rollout_plugin.pool.dispatch import PoolStats
+from rollout_plugin.pool.stats import PoolStats
 from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
 from rollout_plugin.types import Request, Result, Sample, SamplingParams
 

@@ -16,7 +16,6 @@ import itertools
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,63 +23,13 @@ from rollout_plugin.errors import PoolError
 from rollout_plugin.pool.client import CallError, EngineClient, Generation
 from rollout_plugin.pool.limits import Limits
 from rollout_plugin.pool.metrics import PoolMetrics
+from rollout_plugin.pool.queue import Pending, PendingQueue
 from rollout_plugin.pool.ratelimit import RateLimiter, RateLimits, backoff_delay
 from rollout_plugin.pool.routing import EngineLoad, pack_budget, pick_engine
+from rollout_plugin.pool.stats import EngineStats, PoolStats
 from rollout_plugin.types import Request, Result
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Pending:
-    request: Request
-    future: asyncio.Future[Result]
-    seq: int
-    submitted_at: float
-    attempts: int = 0
-    avoid: frozenset[int] = frozenset()
-    solo: bool = False  # sent alone after a packed call was rejected
-    last_error: str | None = None
-
-    @property
-    def key(self) -> tuple:
-        r = self.request
-        # Only requests with one prompt kind, one n and one set of sampling params share a call
-        # (chat requests queue together too, but go one per call: the chat API takes one conversation).
-        return ("solo", self.seq) if self.solo else (r.kind, r.n, r.sampling)
-
-
-@dataclass
-class EngineStats:
-    name: str
-    healthy: bool
-    inflight: int
-    cap: int
-    calls: int
-    requests: int
-    samples: int
-    output_tokens: int
-    failed_calls: int
-    mean_inflight: float
-    peak_inflight: int
-
-
-@dataclass
-class PoolStats:
-    elapsed_s: float
-    engines: list[EngineStats]
-    requests_done: int
-    requests_failed: int
-    groups_inflight: int
-    queued: int
-
-    @property
-    def samples(self) -> int:
-        return sum(e.samples for e in self.engines)
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(e.output_tokens for e in self.engines)
 
 
 @dataclass
@@ -115,44 +64,6 @@ class _Engine:
         self.peak = max(self.peak, self.inflight)
 
 
-@dataclass
-class _Queue:
-    """FIFO across pack keys: the oldest request goes first, compatible ones ride along."""
-
-    by_key: dict[tuple, deque[_Pending]] = field(default_factory=dict)
-    size: int = 0
-    samples: int = 0
-
-    def push(self, item: _Pending, front: bool = False) -> None:
-        q = self.by_key.setdefault(item.key, deque())
-        q.appendleft(item) if front else q.append(item)
-        self.size += 1
-        self.samples += item.request.n
-
-    def oldest_key(self) -> tuple | None:
-        heads = [(q[0].seq if not q[0].attempts else -1, k) for k, q in self.by_key.items() if q]
-        return min(heads, key=lambda h: h[0])[1] if heads else None
-
-    def pop(self, key: tuple) -> _Pending:
-        q = self.by_key[key]
-        item = q.popleft()
-        if not q:
-            del self.by_key[key]
-        self.size -= 1
-        self.samples -= item.request.n
-        return item
-
-    def peek(self, key: tuple) -> _Pending | None:
-        q = self.by_key.get(key)
-        return q[0] if q else None
-
-    def drain(self) -> list[_Pending]:
-        items = [p for q in self.by_key.values() for p in q]
-        self.by_key.clear()
-        self.size = self.samples = 0
-        return items
-
-
 class Dispatcher:
     """Runs inside the pool's TaskGroup: ``tg.create_task(dispatcher.run(tg))``."""
 
@@ -178,7 +89,7 @@ class Dispatcher:
         self._rand = rand
         self.metrics = metrics
         self._recover = recover or (lambda index: False)  # asked when an engine dies: will it come back?
-        self._queue = _Queue()
+        self._queue = PendingQueue()
         self._ids: set[str] = set()
         self._seq = itertools.count()
         self._groups_inflight = 0
@@ -205,7 +116,7 @@ class Dispatcher:
                              f"({self.limits.engine_inflight}); raise pool.per_engine")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._ids.add(request.id)
-        self._queue.push(_Pending(request, future, next(self._seq), self._clock()))
+        self._queue.push(Pending(request, future, next(self._seq), self._clock()))
         self._wake.set()
         return future
 
@@ -281,7 +192,7 @@ class Dispatcher:
                 return
             engine = self._engines[idx]
             budget = pack_budget(engine.cap - engine.inflight, max(self.pack_size, head.request.n))
-            batch: list[_Pending] = []
+            batch: list[Pending] = []
             while True:
                 nxt = self._queue.peek(key)
                 if nxt is not None and nxt.future.cancelled() and batch:
@@ -304,7 +215,7 @@ class Dispatcher:
             engine.tasks.add(task)
             task.add_done_callback(functools.partial(self._call_done, engine=engine, batch=batch, samples=samples))
 
-    async def _call(self, engine: _Engine, batch: list[_Pending], version: int) -> None:
+    async def _call(self, engine: _Engine, batch: list[Pending], version: int) -> None:
         """One HTTP call. Bookkeeping lives in :meth:`_call_done`, which runs even if this never starts."""
         reserved = sum(p.request.n * p.request.sampling.max_tokens for p in batch)
         if engine.limiter is not None:
@@ -342,7 +253,7 @@ class Dispatcher:
                 engine.output_tokens += tokens
                 engine.output_tokens_all += tokens
 
-    def _call_done(self, task: asyncio.Task[None], engine: _Engine, batch: list[_Pending], samples: int) -> None:
+    def _call_done(self, task: asyncio.Task[None], engine: _Engine, batch: list[Pending], samples: int) -> None:
         self._calls.discard(task)
         engine.tasks.discard(task)
         engine.move(-samples, self._clock())
@@ -354,12 +265,12 @@ class Dispatcher:
                 p.future.cancel()
 
     @staticmethod
-    def _result(p: _Pending, gen: Generation, engine: _Engine, latency: float, version: int) -> Result:
+    def _result(p: Pending, gen: Generation, engine: _Engine, latency: float, version: int) -> Result:
         return Result(id=p.request.id, samples=gen.samples, prompt_tokens=gen.prompt_tokens,
                       engine=engine.client.name, latency_s=latency, attempts=p.attempts, request=p.request,
                       weight_version=version)
 
-    def _rescue(self, engine: _Engine, batch: list[_Pending]) -> bool:
+    def _rescue(self, engine: _Engine, batch: list[Pending]) -> bool:
         """Requeue a cancelled call's requests (same ids) when the cancel was ours: engine dead or aborted."""
         if self._closing or self.failure is not None or not (engine.rescue or not engine.healthy):
             return False
@@ -440,7 +351,7 @@ class Dispatcher:
         self.paused = False
         self._wake.set()
 
-    def _on_failure(self, engine: _Engine, batch: list[_Pending], exc: CallError) -> None:
+    def _on_failure(self, engine: _Engine, batch: list[Pending], exc: CallError) -> None:
         engine.failed_calls += 1
         log.warning("%s: call of %d request(s) failed: %s", engine.client.name, len(batch), exc)
         if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429 and len(batch) > 1:
@@ -468,12 +379,12 @@ class Dispatcher:
                 self._resolve(p, Result(id=p.request.id, engine=engine.client.name, attempts=p.attempts,
                                         error=str(exc), request=p.request))
 
-    async def _requeue_later(self, p: _Pending, delay_s: float) -> None:
+    async def _requeue_later(self, p: Pending, delay_s: float) -> None:
         await asyncio.sleep(delay_s)  # honouring the server's Retry-After, not synchronising
         self._requeue(p)
         self._wake.set()
 
-    def _requeue(self, p: _Pending) -> None:
+    def _requeue(self, p: Pending) -> None:
         if self.failure is not None:
             self._ids.discard(p.request.id)
             if not p.future.done():
@@ -498,7 +409,7 @@ class Dispatcher:
             if not p.future.done():
                 p.future.set_exception(error)
 
-    def _resolve(self, p: _Pending, result: Result) -> None:
+    def _resolve(self, p: Pending, result: Result) -> None:
         self._ids.discard(p.request.id)
         if self.metrics is not None:
             self.metrics.results.labels(result.engine or "none", "ok" if result.ok else "error").inc()

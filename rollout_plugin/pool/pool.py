@@ -21,7 +21,8 @@ from rollout_plugin.config.schema import EngineConfig, PoolConfig
 from rollout_plugin.errors import EngineError, PoolError
 from rollout_plugin.pool.client import EngineClient, HttpEngineClient, split_base_url
 from rollout_plugin.pool.control import ControllerConfig
-from rollout_plugin.pool.dispatch import Dispatcher, PoolStats
+from rollout_plugin.pool.dispatch import Dispatcher
+from rollout_plugin.pool.stats import PoolStats
 from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess, cpu_binding, engine_cores, reserve_ports, stop_all
 from rollout_plugin.pool.limits import Limits, derive_limits
 from rollout_plugin.pool.metrics import PoolMetrics

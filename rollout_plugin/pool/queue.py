@@ -1,0 +1,66 @@
+"""The pool's queue of pending requests: FIFO across pack keys, compatible requests ride together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+from rollout_plugin.types import Request, Result
+
+
+@dataclass
+class Pending:
+    request: Request
+    future: asyncio.Future[Result]
+    seq: int
+    submitted_at: float
+    attempts: int = 0
+    avoid: frozenset[int] = frozenset()
+    solo: bool = False  # sent alone after a packed call was rejected
+    last_error: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        r = self.request
+        # Only requests with one prompt kind, one n and one set of sampling params share a call
+        # (chat requests queue together too, but go one per call: the chat API takes one conversation).
+        return ("solo", self.seq) if self.solo else (r.kind, r.n, r.sampling)
+
+
+@dataclass
+class PendingQueue:
+    """FIFO across pack keys: the oldest request goes first, compatible ones ride along."""
+
+    by_key: dict[tuple, deque[Pending]] = field(default_factory=dict)
+    size: int = 0
+    samples: int = 0
+
+    def push(self, item: Pending, front: bool = False) -> None:
+        q = self.by_key.setdefault(item.key, deque())
+        q.appendleft(item) if front else q.append(item)
+        self.size += 1
+        self.samples += item.request.n
+
+    def oldest_key(self) -> tuple | None:
+        heads = [(q[0].seq if not q[0].attempts else -1, k) for k, q in self.by_key.items() if q]
+        return min(heads, key=lambda h: h[0])[1] if heads else None
+
+    def pop(self, key: tuple) -> Pending:
+        q = self.by_key[key]
+        item = q.popleft()
+        if not q:
+            del self.by_key[key]
+        self.size -= 1
+        self.samples -= item.request.n
+        return item
+
+    def peek(self, key: tuple) -> Pending | None:
+        q = self.by_key.get(key)
+        return q[0] if q else None
+
+    def drain(self) -> list[Pending]:
+        items = [p for q in self.by_key.values() for p in q]
+        self.by_key.clear()
+        self.size = self.samples = 0
+        return items

@@ -1,0 +1,38 @@
+"""Snapshots of the pool's counters, per engine and in total (plain data, no behaviour)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineStats:
+    name: str
+    healthy: bool
+    inflight: int
+    cap: int
+    calls: int
+    requests: int
+    samples: int
+    output_tokens: int
+    failed_calls: int
+    mean_inflight: float
+    peak_inflight: int
+
+
+@dataclass
+class PoolStats:
+    elapsed_s: float
+    engines: list[EngineStats]
+    requests_done: int
+    requests_failed: int
+    groups_inflight: int
+    queued: int
+
+    @property
+    def samples(self) -> int:
+        return sum(e.samples for e in self.engines)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(e.output_tokens for e in self.engines)
