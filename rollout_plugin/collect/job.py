@@ -12,7 +12,6 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from rollout_plugin.collect.dataset import Example, load_examples

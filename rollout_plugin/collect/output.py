@@ -35,16 +35,16 @@ def errors_path(output: Path) -> Path:
 def _read_complete_groups(path: Path, k: int) -> tuple[set[str], list[str]]:
     """(prompt ids with all k samples, the lines to keep)."""
     lines: list[str] = []
+    rows: list[dict] = []
     with open(path, encoding="utf-8") as f:
         for raw in f:
             if not raw.endswith("\n"):
                 break  # torn last line
             try:
-                row = json.loads(raw)
+                rows.append(json.loads(raw))
             except json.JSONDecodeError:
                 break
             lines.append(raw)
-    rows = [json.loads(line) for line in lines]
     counts = Counter(r["prompt_id"] for r in rows)
     ks = {r.get("k") for r in rows}
     if ks and ks != {k}:

@@ -116,7 +116,7 @@ class Dispatcher:
                              f"({self.limits.engine_inflight}); raise pool.per_engine")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._ids.add(request.id)
-        self._queue.push(Pending(request, future, next(self._seq), self._clock()))
+        self._queue.push(Pending(request, future, next(self._seq)))
         self._wake.set()
         return future
 
@@ -365,7 +365,6 @@ class Dispatcher:
             self._tg.create_task(self._probe(engine, str(exc)))
         elsewhere = any(e.healthy and not e.suspect and e.index != engine.index for e in self._engines)
         for p in reversed(batch):
-            p.last_error = str(exc)
             if exc.retryable and p.attempts <= self.max_retries:
                 p.avoid = p.avoid | {engine.index}
                 if exc.retry_after_s is not None or not elsewhere:

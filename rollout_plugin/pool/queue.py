@@ -14,11 +14,9 @@ class Pending:
     request: Request
     future: asyncio.Future[Result]
     seq: int
-    submitted_at: float
     attempts: int = 0
     avoid: frozenset[int] = frozenset()
     solo: bool = False  # sent alone after a packed call was rejected
-    last_error: str | None = None
 
     @property
     def key(self) -> tuple:
