@@ -1,9 +1,8 @@
-"""Engines that die or run out of KV, for real: SIGKILL, --num-gpu-blocks-override.
+"""Engines that die, hang or run out of KV, for real: SIGKILL, SIGSTOP, --num-gpu-blocks-override.
 
-A real hang (SIGSTOP) is not tested here: vLLM 0.32's server keeps answering /metrics from a process
-the signal did not reach, and stopping the whole group is undone by the kernel (an orphaned process
-group with stopped members gets SIGCONT). Hang handling is tested with an in-memory engine
-(tests/test_dispatch.py) and over HTTP with a slow server (tests/test_faults.py)."""
+The hang stops vLLM's engine-core process, not its API server: that is what a wedged GPU looks like
+(the API process keeps answering /health and /metrics, with frozen counters), and stopping the whole
+group would be undone by the kernel (an orphaned process group with stopped members gets SIGCONT)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,9 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -50,32 +51,78 @@ def pair(live_engine, victim: EngineProcess) -> EngineConfig:
                         served_model_name=live_engine.model_dir, max_model_len=1024)
 
 
-async def run_and_break(live_engine, victim: EngineProcess, sig: signal.Signals, tmp_path) -> tuple[list, object]:
+def engine_core_pids(leader: int) -> list[int]:
+    """The engine's processes other than its API server (vLLM runs the engine core in a child)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == leader and int(stat.parent.name) != leader:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_group(sig: signal.Signals) -> Callable[[EngineProcess], None]:
+    return lambda proc: os.killpg(proc.proc.pid, sig)
+
+
+def stop_engine_core(proc: EngineProcess) -> None:
+    pids = engine_core_pids(proc.proc.pid)
+    assert pids, "vLLM's engine core runs in the API server's process here; this test needs a child"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+
+
+STALL_S = 10.0
+
+
+async def run_and_break(live_engine, victim: EngineProcess, breaker: Callable[[EngineProcess], None],
+                        tmp_path) -> tuple[list, object, float]:
     """Stream 192 groups of 2; at the first result (most work still queued, so the pool keeps sending
-    to the victim), send the victim ``sig``; then wait until the pool has taken it out of rotation."""
+    to the victim), break the victim; wait until the pool has taken it out of rotation.
+    Returns the results, the stats and the seconds from the break to the victim's removal."""
     ctl = ControllerConfig(interval_s=0.5, timeline=str(tmp_path / "t.jsonl"))
     pool_cfg = PoolConfig(per_engine=8, k=2, pack_size=4, max_retries=3,
-                          timeouts=TimeoutConfig(request_s=600, health_s=2))
-    results, killed = [], False
+                          timeouts=TimeoutConfig(request_s=600, health_s=2, stall_s=STALL_S))
+    results, killed, broke_at, dead_at = [], False, 0.0, None
     reqs = [Request(f"g{i}", f"Story {i}:", n=2, sampling=WORK) for i in range(192)]
     async with RolloutPool(pair(live_engine, victim), pool_cfg, ctl) as pool:
         async with asyncio.timeout(400):
             async for result in pool.stream(reqs):
                 results.append(result)
                 if not killed:
-                    os.killpg(victim.proc.pid, sig)
-                    killed = True
+                    breaker(victim)
+                    killed, broke_at = True, time.monotonic()
+                if dead_at is None and not pool.stats().engines[1].healthy:
+                    dead_at = time.monotonic()
             while pool.stats().engines[1].healthy:  # the health probe may still be under way
                 await asyncio.sleep(0.05)
+            dead_at = dead_at or time.monotonic()
         stats = pool.stats()
-    return results, stats
+    return results, stats, dead_at - broke_at
 
 
-async def test_engine_killed_mid_run_loses_nothing(live_engine, victim, tmp_path):
-    results, stats = await run_and_break(live_engine, victim, signal.SIGKILL, tmp_path)
+def assert_nothing_lost(results, stats) -> None:
     ids = [r.id for r in results]
     assert len(ids) == len(set(ids)) == 192 and all(r.ok and len(r.samples) == 2 for r in results)
     assert [e.healthy for e in stats.engines] == [True, False]
+
+
+async def test_engine_killed_mid_run_loses_nothing(live_engine, victim, tmp_path):
+    results, stats, _ = await run_and_break(live_engine, victim, kill_group(signal.SIGKILL), tmp_path)
+    assert_nothing_lost(results, stats)
+
+
+async def test_hung_engine_is_detected_within_the_stall_timeout_and_its_work_moves(live_engine, victim, tmp_path):
+    results, stats, detect_s = await run_and_break(live_engine, victim, stop_engine_core, tmp_path)
+    assert_nothing_lost(results, stats)
+    events = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    reasons = [e["reason"] for e in events if e["kind"] == "health" and e["new"] == "dead"]
+    assert len(reasons) == 1 and reasons[0].startswith("hung"), reasons
+    # stall_s plus a poll interval and a scrape; slack for a loaded 2-core machine.
+    assert detect_s < STALL_S + 15, f"the hang took {detect_s:.1f} s to detect"
 
 
 async def test_kv_starved_engine_cap_goes_down_and_preemptions_stop(live_engine, tmp_path):

@@ -21,9 +21,29 @@ class CpuBind(str, Enum):
     off = "off"
 
 
-class ExecutorKind(str, Enum):
-    thread = "thread"
-    process = "process"
+# Functional API because "async" is a keyword; OmegaConf matches enum members by name.
+ExecutorKind = Enum("ExecutorKind", {"thread": "thread", "process": "process", "async": "async"}, type=str)
+ExecutorKind.__doc__ = "thread: I/O-bound or cheap verifiers; process: CPU-bound; async: remote calls (async def)."
+
+
+class VerifyTiming(str, Enum):
+    inline = "inline"  # score beside generation
+    deferred = "deferred"  # write unverified rollouts; `rollout-plugin verify` scores them later
+
+
+class VerifyMode(str, Enum):
+    fast = "fast"
+    exact = "exact"
+
+
+class PoolBackend(str, Enum):
+    local = "local"  # engine processes on this machine
+    ray = "ray"  # one Ray actor per engine, on the cluster the caller already runs
+
+
+class RayPlacement(str, Enum):
+    pack = "pack"  # replicas fill a node before the next (Ray's default bin-packing)
+    spread = "spread"  # each replica goes to the alive node holding the fewest of ours
 
 
 class Progress(str, Enum):
@@ -81,6 +101,41 @@ class TimeoutConfig:
     request_s: float = 1800.0  # one HTTP call (a pack may hold hundreds of long samples)
     admission_s: float = 60.0  # waiting for a free connection in the client's pool
     health_s: float = 5.0
+    # An engine with samples in flight whose token counters (from /metrics) stay frozen this long is
+    # hung (its API process may still answer /health): it leaves rotation and its work moves.
+    stall_s: float = 60.0
+
+
+@dataclass
+class RayConfig:
+    """``pool.backend=ray``: where and how each engine's actor is placed (one placement group per replica)."""
+
+    # Cluster to join: "auto", "host:port", "ray://…"; unset: the one this process is already connected to
+    # (verl's driver), else a new local one.
+    address: Optional[str] = None
+    namespace: str = "rollout_plugin"
+    placement: RayPlacement = RayPlacement.pack
+    num_cpus: float = 1.0  # per replica (the vLLM server's own CPU work)
+    # Per replica; unset: engine.tensor_parallel_size when the cluster has GPUs, else 0 (CPU engines).
+    num_gpus: Optional[float] = None
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources every replica asks for
+    # Node affinity: replica i also asks for one unit of nodes[i % len(nodes)], a custom resource its
+    # node advertises (``ray start --resources='{"node_a": 1}'``); a replacement keeps its replica's.
+    nodes: list[str] = field(default_factory=list)
+    # Control calls only (start, lifetime, stop): the data path is HTTP straight to the engine.
+    max_concurrency: int = 4
+    replace_timeout_s: float = 300.0  # a dead replica's replacement waits this long for resources
+    node_poll_s: float = 5.0  # how often new nodes are looked for (a given-up replica gets another try)
+
+
+@dataclass
+class PrewarmConfig:
+    """Short requests to every engine before it gets real traffic (CUDA graphs, caches, prefix cache)."""
+
+    requests: int = 2  # per engine; 0: no warm-up
+    max_tokens: int = 8
+    timeout_s: float = 120.0  # per engine; a slower warm-up is logged and the engine goes into rotation anyway
+    prefix: bool = True  # collect: also send the dataset's shared prompt prefix, so the prefix cache starts warm
 
 
 @dataclass
@@ -103,6 +158,9 @@ class PoolConfig:
     metrics_port: Optional[int] = None  # serve rollout_pool_* Prometheus metrics on 127.0.0.1:<port>
     max_restarts: int = 2  # per launched engine that dies; 0: a dead engine stays out
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    prewarm: PrewarmConfig = field(default_factory=PrewarmConfig)
+    backend: PoolBackend = PoolBackend.local  # where launched engines run (engine.urls attaches instead)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass
@@ -120,10 +178,16 @@ class SamplingConfig:
 
 @dataclass
 class VerifyConfig:
-    # "module:function" or "module.function"; called as fn(completion, example) -> float.
+    """``verify=inline`` (default) or ``verify=deferred``; ``verify.executor=process`` for CPU-bound verifiers."""
+
+    # "module:function" or "module.function"; called as fn(completion, example) -> float
+    # (or fn(completion, example, mode=...) when it implements fast/exact).
     verifier: str = "rollout_plugin.verify.builtin:last_number_match"
     executor: ExecutorKind = ExecutorKind.thread
-    workers: int = 4
+    workers: int = 4  # verifications at once
+    timing: VerifyTiming = VerifyTiming.inline
+    mode: VerifyMode = VerifyMode.exact  # passed to verifiers that take a `mode` argument
+    cache_size: int = 100_000  # (verifier, prompt, completion) results kept; 0: no cache
 
 
 class ControllerMode(str, Enum):

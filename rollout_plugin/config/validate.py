@@ -10,7 +10,15 @@ from collections.abc import Iterable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-from rollout_plugin.config.schema import EMBEDDED_MODEL, CollectConfig, EngineConfig, PoolConfig, SamplingConfig
+from rollout_plugin.config.schema import (
+    EMBEDDED_MODEL,
+    CollectConfig,
+    EngineConfig,
+    PoolBackend,
+    PoolConfig,
+    RayConfig,
+    SamplingConfig,
+)
 from rollout_plugin.errors import ConfigError, ConfigProblem
 
 
@@ -115,10 +123,27 @@ def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, p
         # A group goes to one engine as n=k; it could never be admitted.
         p.add(f"{prefix}.k", cfg.k, f"a group must fit one engine's cap (pool.per_engine={cfg.per_engine})",
               cfg.per_engine)
-    for name in ("connect_s", "request_s", "admission_s", "health_s"):
+    for name in ("connect_s", "request_s", "admission_s", "health_s", "stall_s"):
         value = getattr(cfg.timeouts, name)
         if value <= 0:
             p.add(f"{prefix}.timeouts.{name}", value, "must be > 0", getattr(type(cfg.timeouts)(), name))
+    check_ray(cfg.ray, p, f"{prefix}.ray")
+
+
+def check_ray(cfg: RayConfig, p: Problems, prefix: str = "pool.ray") -> None:
+    p.at_least(f"{prefix}.num_cpus", cfg.num_cpus, 0.0)
+    p.at_least(f"{prefix}.num_gpus", cfg.num_gpus, 0.0)
+    # One slot waits on the engine's lifetime for as long as it runs; stop needs another.
+    p.at_least(f"{prefix}.max_concurrency", cfg.max_concurrency, 2)
+    p.at_least(f"{prefix}.replace_timeout_s", cfg.replace_timeout_s, 1.0)
+    p.at_least(f"{prefix}.node_poll_s", cfg.node_poll_s, 0.1)
+    for name, amount in cfg.resources.items():
+        if amount <= 0:
+            p.add(f"{prefix}.resources.{name}", amount, "must be > 0 (drop the key to ask for none)", 1)
+    for node in cfg.nodes:
+        if not node or node in ("CPU", "GPU", "memory", "object_store_memory"):
+            p.add(f"{prefix}.nodes", node, "must name a custom resource a node advertises "
+                  "(ray start --resources='{\"node_a\": 1}')", "[node_a]")
 
 
 def check_sampling(cfg: SamplingConfig, p: Problems, max_model_len: int | None = None,
@@ -152,6 +177,9 @@ def validate_collect(cfg: CollectConfig) -> None:
     p = Problems()
     check_engine(cfg.engine, p)
     check_pool(cfg.pool, p)
+    if cfg.pool.backend == PoolBackend.ray and cfg.engine.urls:
+        p.add("pool.backend", "ray", "launches engines, but engine.urls attaches to running ones; unset one",
+              "local")
     check_sampling(cfg.sampling, p, cfg.engine.max_model_len)
     check_controller(cfg, p)
     p.at_least("verify.workers", cfg.verify.workers, 1)

@@ -62,6 +62,29 @@ class Decision:
         return self.cap != self.old
 
 
+@dataclass(frozen=True)
+class Progress:
+    """An engine's token counter (prompt + generated) and when it last moved while work was in flight."""
+
+    tokens: float
+    since: float
+
+
+def watch_progress(prev: Progress | None, tokens: float | None, inflight: int, t: float,
+                   stall_s: float) -> tuple[Progress | None, bool]:
+    """Hang detection from the engine's own counters: ``(next state, stalled)``.
+
+    A hung engine core (SIGSTOP, a wedged GPU) can leave the API process answering /health and
+    /metrics with frozen counters, so liveness alone can't see it; work in flight with no token
+    counted for ``stall_s`` can. Idle engines and engines without metrics are never judged.
+    """
+    if tokens is None or inflight <= 0:
+        return None, False
+    if prev is None or tokens != prev.tokens:
+        return Progress(tokens, t), False
+    return prev, t - prev.since >= stall_s
+
+
 def initial_state(cap: int, cfg: ControllerConfig, group_size: int) -> ControlState:
     floor = max(cfg.min_cap, group_size)
     ceiling = max(floor, cfg.max_cap if cfg.max_cap is not None else 2 * cap)

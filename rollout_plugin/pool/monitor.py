@@ -16,9 +16,11 @@ from rollout_plugin.pool.control import (
     ControllerMode,
     ControlState,
     Observation,
+    Progress,
     initial_state,
     kv_estimate_cap,
     step,
+    watch_progress,
 )
 from rollout_plugin.pool.dispatch import Dispatcher
 from rollout_plugin.pool.telemetry import EngineMetrics, parse_vllm_metrics
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 class Monitor:
     def __init__(self, dispatcher: Dispatcher, clients: Sequence[EngineClient], cfg: ControllerConfig, *,
                  group_size: int, expected_tokens: int, ratio: float, clock: Callable[[], float],
-                 timeline: TimelineRecorder | None = None):
+                 timeline: TimelineRecorder | None = None, stall_s: float = 60.0):
         self.dispatcher = dispatcher
         self.cfg = cfg
         self.group_size = group_size
@@ -41,6 +43,8 @@ class Monitor:
         self.states: list[ControlState] | None = None
         self.latest: list[EngineMetrics] = [EngineMetrics() for _ in clients]
         self.cap_changes = 0
+        self.stall_s = stall_s
+        self.progress: list[Progress | None] = [None for _ in clients]
 
     @property
     def clients(self) -> list[EngineClient]:
@@ -52,6 +56,7 @@ class Monitor:
             _, cap, _, _ = self.dispatcher.engine_state(index)
             self.states[index] = initial_state(cap, self.cfg, self.group_size)
         self.latest[index] = EngineMetrics()
+        self.progress[index] = None
 
     async def _scrape(self) -> list[EngineMetrics]:
         texts = await asyncio.gather(*(c.metrics() for c in self.clients))
@@ -85,6 +90,14 @@ class Monitor:
             if not healthy:
                 if self.dispatcher.metrics is not None:
                     self.dispatcher.metrics.healthy.labels(client.name).set(0)
+                continue
+            counted = (None if m.generation_tokens_total is None
+                       else m.generation_tokens_total + (m.prompt_tokens_total or 0.0))
+            self.progress[i], stalled = watch_progress(self.progress[i], counted, inflight, now, self.stall_s)
+            if stalled:
+                self.dispatcher.mark_dead(i, f"hung: no token counted for {self.stall_s:g} s "
+                                             f"with {inflight} samples in flight")
+                self.progress[i] = None
                 continue
             tokens = m.generation_tokens_total if m.generation_tokens_total is not None else float(client_tokens)
             obs = Observation(t=now, inflight=inflight, backlog=backlog, tokens_total=tokens, running=m.running,

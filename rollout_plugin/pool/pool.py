@@ -11,27 +11,30 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future as ThreadFuture
-from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from rollout_plugin.config.schema import EngineConfig, PoolConfig
 from rollout_plugin.errors import EngineError, PoolError
-from rollout_plugin.pool.client import EngineClient, HttpEngineClient, split_base_url
+from rollout_plugin.pool.client import CallError, EngineClient, HttpEngineClient, split_base_url
 from rollout_plugin.pool.control import ControllerConfig
 from rollout_plugin.pool.dispatch import Dispatcher
 from rollout_plugin.pool.stats import PoolStats
-from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess, cpu_binding, engine_cores, reserve_ports, stop_all
+from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess
 from rollout_plugin.pool.limits import Limits, derive_limits
 from rollout_plugin.pool.metrics import PoolMetrics
 from rollout_plugin.pool.monitor import Monitor
+from rollout_plugin.pool.provider import EngineProvider, LocalEngines, make_provider
+from rollout_plugin.pool.prewarm import WarmupReport, prewarm
 from rollout_plugin.pool.ratelimit import RateLimits
 from rollout_plugin.pool.timeline import TimelineRecorder
-from rollout_plugin.types import Request, Result
+from rollout_plugin.types import Prompt, Request, Result
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def pool_limits(engine: EngineConfig, pool: PoolConfig, engines: int) -> Limits:
@@ -62,7 +65,8 @@ class RolloutPool:
 
     def __init__(self, engine: EngineConfig | None = None, pool: PoolConfig | None = None,
                  controller: ControllerConfig | None = None, *, clients: Sequence[EngineClient] | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, warm_prompt: Prompt | None = None,
+                 client_factory: Callable[..., HttpEngineClient] = HttpEngineClient):
         self.engine_cfg = engine or EngineConfig()
         self.pool_cfg = pool or PoolConfig()
         self.controller_cfg = controller or ControllerConfig()
@@ -72,7 +76,8 @@ class RolloutPool:
         self._given_clients = list(clients) if clients else None
         n = len(self._given_clients or self.engine_cfg.urls) or self.pool_cfg.engines
         self.limits = pool_limits(self.engine_cfg, self.pool_cfg, n)
-        self.processes: list[EngineProcess] = []
+        self.provider: EngineProvider | None = None  # what launched our engines (None: attached or injected)
+        self._given_up: set[int] = set()  # launched engines that stayed dead; new capacity retries them
         self.endpoints: list[EngineEndpoint] = []
         self.startup_s: list[float] = []
         self._clients: list[EngineClient] = []
@@ -80,40 +85,47 @@ class RolloutPool:
         self._dispatcher: Dispatcher | None = None
         self._runner: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
-        self._model = self.engine_cfg.model
+        self._watch_task: asyncio.Task[None] | None = None
+        self._restarting: set[asyncio.Task[None]] = set()  # cancelled on exit: a replacement may wait for a node
         self._restarts = [0] * n
+        self._warm_prompt = warm_prompt  # the dataset's shared prefix, so the prefix cache starts warm
+        self._client_factory = client_factory  # HttpEngineClient's signature; the gateway passes its own
+        self.warmup: list[WarmupReport] = []
 
     def _record_change(self, kind: str, engine: str, old: object, new: object, reason: str) -> None:
         if self._timeline is not None:
             self._timeline.change(kind, self._clock(), engine, old, new, reason)
 
+    @property
+    def processes(self) -> list[EngineProcess]:
+        """The local backend's engine processes (empty for attached, injected or Ray engines)."""
+        return self.provider.processes if isinstance(self.provider, LocalEngines) else []
+
     def _will_restart(self, index: int) -> bool:
         """Called when an engine dies: restart it if we launched it and it has restarts left."""
-        if not self.processes or self._tg is None or self._restarts[index] >= self.pool_cfg.max_restarts:
+        if self.provider is None or self._tg is None or self._restarts[index] >= self.pool_cfg.max_restarts:
             return False
         self._restarts[index] += 1
-        self._tg.create_task(self._restart(index))
+        task = self._tg.create_task(self._restart(index))
+        self._restarting.add(task)
+        task.add_done_callback(self._restarting.discard)
         return True
 
     async def _restart(self, index: int) -> None:
-        old = self.processes[index]
-        await asyncio.to_thread(old.stop)
-        cfg = self.engine_cfg
-        fresh = EngineProcess(index, cfg, model=self._model, port=reserve_ports(cfg.host, 0, 1)[0],
-                              max_num_seqs=self.limits.per_engine, cpu_bind=old.cpu_bind, log_dir=Path(cfg.log_dir))
-        self.processes[index] = fresh
-        log.warning("%s: dead -> restarting (restart %d of %d)", old.name, self._restarts[index],
+        name = self._clients[index].name
+        log.warning("%s: dead -> restarting (restart %d of %d)", name, self._restarts[index],
                     self.pool_cfg.max_restarts)
         try:
-            fresh.start()  # on the loop's thread, like the first launch (PR_SET_PDEATHSIG)
-            await fresh.wait_ready()
+            ep = await self.provider.replace(index)  # type: ignore[union-attr]
         except EngineError as exc:
-            log.error("%s: restart failed: %s", old.name, exc)
-            fresh.stop()
-            self._require().give_up(index, f"{old.name}: restart failed")
+            log.error("%s: restart failed: %s", name, exc)
+            self._given_up.add(index)
+            self._require().give_up(index, f"{name}: restart failed")
             return
-        client = self._http_client(EngineEndpoint(old.name, fresh.url, fresh.api_key), self._clients[index].model)
+        client = self._http_client(EngineEndpoint(name, ep.url, ep.api_key), self._clients[index].model)
         self._clients[index] = client
+        if not self._given_clients:
+            await prewarm([client], self.pool_cfg.prewarm, self._warm_prompt, clock=self._clock)
         stale = self._require().replace_client(index, client)
         if self.monitor is not None:
             self.monitor.reset_engine(index)
@@ -123,6 +135,9 @@ class RolloutPool:
     async def __aenter__(self) -> RolloutPool:
         try:
             self._clients = self._given_clients or await self._open_clients()
+            if not self._given_clients:  # before the dispatcher exists: no real request meets a cold engine
+                self.warmup = await prewarm(self._clients, self.pool_cfg.prewarm, self._warm_prompt,
+                                            clock=self._clock)
             names = [c.name for c in self._clients]
             if self.controller_cfg.timeline:
                 self._timeline = TimelineRecorder(self.controller_cfg.timeline, names, self._clock())
@@ -136,14 +151,17 @@ class RolloutPool:
             self.monitor = Monitor(
                 self._dispatcher, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
                 expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,
-                ratio=self.pool_cfg.over_concurrency_ratio, clock=self._clock, timeline=self._timeline)
+                ratio=self.pool_cfg.over_concurrency_ratio, clock=self._clock, timeline=self._timeline,
+                stall_s=self.pool_cfg.timeouts.stall_s)
             self._tg = asyncio.TaskGroup()
             await self._tg.__aenter__()
             self._runner = self._tg.create_task(self._dispatcher.run(self._tg))
             self._monitor_task = self._tg.create_task(self.monitor.run())
+            if self.provider is not None:
+                self._watch_task = self._tg.create_task(self.provider.watch(self._engine_lost, self._capacity_grew))
         except BaseException:
             await self._close_clients()
-            stop_all(self.processes)
+            self._close_provider()
             raise
         log.info("pool ready: %d engine(s), per-engine cap %d (in flight %d), max_concurrent %d groups of k=%d",
                  len(self._clients), self.limits.per_engine, self.limits.engine_inflight,
@@ -155,6 +173,10 @@ class RolloutPool:
         try:
             if self._monitor_task is not None:
                 self._monitor_task.cancel()
+            if self._watch_task is not None:
+                self._watch_task.cancel()
+            for task in self._restarting:
+                task.cancel()
             if self._dispatcher:
                 self._dispatcher.close()
             if self._tg:
@@ -164,7 +186,7 @@ class RolloutPool:
             if self._timeline is not None:
                 self._timeline.close()
             await self._close_clients()
-            stop_all(self.processes)
+            self._close_provider()
         if failure is not None and exc is None:
             raise failure
 
@@ -182,39 +204,32 @@ class RolloutPool:
 
     def _http_client(self, ep: EngineEndpoint, model: str) -> HttpEngineClient:
         t = self.pool_cfg.timeouts
-        return HttpEngineClient(
+        return self._client_factory(
             ep.name, ep.url, api_key=ep.api_key, model=model, max_connections=self.limits.http_connections,
             connect_s=t.connect_s, request_s=t.request_s, admission_s=t.admission_s, health_s=t.health_s,
             stream=self.pool_cfg.stream, extra_body=dict(self.engine_cfg.extra_body))
 
     async def _launch(self) -> list[EngineEndpoint]:
-        from rollout_plugin.model.embedded import resolve_model
+        self.provider = make_provider(self.engine_cfg, self.pool_cfg)
+        endpoints = await self.provider.start(self.pool_cfg.engines, self.limits.per_engine)
+        self.startup_s = self.provider.startup_s
+        return endpoints
 
-        cfg, n = self.engine_cfg, self.pool_cfg.engines
-        model = self._model = await asyncio.to_thread(resolve_model, cfg.model, cfg.python)
-        ports = reserve_ports(cfg.host, cfg.port, n)
-        cores = engine_cores()
-        log_dir = Path(cfg.log_dir)
-        self.processes = [
-            EngineProcess(i, cfg, model=model, port=ports[i], max_num_seqs=self.limits.per_engine,
-                          cpu_bind=cpu_binding(i, n, cores), log_dir=log_dir)
-            for i in range(n)
-        ]
-        for proc in self.processes:
-            proc.start()  # from this (the loop's) thread: PR_SET_PDEATHSIG follows the launching thread
-        try:
-            async with asyncio.TaskGroup() as tg:
-                waits = [tg.create_task(p.wait_ready()) for p in self.processes]
-        except BaseExceptionGroup as group:
-            # One engine failing cancels the others' waits; report the failure, not the group.
-            failed = group.subgroup(lambda e: isinstance(e, EngineError))
-            if failed is None:
-                raise
-            while isinstance(failed, BaseExceptionGroup):
-                failed = failed.exceptions[0]
-            raise failed from None
-        self.startup_s = [w.result() for w in waits]
-        return [p.endpoint() for p in self.processes]
+    def _close_provider(self) -> None:
+        if self.provider is not None:
+            self.provider.close()
+
+    def _engine_lost(self, index: int, reason: str) -> None:
+        """The backend saw an engine go (a Ray actor or node lost) before any call failed on it."""
+        self._require().mark_dead(index, reason)
+
+    def _capacity_grew(self, reason: str) -> None:
+        """New nodes: engines given up for want of resources get another try (restarts permitting)."""
+        if self._given_up:
+            log.info("pool: retrying given-up engine(s) %s (%s)", sorted(self._given_up), reason)
+        for index in sorted(self._given_up):
+            if self._will_restart(index):
+                self._given_up.discard(index)
 
     async def _close_clients(self) -> None:
         for client in self._clients:
@@ -275,6 +290,20 @@ class RolloutPool:
     @property
     def weight_version(self) -> int:
         return self._require().weight_version
+
+    async def call_engines(self, path: str, body: dict | None = None, *, timeout_s: float | None = None) -> list:
+        """POST a control call (e.g. ``/collective_rpc`` in vLLM dev mode) to every engine at once; the answers
+        in engine order, or the first failure raised as :class:`EngineError`."""
+        self._require()
+        clients = list(self._clients)
+        if not all(hasattr(c, "admin") for c in clients):
+            raise PoolError(f"POST {path}: some engine clients have no control endpoint (only HTTP engines do)")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                calls = [tg.create_task(c.admin(path, body, timeout_s=timeout_s)) for c in clients]  # type: ignore[attr-defined]
+        except* CallError as group:
+            raise EngineError(str(group.exceptions[0])) from None
+        return [c.result() for c in calls]
 
     def reset_stats(self) -> None:
         self._require().reset_stats()
@@ -367,3 +396,14 @@ class SyncRolloutPool:
 
     def stats(self) -> PoolStats:
         return self._pool.stats()
+
+    def run(self, fn: Callable[[RolloutPool], Awaitable[T]]) -> T:
+        """``await fn(pool)`` on the pool's loop and return its value (e.g. a weight update)."""
+        async def call() -> T:
+            return await fn(self._pool)
+
+        return self._run(call())
+
+    @property
+    def weight_version(self) -> int:
+        return self._pool.weight_version
