@@ -58,3 +58,7 @@ class PoolError(RolloutPluginError):
 
 class VerifierError(RolloutPluginError):
     """A verifier could not be loaded (bad dotted path)."""
+
+
+class SimulationError(RolloutPluginError):
+    """The fleet simulator cannot go on (a deadlock in simulated time, a missing or malformed profile)."""

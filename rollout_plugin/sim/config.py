@@ -1,0 +1,81 @@
+"""Typed config of ``rollout-plugin simulate`` (registered in Hydra's ConfigStore; no torch, no vllm).
+
+The pool, controller and sampling-free engine knobs are the real ones (:mod:`rollout_plugin.config.schema`):
+the simulator drives the same pool code, so ``pool.pack_size=16`` means the same thing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from rollout_plugin.config.schema import ControllerConfig, PoolConfig
+
+
+class Policy(str, Enum):
+    pool = "pool"  # RolloutPool, adaptive per-engine caps (controller.mode from the config)
+    pool_fixed = "pool_fixed"  # RolloutPool with the controller off: fixed Xtuner-preset caps
+    static = "static"  # TRL server mode / static DP: group i -> engine i mod N, all at once
+    verl = "verl"  # verl's router: least in flight by request count, no cap, all at once
+    distllm = "distllm"  # fixed batches (+ timeout), one batch at a time
+
+
+@dataclass
+class WorkloadConfig:
+    """GRPO-shaped: ``prompts`` × ``k`` samples, lognormal lengths, optional multi-turn sessions."""
+
+    prompts: int = 4096  # groups per step; prompts_per_engine wins when set
+    prompts_per_engine: Optional[int] = 32  # weak scaling: prompts = this × engines
+    k: int = 8
+    prompt_tokens_median: int = 256
+    prompt_tokens_sigma: float = 0.5
+    output_tokens_median: int = 400
+    output_tokens_sigma: float = 0.8  # GRPO's long tail: a few samples run to max_tokens
+    max_tokens: int = 2048
+    turns: int = 1  # >1: each sample is a session of this many turns (n=1 calls, prompt grows)
+    tool_latency_s: float = 0.5  # between turns
+    tool_tokens: int = 64  # tool output appended to the prompt each turn
+    seed: int = 0
+
+
+@dataclass
+class FleetConfig:
+    engines: list[int] = field(default_factory=lambda: [8, 64, 256, 1024])
+    profile: str = "h100_llama8b"  # built-in profile name or a JSON path
+    max_model_len: int = 4096  # sets the pool's per-engine cap preset, as for real engines
+    straggler_fraction: float = 0.0  # share of engines that run slower
+    straggler_slowdown: float = 3.0  # their step time × this
+    failure_fraction: float = 0.0  # share of engines that die mid-run
+    failure_at_s: float = 30.0  # when (simulated seconds)
+    seed: int = 0
+
+
+@dataclass
+class BaselineConfig:
+    distllm_batch: int = 16  # groups per batch, per engine (distllm's batch of 16, scaled to the fleet)
+    distllm_timeout_s: float = 0.5
+    retries: int = 3  # a failed call goes to the next engine, as a client-side retry would
+
+
+@dataclass
+class SimulateConfig:
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    policies: list[Policy] = field(default_factory=lambda: [Policy.pool, Policy.pool_fixed, Policy.static,
+                                                            Policy.verl, Policy.distllm])
+    exact_metrics: bool = False  # parse every simulated /metrics text as the real monitor does (slow)
+    horizon_s: float = 86400.0  # simulated seconds before a run is called stuck
+    output: Optional[str] = None  # JSON of every run
+    plot: Optional[str] = None  # PNG: tokens/s and makespan vs engines, one line per policy
+    log_level: str = "WARNING"
+
+
+def register_sim_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="simulate_schema", node=SimulateConfig)

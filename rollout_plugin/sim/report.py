@@ -1,0 +1,89 @@
+"""What ``simulate`` answers: a sweep of (engines × policies), its table, its JSON and its plot.
+
+matplotlib is imported lazily and only through its object API (Figure + Agg canvas), like
+:mod:`rollout_plugin.viz`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rollout_plugin.errors import RolloutPluginError
+from rollout_plugin.sim.config import Policy, SimulateConfig
+from rollout_plugin.sim.profile import EngineProfile
+from rollout_plugin.sim.runner import RunResult, simulate
+
+log = logging.getLogger(__name__)
+
+
+def sweep(cfg: SimulateConfig, profile: EngineProfile,
+          on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
+    out = []
+    for n in cfg.fleet.engines:
+        for policy in cfg.policies:
+            result = simulate(Policy(policy), n, profile, cfg)
+            out.append(result)
+            if on_result is not None:
+                on_result(result)
+    return out
+
+
+def calibration_line(profile: EngineProfile) -> str:
+    cal = profile.calibration
+    parts = []
+    if cal.get("holdout", {}).get("points"):
+        h = cal["holdout"]
+        parts.append(f"makespan error on {h['points']} held-out measured points: median {h['median_abs_pct']}%, "
+                     f"max {h['max_abs_pct']}%")
+    if cal.get("published", {}).get("points"):
+        p = cal["published"]
+        parts.append(f"error against {p['points']} published figures: median {p['median_abs_pct']}%, "
+                     f"max {p['max_abs_pct']}%")
+    return f"profile {profile.name}: " + ("; ".join(parts) if parts else "no calibration error recorded")
+
+
+def table(results: Sequence[RunResult]) -> str:
+    lines = ["| engines | policy | makespan (s) | tokens/s | vs pool | busy | preemptions | failed | wall (s) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    pool = {r.engines: r.makespan_s for r in results if r.policy == Policy.pool.value}
+    for r in results:
+        rel = f"{r.makespan_s / pool[r.engines]:.2f}x" if r.engines in pool else "-"
+        lines.append(f"| {r.engines} | {r.policy} | {r.makespan_s:.1f} | {r.tokens_per_s:,.0f} | {rel} | "
+                     f"{r.engine_busy:.0%} | {r.preemptions} | {r.failed} | {r.wall_s:.1f} |")
+    return "\n".join(lines)
+
+
+def write_json(results: Sequence[RunResult], path: str | Path, meta: dict) -> None:
+    Path(path).write_text(json.dumps({"meta": meta, "runs": [r.row() for r in results]}, indent=1) + "\n")
+
+
+def plot_scaling(results: Sequence[RunResult], path: str | Path, title: str, dpi: int = 110) -> None:
+    """Two panels against engines (log x): tokens/s per engine, and makespan; one line per policy."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RolloutPluginError("plot=…: needs matplotlib (pip install 'rollout-plugin[plot]')") from None
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    for policy in dict.fromkeys(r.policy for r in results):
+        rs = sorted((r for r in results if r.policy == policy), key=lambda r: r.engines)
+        xs = [r.engines for r in rs]
+        style = dict(marker="o", linewidth=2.2 if policy == Policy.pool.value else 1.3)
+        ax1.plot(xs, [r.tokens_per_s / r.engines for r in rs], label=policy, **style)
+        ax2.plot(xs, [r.makespan_s for r in rs], label=policy, **style)
+    for ax, ylabel in ((ax1, "output tokens/s per engine"), (ax2, "step makespan (simulated s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("engines")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    ax1.set_ylim(bottom=0)
+    ax2.set_ylim(bottom=0)
+    ax1.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=dpi)

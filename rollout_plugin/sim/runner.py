@@ -1,0 +1,179 @@
+"""One simulated run: N simulated engines, one policy, one workload, on virtual time.
+
+The ``pool`` policies are the real :class:`rollout_plugin.pool.pool.RolloutPool` (dispatcher,
+routing, controller, monitor, failover) over :class:`SimEngineClient` s with ``clock=loop.time``;
+only the transport is simulated. Baselines are :mod:`rollout_plugin.sim.baselines`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+
+from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
+from rollout_plugin.errors import SimulationError
+from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.sim.baselines import Baseline, FixedBatch, LeastInflight, StaticSplit
+from rollout_plugin.sim.client import OUTPUT_KEY, PROMPT_KEY, SimEngineClient
+from rollout_plugin.sim.config import FleetConfig, Policy, SimulateConfig
+from rollout_plugin.sim.engine import SimEngine
+from rollout_plugin.sim.loop import run_virtual
+from rollout_plugin.sim.profile import EngineProfile
+from rollout_plugin.sim.workload import Session, build_sessions, total_output_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    policy: str
+    engines: int
+    requests: int
+    samples: int
+    output_tokens: int  # generated and returned
+    failed: int  # requests that ended in an error record
+    makespan_s: float  # simulated
+    tokens_per_s: float
+    engine_busy: float  # mean share of the makespan an engine was stepping
+    preemptions: int
+    cap_changes: int
+    wall_s: float  # real seconds the simulation took
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def parsed_metrics(enabled: bool = True):
+    """Let the real monitor take the simulator's pre-parsed metrics instead of parsing 10³ texts a second.
+
+    Only the parsing is skipped (the numbers are the ones the text says; ``test_sim`` checks it);
+    every decision still runs through the monitor and the controller.
+    """
+    from rollout_plugin.pool import monitor
+
+    real = getattr(monitor, "parse_vllm_metrics", None)
+    if not enabled or real is None:
+        if enabled:
+            log.warning("the monitor no longer imports parse_vllm_metrics: parsing simulated /metrics text (slower)")
+        yield
+        return
+    monitor.parse_vllm_metrics = lambda text: getattr(text, "parsed", None) or real(text)
+    try:
+        yield
+    finally:
+        monitor.parse_vllm_metrics = real
+
+
+def build_fleet(n: int, profile: EngineProfile, fleet: FleetConfig) -> list[SimEngine]:
+    rng = random.Random(fleet.seed)
+    slow = set(rng.sample(range(n), round(n * fleet.straggler_fraction)))
+    return [SimEngine(f"engine{i}", profile, slowdown=fleet.straggler_slowdown if i in slow else 1.0)
+            for i in range(n)]
+
+
+def _schedule_failures(engines: list[SimEngine], fleet: FleetConfig) -> None:
+    count = round(len(engines) * fleet.failure_fraction)
+    if not count:
+        return
+    victims = random.Random(fleet.seed + 1).sample(engines, count)
+    loop = asyncio.get_running_loop()
+    for e in victims:
+        loop.call_at(fleet.failure_at_s, e.fail)
+
+
+async def _drive_pool(policy: Policy, clients: list[SimEngineClient], sessions: list[Session], cfg: SimulateConfig,
+                      profile: EngineProfile) -> tuple[int, int, int, float]:
+    wl = cfg.workload
+    engine_cfg = EngineConfig(max_model_len=cfg.fleet.max_model_len, max_num_seqs=profile.max_num_seqs)
+    pool_cfg = replace(cfg.pool, k=wl.k if wl.turns <= 1 else 1)
+    ctl = cfg.controller
+    if ctl.expected_tokens is None:  # what a user sets from their workload: mean sample length
+        turns = [r for s in sessions[:1000] for r in s.turns]
+        mean = statistics.mean(r.metadata[PROMPT_KEY] / len(r.metadata[OUTPUT_KEY]) + statistics.mean(
+            r.metadata[OUTPUT_KEY]) for r in turns)
+        ctl = replace(ctl, expected_tokens=int(mean))
+    if policy == Policy.pool_fixed:
+        ctl = replace(ctl, mode=ControllerMode.off)
+    loop = asyncio.get_running_loop()
+    async with RolloutPool(engine_cfg, pool_cfg, ctl, clients=clients, clock=loop.time) as pool:
+        # Nobody scrapes the pool's own Prometheus registry here; updating 10³ engines' gauges every
+        # simulated second would cost more than the policy it describes.
+        if getattr(pool, "_dispatcher", None) is not None:
+            pool._dispatcher.metrics = None
+        if wl.turns <= 1:
+            results = await asyncio.gather(*(pool.submit(s.turns[0]) for s in sessions))
+            makespan = loop.time()
+        else:
+            async def session(s: Session):
+                out = []
+                for t, request in enumerate(s.turns):
+                    if t:
+                        await asyncio.sleep(wl.tool_latency_s)  # the tool call (simulated time)
+                    result = await pool.submit(request)
+                    out.append(result)
+                    if not result.ok:
+                        break
+                return out
+
+            results = [r for rs in await asyncio.gather(*(session(s) for s in sessions)) for r in rs]
+            makespan = loop.time()
+        cap_changes = pool.monitor.cap_changes if pool.monitor is not None else 0
+    tokens = sum(r.output_tokens for r in results)
+    failed = sum(1 for r in results if not r.ok)
+    return tokens, failed, cap_changes, makespan
+
+
+def _baseline(policy: Policy, clients: list[SimEngineClient], cfg: SimulateConfig) -> Baseline:
+    b, lat = cfg.baselines, cfg.workload.tool_latency_s
+    if policy == Policy.static:
+        return StaticSplit(clients, b.retries, lat)
+    if policy == Policy.verl:
+        return LeastInflight(clients, b.retries, lat)
+    if policy == Policy.distllm:
+        return FixedBatch(clients, b.retries, lat, batch=b.distllm_batch * len(clients), timeout_s=b.distllm_timeout_s)
+    raise SimulationError(f"policies: unknown policy {policy!r} (valid: {', '.join(p.value for p in Policy)})")
+
+
+def simulate(policy: Policy, n_engines: int, profile: EngineProfile, cfg: SimulateConfig,
+             sessions: list[Session] | None = None) -> RunResult:
+    """Run one policy on ``n_engines`` simulated engines; returns simulated makespan and throughput."""
+    wl = cfg.workload
+    if sessions is None:
+        prompts = wl.prompts_per_engine * n_engines if wl.prompts_per_engine else wl.prompts
+        sessions = build_sessions(wl, prompts)
+    expected = total_output_tokens(sessions)
+    wall0 = time.perf_counter()
+
+    async def main() -> RunResult:
+        engines = build_fleet(n_engines, profile, cfg.fleet)
+        clients = [SimEngineClient(e) for e in engines]
+        _schedule_failures(engines, cfg.fleet)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(cfg.horizon_s):
+                if policy in (Policy.pool, Policy.pool_fixed):
+                    tokens, failed, cap_changes, makespan = await _drive_pool(policy, clients, sessions, cfg, profile)
+                else:
+                    base = _baseline(policy, clients, cfg)
+                    await base.run(sessions)
+                    tokens, failed, cap_changes, makespan = base.output_tokens, base.failed, 0, loop.time()
+        except TimeoutError:
+            raise SimulationError(f"{policy.value} on {n_engines} engines did not finish within horizon_s="
+                                  f"{cfg.horizon_s:g} simulated seconds (raise horizon_s)") from None
+        if failed == 0 and tokens != expected:
+            raise SimulationError(f"{policy.value}: generated {tokens} tokens, the workload has {expected}")
+        busy = statistics.mean(min(1.0, e.busy_s / makespan) for e in engines) if makespan else 0.0
+        return RunResult(policy.value, n_engines, sum(len(s.turns) for s in sessions),
+                         sum(len(r.metadata[OUTPUT_KEY]) for s in sessions for r in s.turns), tokens, failed,
+                         makespan, tokens / makespan if makespan else 0.0, busy,
+                         sum(e.preemptions for e in engines), cap_changes, 0.0)
+
+    with parsed_metrics(not cfg.exact_metrics):
+        result = run_virtual(main())
+    return replace(result, wall_s=time.perf_counter() - wall0)

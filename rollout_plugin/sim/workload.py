@@ -1,0 +1,55 @@
+"""GRPO-shaped workloads: every length decided up front, so every policy generates the same tokens.
+
+Single-turn: one request per prompt with ``n = k`` (a GRPO group). Multi-turn: each of the ``k``
+samples is its own session of ``turns`` requests with ``n = 1``; turn ``t``'s prompt is the first
+prompt plus every earlier answer and tool output (what an agent loop resends).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from rollout_plugin.sim.client import OUTPUT_KEY, PROMPT_KEY
+from rollout_plugin.sim.config import WorkloadConfig
+from rollout_plugin.types import Request, SamplingParams
+
+
+@dataclass(frozen=True)
+class Session:
+    """Requests run one after another (a tool call between turns); single-turn sessions have one."""
+
+    group: int
+    turns: tuple[Request, ...]
+
+
+def _lognormal(rng: random.Random, median: float, sigma: float, hi: int) -> int:
+    return int(min(hi, max(1, round(median * rng.lognormvariate(0.0, sigma)))))
+
+
+def build_sessions(cfg: WorkloadConfig, prompts: int) -> list[Session]:
+    rng = random.Random(cfg.seed)
+    sampling = SamplingParams(max_tokens=cfg.max_tokens)  # one set for all: requests pack together
+    sessions: list[Session] = []
+    for g in range(prompts):
+        prompt = _lognormal(rng, cfg.prompt_tokens_median, cfg.prompt_tokens_sigma, cfg.max_tokens)
+        if cfg.turns <= 1:
+            outs = tuple(_lognormal(rng, cfg.output_tokens_median, cfg.output_tokens_sigma, cfg.max_tokens)
+                         for _ in range(cfg.k))
+            req = Request(f"g{g}", f"p{g}", n=cfg.k, sampling=sampling,
+                          metadata={PROMPT_KEY: prompt, OUTPUT_KEY: outs})
+            sessions.append(Session(g, (req,)))
+            continue
+        for s in range(cfg.k):
+            ctx, turns = prompt, []
+            for t in range(cfg.turns):
+                out = _lognormal(rng, cfg.output_tokens_median, cfg.output_tokens_sigma, cfg.max_tokens)
+                turns.append(Request(f"g{g}s{s}t{t}", f"p{g}s{s}t{t}", n=1, sampling=sampling,
+                                     metadata={PROMPT_KEY: ctx, OUTPUT_KEY: (out,)}))
+                ctx += out + cfg.tool_tokens
+            sessions.append(Session(g, tuple(turns)))
+    return sessions
+
+
+def total_output_tokens(sessions: list[Session]) -> int:
+    return sum(sum(r.metadata[OUTPUT_KEY]) for s in sessions for r in s.turns)
