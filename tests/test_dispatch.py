@@ -234,3 +234,72 @@ async def test_hung_engine_is_marked_dead_and_its_inflight_work_moves():
         results = await task
     assert all(r.ok and r.engine == "good" for r in results)
     assert len({r.id for r in results}) == 10
+
+
+def split_pool(engines, mode="auto", **cfg) -> RolloutPool:
+    from rollout_plugin.config.schema import ControllerConfig, GroupConfig
+
+    return RolloutPool(pool=PoolConfig(groups=GroupConfig(mode=mode), **cfg),
+                       controller=ControllerConfig(mode="off"), clients=engines)
+
+
+async def starve(pool: RolloutPool, index: int, cap: int) -> None:
+    """Give one engine a cap below the group size, after the monitor's first look (which would
+    otherwise lift it back to one group)."""
+    async with asyncio.timeout(5):
+        while pool.monitor.states is None:
+            await asyncio.sleep(0.01)
+    pool._dispatcher.set_cap(index, cap, "test: a KV-starved engine that can't hold a group")
+
+
+async def test_a_group_splits_only_when_its_engine_is_far_fuller_and_joins_into_one_result():
+    a, b = FakeEngine("a"), FakeEngine("b")
+    a.gate = asyncio.Event()  # a keeps what it gets until released
+    async with split_pool([a, b], per_engine=16, over_concurrency_ratio=1.0, k=8, pack_size=8) as pool:
+        await starve(pool, 1, 6)
+        task = asyncio.ensure_future(pool.generate(requests(4, n=8)))
+        async with asyncio.timeout(5):
+            while b.peak < 6:
+                await asyncio.sleep(0)
+        assert pool._dispatcher.groups_split == 1  # the first went whole to a; the second split 6 + 2
+        a.gate.set()
+        results = await task
+    assert [r.id for r in results] == [f"r{i}" for i in range(4)]
+    assert all(r.ok and len(r.samples) == 8 for r in results)
+    assert sorted(r.engine for r in results).count("b+a") >= 1
+    assert b.peak <= 6 and a.peak <= 16
+
+
+async def test_groups_never_split_in_together_mode():
+    a, b = FakeEngine("a"), FakeEngine("b")
+    a.gate = asyncio.Event()
+    async with split_pool([a, b], "together", per_engine=16, over_concurrency_ratio=1.0, k=8, pack_size=8) as pool:
+        await starve(pool, 1, 6)
+        task = asyncio.ensure_future(pool.generate(requests(4, n=8)))
+        async with asyncio.timeout(5):
+            while a.peak < 16:
+                await asyncio.sleep(0)
+        a.gate.set()
+        results = await task
+    assert all(r.ok and len(r.samples) == 8 and r.engine == "a" for r in results)
+    assert not b.calls and pool._dispatcher.groups_split == 0
+
+
+async def test_split_mode_sends_each_sample_alone_and_still_answers_once_per_group():
+    engines = [FakeEngine("a"), FakeEngine("b")]
+    async with split_pool(engines, "split", per_engine=16, k=4, pack_size=1) as pool:
+        results = await pool.generate(requests(6, n=4))
+    assert all(r.ok and len(r.samples) == 4 for r in results)
+    assert len({r.id for r in results}) == 6
+    assert sum(len(c) for e in engines for c in e.calls) == 24 and all(len(c) == 1 for e in engines for c in e.calls)
+
+
+async def test_a_failed_piece_fails_its_group_once():
+    bad = FakeEngine("bad")
+    bad.bad_ids = {"r0"}  # rejects every piece of r0 with HTTP 400 (not retryable)
+    async with split_pool([bad], "split", per_engine=8, k=4, pack_size=1) as pool:
+        results = await pool.generate(requests(2, n=4))
+        stats = pool.stats()
+    assert [r.id for r in results] == ["r0", "r1"]
+    assert not results[0].ok and "400" in results[0].error and results[1].ok and len(results[1].samples) == 4
+    assert (stats.requests_done, stats.requests_failed) == (1, 1)  # the group counts once, not per piece

@@ -138,6 +138,22 @@ class PrewarmConfig:
     prefix: bool = True  # collect: also send the dataset's shared prompt prefix, so the prefix cache starts warm
 
 
+class GroupMode(str, Enum):
+    auto = "auto"  # n=k on one engine; split across engines when the load gap passes split_threshold
+    together = "together"  # always one n=k request on one engine
+    split = "split"  # k requests of one sample each (spread freely; packed with other prompts)
+
+
+@dataclass
+class GroupConfig:
+    """How a GRPO group (one prompt, k samples) reaches the engines."""
+
+    mode: GroupMode = GroupMode.auto
+    # Split a group when the engine that would take it is filled (in-flight ÷ cap) above the
+    # least-filled engine by more than this; below it the group waits for room on one engine.
+    split_threshold: float = 0.25
+
+
 @dataclass
 class PoolConfig:
     engines: int = 1
@@ -149,6 +165,7 @@ class PoolConfig:
     max_concurrent: Optional[int] = None
     # Samples per HTTP call: groups go as n=k, independent prompts pack into one multi-prompt call.
     pack_size: int = 64
+    groups: GroupConfig = field(default_factory=GroupConfig)
     stream: bool = False  # SSE per call (lower throughput, per-token progress)
     max_retries: int = 3
     # Retries go to another healthy engine at once; when none is left, they back off exponentially

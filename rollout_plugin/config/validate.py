@@ -113,6 +113,7 @@ def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, p
     p.at_least(f"{prefix}.over_concurrency_ratio", cfg.over_concurrency_ratio, 1.0)
     p.at_least(f"{prefix}.max_concurrent", cfg.max_concurrent, 1)
     p.at_least(f"{prefix}.pack_size", cfg.pack_size, 1)
+    p.at_least(f"{prefix}.groups.split_threshold", cfg.groups.split_threshold, 0.0)
     p.at_least(f"{prefix}.max_retries", cfg.max_retries, 0)
     p.at_least(f"{prefix}.backoff_base_s", cfg.backoff_base_s, 0.0)
     p.at_least(f"{prefix}.max_restarts", cfg.max_restarts, 0)

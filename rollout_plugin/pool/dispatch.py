@@ -23,9 +23,9 @@ from rollout_plugin.errors import PoolError
 from rollout_plugin.pool.client import CallError, EngineClient, Generation
 from rollout_plugin.pool.limits import Limits
 from rollout_plugin.pool.metrics import PoolMetrics
-from rollout_plugin.pool.queue import Pending, PendingQueue
+from rollout_plugin.pool.queue import GroupJoin, Pending, PendingQueue
 from rollout_plugin.pool.ratelimit import RateLimiter, RateLimits, backoff_delay
-from rollout_plugin.pool.routing import EngineLoad, pack_budget, pick_engine
+from rollout_plugin.pool.routing import EngineLoad, pack_budget, pick_engine, split_group
 from rollout_plugin.pool.stats import EngineStats, PoolStats
 from rollout_plugin.types import Request, Result
 
@@ -72,12 +72,18 @@ class Dispatcher:
                  on_change: Callable[[str, str, object, object, str], None] | None = None,
                  rate_limits: RateLimits | None = None, backoff: tuple[float, float] = (0.5, 30.0),
                  rand: Callable[[], float] = random.random, metrics: PoolMetrics | None = None,
-                 recover: Callable[[int], bool] | None = None):
+                 recover: Callable[[int], bool] | None = None, group_mode: str = "auto",
+                 split_threshold: float = 0.25):
         if not clients:
             raise PoolError("a pool needs at least one engine")
         self.limits = limits
         self.pack_size = pack_size
         self.max_retries = max_retries
+        # GRPO groups: "auto" keeps n=k on one engine unless the split gate opens (routing.split_group),
+        # "together" never splits, "split" sends every sample as its own request.
+        self.group_mode = group_mode
+        self.split_threshold = split_threshold
+        self.groups_split = 0
         self._clock = clock
         self._on_change = on_change or (lambda kind, engine, old, new, reason: None)
         now = clock()
@@ -116,7 +122,13 @@ class Dispatcher:
                              f"({self.limits.engine_inflight}); raise pool.per_engine")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._ids.add(request.id)
-        self._queue.push(Pending(request, future, next(self._seq)))
+        pending = Pending(request, future, next(self._seq))
+        if self.group_mode == "split" and request.n > 1:
+            join = GroupJoin(pending, request.n)
+            for part in range(request.n):
+                self._queue.push(pending.piece(join, part, 1))
+        else:
+            self._queue.push(pending)
         self._wake.set()
         return future
 
@@ -187,7 +199,17 @@ class Dispatcher:
             if head.future.cancelled():  # its waiter is gone (a stream closed early): don't generate it
                 self._ids.discard(self._queue.pop(key).request.id)
                 continue
-            idx = pick_engine([e.load() for e in self._engines], head.request.n, head.avoid)
+            loads = [e.load() for e in self._engines]
+            if head.request.n > 1 and head.join is None and self.group_mode == "auto":
+                parts = split_group(loads, head.request.n, head.avoid, self.split_threshold)
+                if not parts:
+                    return
+                if len(parts) > 1:
+                    self._send_split(self._queue.pop(key), parts)
+                    continue
+                idx = parts[0][0]
+            else:
+                idx = pick_engine(loads, head.request.n, head.avoid)
             if idx is None:
                 return
             engine = self._engines[idx]
@@ -205,15 +227,27 @@ class Dispatcher:
                     break
                 batch.append(self._queue.pop(key))
                 budget -= nxt.request.n
-            samples = sum(p.request.n for p in batch)
-            engine.move(samples, self._clock())
-            self._groups_inflight += len(batch)
-            for p in batch:
-                p.attempts += 1
-            task = self._tg.create_task(self._call(engine, batch, self.weight_version))
-            self._calls.add(task)
-            engine.tasks.add(task)
-            task.add_done_callback(functools.partial(self._call_done, engine=engine, batch=batch, samples=samples))
+            self._send(engine, batch)
+
+    def _send_split(self, group: Pending, parts: list[tuple[int, int]]) -> None:
+        """Send a group's samples to several engines, as pieces that join into one result."""
+        self.groups_split += 1
+        names = ", ".join(f"{self._engines[i].client.name}×{n}" for i, n in parts)
+        log.debug("%s: group of %d split (%s)", group.request.id, group.request.n, names)
+        join = GroupJoin(group, len(parts))
+        for part, (idx, n) in enumerate(parts):
+            self._send(self._engines[idx], [group.piece(join, part, n)])
+
+    def _send(self, engine: _Engine, batch: list[Pending]) -> None:
+        samples = sum(p.request.n for p in batch)
+        engine.move(samples, self._clock())
+        self._groups_inflight += len(batch)
+        for p in batch:
+            p.attempts += 1
+        task = self._tg.create_task(self._call(engine, batch, self.weight_version))
+        self._calls.add(task)
+        engine.tasks.add(task)
+        task.add_done_callback(functools.partial(self._call_done, engine=engine, batch=batch, samples=samples))
 
     async def _call(self, engine: _Engine, batch: list[Pending], version: int) -> None:
         """One HTTP call. Bookkeeping lives in :meth:`_call_done`, which runs even if this never starts."""
@@ -409,6 +443,11 @@ class Dispatcher:
                 p.future.set_exception(error)
 
     def _resolve(self, p: Pending, result: Result) -> None:
+        if p.join is not None:  # a piece of a split group: the group resolves once, when complete
+            whole = p.join.add(p.part, result)
+            if whole is not None:
+                self._resolve(p.join.parent, whole)
+            return
         self._ids.discard(p.request.id)
         if self.metrics is not None:
             self.metrics.results.labels(result.engine or "none", "ok" if result.ok else "error").inc()

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import httpx
 
-from rollout_plugin.config.schema import EngineConfig, PoolConfig
+from rollout_plugin.config.schema import EngineConfig, GroupMode, PoolConfig
 from rollout_plugin.errors import EngineError, PoolError
 from rollout_plugin.pool.client import CallError, EngineClient, HttpEngineClient, split_base_url
 from rollout_plugin.pool.control import ControllerConfig
@@ -147,7 +147,9 @@ class RolloutPool:
                 clock=self._clock, on_change=self._record_change,
                 rate_limits=RateLimits(rl.rpm, rl.tpm, rl.burst_s) if (rl.rpm or rl.tpm) else None,
                 backoff=(self.pool_cfg.backoff_base_s, self.pool_cfg.backoff_cap_s),
-                metrics=PoolMetrics(self.pool_cfg.metrics_port), recover=self._will_restart)
+                metrics=PoolMetrics(self.pool_cfg.metrics_port), recover=self._will_restart,
+                group_mode=GroupMode(self.pool_cfg.groups.mode).value,
+                split_threshold=self.pool_cfg.groups.split_threshold)
             self.monitor = Monitor(
                 self._dispatcher, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
                 expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rollout_plugin.types import Request, Result
 
@@ -17,6 +17,13 @@ class Pending:
     attempts: int = 0
     avoid: frozenset[int] = frozenset()
     solo: bool = False  # sent alone after a packed call was rejected
+    join: GroupJoin | None = None  # set on the pieces of a split GRPO group
+    part: int = 0  # this piece's place in its group
+
+    def piece(self, join: GroupJoin, part: int, n: int) -> Pending:
+        """A piece of this (group) request: same id and waiter, ``n`` of its samples."""
+        return Pending(replace(self.request, n=n), self.future, self.seq, self.attempts, self.avoid,
+                       join=join, part=part)
 
     @property
     def key(self) -> tuple:
@@ -24,6 +31,34 @@ class Pending:
         # Only requests with one prompt kind, one n and one set of sampling params share a call
         # (chat requests queue together too, but go one per call: the chat API takes one conversation).
         return ("solo", self.seq) if self.solo else (r.kind, r.n, r.sampling)
+
+
+class GroupJoin:
+    """Collects the pieces of a split group into the one :class:`Result` its id is owed."""
+
+    def __init__(self, parent: Pending, parts: int):
+        self.parent = parent
+        self.results: list[Result | None] = [None] * parts
+        self.done = False
+
+    def add(self, part: int, result: Result) -> Result | None:
+        """The group's result once every piece is in (or the first error); ``None`` until then."""
+        if self.done:
+            return None
+        self.results[part] = result
+        if not result.ok:
+            self.done = True
+            return replace(result, request=self.parent.request)
+        if any(r is None for r in self.results):
+            return None
+        self.done = True
+        parts = [r for r in self.results if r is not None]
+        engines = list(dict.fromkeys(r.engine for r in parts if r.engine))
+        return Result(id=self.parent.request.id, samples=tuple(s for r in parts for s in r.samples),
+                      prompt_tokens=parts[0].prompt_tokens, engine="+".join(engines),
+                      latency_s=max(r.latency_s for r in parts), attempts=max(r.attempts for r in parts),
+                      # the oldest weights any sample came from: staleness is bounded by the worst piece
+                      weight_version=min(r.weight_version for r in parts), request=self.parent.request)
 
 
 @dataclass

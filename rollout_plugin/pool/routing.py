@@ -17,6 +17,10 @@ class EngineLoad:
     def room(self) -> int:
         return self.cap - self.inflight if self.healthy else 0
 
+    @property
+    def fill(self) -> float:
+        return self.inflight / self.cap if self.cap > 0 else 1.0
+
 
 def pick_engine(loads: Sequence[EngineLoad], need: int, avoid: frozenset[int] = frozenset()) -> int | None:
     """The least-loaded healthy engine (by in-flight ÷ cap) with room for ``need`` samples.
@@ -27,8 +31,36 @@ def pick_engine(loads: Sequence[EngineLoad], need: int, avoid: frozenset[int] = 
     for skip in (avoid, frozenset()):
         fits = [e for e in loads if e.index not in skip and e.room >= need]
         if fits:
-            return min(fits, key=lambda e: (e.inflight / e.cap, e.index)).index
+            return min(fits, key=lambda e: (e.fill, e.index)).index
     return None
+
+
+def split_group(loads: Sequence[EngineLoad], n: int, avoid: frozenset[int], threshold: float) -> list[tuple[int, int]]:
+    """Where a GRPO group of ``n`` samples goes: ``[(engine, samples), ...]``; ``[]``: nowhere yet.
+
+    One entry keeps the group on one engine (one ``n=k`` request: the prompt is prefilled once and
+    the siblings share its KV blocks). The group is split only when that would-be engine — or, when
+    no engine has room for the whole group, the fullest engine — is filled above the least-filled
+    engine by more than ``threshold`` (a share of the cap): then its samples go to the least-filled
+    engines first, in as few pieces as their room allows. A small gap means the engines are evenly
+    busy and the group waits for room on one of them instead of losing its shared prefix.
+    """
+    whole = pick_engine(loads, n, avoid)
+    usable = [e for e in loads if e.room > 0 and e.index not in avoid] or [e for e in loads if e.room > 0]
+    if not usable:
+        return []
+    least = min(usable, key=lambda e: (e.fill, e.index))
+    ref = loads[whole].fill if whole is not None else max(e.fill for e in loads if e.healthy)
+    if ref - least.fill <= threshold or sum(e.room for e in usable) < n:
+        return [(whole, n)] if whole is not None else []
+    parts, left = [], n
+    for e in sorted(usable, key=lambda e: (e.fill, e.index)):
+        take = min(e.room, left)
+        parts.append((e.index, take))
+        left -= take
+        if not left:
+            break
+    return parts
 
 
 def pack_budget(room: int, pack_size: int) -> int:
