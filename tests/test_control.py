@@ -147,3 +147,28 @@ def test_after_kv_pressure_raises_stop_below_the_cap_that_met_it():
         state, dec = step(state, busy(t, tokens, inflight=state.cap), cfg)
         caps.append(dec.cap)
     assert max(caps) == 99 and caps[-1] == 99  # probes back up, never to 100 again
+
+
+async def test_monitor_applies_pack_size_decisions_and_records_them(tmp_path):
+    from rollout_plugin.config.schema import PackControlConfig
+    from rollout_plugin.pool.telemetry import EngineMetrics
+
+    now = [0.0]
+    engine = FakeEngine("a")
+    engine.gate = asyncio.Event()  # work stays queued: every window is throughput-bound
+    timeline = tmp_path / "t.jsonl"
+    ctl = ControllerConfig(timeline=str(timeline), pack=PackControlConfig(window_s=5.0))
+    async with RolloutPool(pool=PoolConfig(per_engine=8, pack_size=8, over_concurrency_ratio=1.0), controller=ctl,
+                           clients=[engine], clock=lambda: now[0]) as pool:
+        task = asyncio.ensure_future(pool.generate([Request(f"r{i}", "p") for i in range(100)]))
+        async with asyncio.timeout(5):
+            while pool.monitor.states is None or not pool.stats().queued:
+                await asyncio.sleep(0)
+        for t, tokens in ((0.0, 0.0), (5.0, 1000.0)):
+            now[0] = t
+            pool.monitor.observe([EngineMetrics(generation_tokens_total=tokens)])
+        assert pool._dispatcher.pack_size == 4  # pack 8 scored, its neighbour is measured next
+        engine.gate.set()
+        await task
+    packs = [json.loads(line) for line in timeline.read_text().splitlines() if '"pack"' in line]
+    assert packs and packs[0]["old"] == 8 and packs[0]["new"] == 4 and "200 tok/s" in packs[0]["reason"]

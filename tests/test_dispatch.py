@@ -303,3 +303,23 @@ async def test_a_failed_piece_fails_its_group_once():
     assert [r.id for r in results] == ["r0", "r1"]
     assert not results[0].ok and "400" in results[0].error and results[1].ok and len(results[1].samples) == 4
     assert (stats.requests_done, stats.requests_failed) == (1, 1)  # the group counts once, not per piece
+
+
+@pytest.mark.parametrize("timeout_s, calls", [(0.0, [["r0"], ["r1", "r2", "r3"]]), (30.0, [["r0", "r1", "r2", "r3"]])])
+async def test_pack_timeout_holds_a_small_pack_until_it_fills(timeout_s, calls):
+    engine = FakeEngine("a")
+    async with pool_of([engine], per_engine=16, pack_size=4, pack_timeout_s=timeout_s) as pool:
+        first = pool.submit(Request("r0", "p"))
+        for _ in range(3):  # let the dispatcher look at the lone request
+            await asyncio.sleep(0)
+        rest = [pool.submit(Request(f"r{i}", "p")) for i in range(1, 4)]
+        results = [await f for f in [first, *rest]]
+    assert all(r.ok for r in results)
+    assert engine.calls == calls  # with a timeout, the full pack went at once, long before 30 s
+
+
+async def test_pack_timeout_sends_a_partial_pack_when_it_expires():
+    engine = FakeEngine("a")
+    async with pool_of([engine], per_engine=16, pack_size=4, pack_timeout_s=0.05) as pool:
+        results = await pool.generate(requests(2))
+    assert all(r.ok for r in results) and engine.calls == [["r0", "r1"]]

@@ -166,6 +166,9 @@ class PoolConfig:
     # Samples per HTTP call: groups go as n=k, independent prompts pack into one multi-prompt call.
     pack_size: int = 64
     groups: GroupConfig = field(default_factory=GroupConfig)
+    # distllm's batch_timeout: when requests trickle in one by one (a gateway, an agent loop), hold a
+    # small pack up to this long for more to join; 0 sends at once (a trainer's batch fills packs anyway).
+    pack_timeout_s: float = 0.0
     stream: bool = False  # SSE per call (lower throughput, per-token progress)
     max_retries: int = 3
     # Retries go to another healthy engine at once; when none is left, they back off exponentially
@@ -213,6 +216,17 @@ class ControllerMode(str, Enum):
 
 
 @dataclass
+class PackControlConfig:
+    """``controller.pack``: choose the pack size (samples per call, up to ``pool.pack_size``) by measured tokens/s."""
+
+    mode: ControllerMode = ControllerMode.adaptive  # off: always pool.pack_size
+    window_s: float = 5.0  # one measurement per window in which work waited in the pool
+    min_gain: float = 0.05  # leave a size only for ≥5 % more tokens/s
+    decay: float = 0.5  # weight of the newest window in a size's score
+    reprobe_every: int = 6  # windows at a settled size before its neighbours are measured again
+
+
+@dataclass
 class ControllerConfig:
     """``controller=adaptive`` (default) or ``controller=off`` (fixed caps from the Xtuner presets)."""
 
@@ -227,6 +241,7 @@ class ControllerConfig:
     at_cap_fraction: float = 0.9  # the engine counts as cap-bound above this share of its cap
     expected_tokens: Optional[int] = None  # per sample, for the KV-based first estimate; unset: max_model_len
     timeline: Optional[str] = None  # JSONL timeline path (`rollout-plugin plot` draws it)
+    pack: PackControlConfig = field(default_factory=PackControlConfig)
 
 
 @dataclass

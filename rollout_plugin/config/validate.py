@@ -114,6 +114,7 @@ def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, p
     p.at_least(f"{prefix}.max_concurrent", cfg.max_concurrent, 1)
     p.at_least(f"{prefix}.pack_size", cfg.pack_size, 1)
     p.at_least(f"{prefix}.groups.split_threshold", cfg.groups.split_threshold, 0.0)
+    p.at_least(f"{prefix}.pack_timeout_s", cfg.pack_timeout_s, 0.0)
     p.at_least(f"{prefix}.max_retries", cfg.max_retries, 0)
     p.at_least(f"{prefix}.backoff_base_s", cfg.backoff_base_s, 0.0)
     p.at_least(f"{prefix}.max_restarts", cfg.max_restarts, 0)
@@ -171,6 +172,10 @@ def check_controller(cfg: CollectConfig, p: Problems, prefix: str = "controller"
     p.in_range(f"{prefix}.cut_factor", c.cut_factor, 0.05, 0.99)
     p.in_range(f"{prefix}.at_cap_fraction", c.at_cap_fraction, 0.1, 1.0)
     p.at_least(f"{prefix}.expected_tokens", c.expected_tokens, 1)
+    p.at_least(f"{prefix}.pack.window_s", c.pack.window_s, 0.1)
+    p.at_least(f"{prefix}.pack.min_gain", c.pack.min_gain, 0.0)
+    p.in_range(f"{prefix}.pack.decay", c.pack.decay, 0.0, 1.0, low_open=True)
+    p.at_least(f"{prefix}.pack.reprobe_every", c.pack.reprobe_every, 1)
 
 
 def validate_collect(cfg: CollectConfig) -> None:

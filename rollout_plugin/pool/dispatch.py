@@ -73,7 +73,7 @@ class Dispatcher:
                  rate_limits: RateLimits | None = None, backoff: tuple[float, float] = (0.5, 30.0),
                  rand: Callable[[], float] = random.random, metrics: PoolMetrics | None = None,
                  recover: Callable[[int], bool] | None = None, group_mode: str = "auto",
-                 split_threshold: float = 0.25):
+                 split_threshold: float = 0.25, pack_timeout_s: float = 0.0):
         if not clients:
             raise PoolError("a pool needs at least one engine")
         self.limits = limits
@@ -84,6 +84,9 @@ class Dispatcher:
         self.group_mode = group_mode
         self.split_threshold = split_threshold
         self.groups_split = 0
+        # distllm's batch timeout: when requests trickle in, wait this long for a pack to fill
+        self.pack_timeout_s = pack_timeout_s
+        self._timer: asyncio.TimerHandle | None = None
         self._clock = clock
         self._on_change = on_change or (lambda kind, engine, old, new, reason: None)
         now = clock()
@@ -122,7 +125,7 @@ class Dispatcher:
                              f"({self.limits.engine_inflight}); raise pool.per_engine")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._ids.add(request.id)
-        pending = Pending(request, future, next(self._seq))
+        pending = Pending(request, future, next(self._seq), queued_at=self._clock())
         if self.group_mode == "split" and request.n > 1:
             join = GroupJoin(pending, request.n)
             for part in range(request.n):
@@ -165,6 +168,14 @@ class Dispatcher:
         e.cap = cap
         self._wake.set()
 
+    def set_pack_size(self, size: int, reason: str) -> None:
+        """Samples per packed call from now on (the pack-size tuner's decision)."""
+        if size == self.pack_size:
+            return
+        log.info("pool: pack %d -> %d (%s)", self.pack_size, size, reason)
+        self._on_change("pack", "pool", self.pack_size, size, reason)
+        self.pack_size = size
+
     def reset_stats(self) -> None:
         now = self._clock()
         self._started = now
@@ -185,6 +196,8 @@ class Dispatcher:
                 self._wake.clear()
                 await self._wake.wait()
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             self._fail(self.failure or PoolError("the pool was closed before this request finished"))
             for task in list(self._calls):
                 task.cancel()
@@ -193,8 +206,11 @@ class Dispatcher:
     def _dispatch(self) -> None:
         if self._tg is None:
             raise RuntimeError("Dispatcher.run() was not started")
+        waiting: set[tuple] = set()  # keys holding back for their pack to fill
         while self._queue.size and self._groups_inflight < self.limits.max_concurrent and not self.paused:
-            key = self._queue.oldest_key()
+            key = self._queue.oldest_key(waiting)
+            if key is None:
+                return
             head = self._queue.peek(key)
             if head.future.cancelled():  # its waiter is gone (a stream closed early): don't generate it
                 self._ids.discard(self._queue.pop(key).request.id)
@@ -214,6 +230,9 @@ class Dispatcher:
                 return
             engine = self._engines[idx]
             budget = pack_budget(engine.cap - engine.inflight, max(self.pack_size, head.request.n))
+            if self._hold_for_pack(key, head, budget):
+                waiting.add(key)
+                continue
             batch: list[Pending] = []
             while True:
                 nxt = self._queue.peek(key)
@@ -228,6 +247,22 @@ class Dispatcher:
                 batch.append(self._queue.pop(key))
                 budget -= nxt.request.n
             self._send(engine, batch)
+
+    def _hold_for_pack(self, key: tuple, head: Pending, budget: int) -> bool:
+        """Wait for more compatible requests (up to the pack timeout) rather than send a small pack."""
+        if self.pack_timeout_s <= 0 or key[0] in ("solo", "chat") or head.join is not None:
+            return False
+        if self._queue.samples_by_key.get(key, 0) >= budget:
+            return False
+        wait = head.queued_at + self.pack_timeout_s - self._clock()
+        if wait <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        if self._timer is None or self._timer.when() > loop.time() + wait:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_later(wait, self._wake.set)
+        return True
 
     def _send_split(self, group: Pending, parts: list[tuple[int, int]]) -> None:
         """Send a group's samples to several engines, as pieces that join into one result."""

@@ -23,6 +23,7 @@ from rollout_plugin.pool.control import (
     watch_progress,
 )
 from rollout_plugin.pool.dispatch import Dispatcher
+from rollout_plugin.pool.packing import PackObservation, initial_pack_state, pack_step
 from rollout_plugin.pool.telemetry import EngineMetrics, parse_vllm_metrics
 from rollout_plugin.pool.timeline import TimelineRecorder
 
@@ -44,6 +45,8 @@ class Monitor:
         self.latest: list[EngineMetrics] = [EngineMetrics() for _ in clients]
         self.cap_changes = 0
         self.stall_s = stall_s
+        self.pack = initial_pack_state(dispatcher.pack_size)
+        self.pack_changes = 0
         self.progress: list[Progress | None] = [None for _ in clients]
 
     @property
@@ -83,6 +86,7 @@ class Monitor:
         if self.states is None:
             self.states = self._start(metrics)
         backlog = self.dispatcher.backlog_samples
+        pool_tokens = 0.0
         if self.dispatcher.metrics is not None:
             self.dispatcher.metrics.queued.set(backlog)
         for i, (client, m) in enumerate(zip(self.clients, metrics)):
@@ -100,6 +104,7 @@ class Monitor:
                 self.progress[i] = None
                 continue
             tokens = m.generation_tokens_total if m.generation_tokens_total is not None else float(client_tokens)
+            pool_tokens += tokens
             obs = Observation(t=now, inflight=inflight, backlog=backlog, tokens_total=tokens, running=m.running,
                               waiting=m.waiting, kv_usage=m.kv_usage, preemptions_total=m.preemptions_total)
             self.states[i], decision = step(self.states[i], obs, self.cfg)
@@ -120,8 +125,18 @@ class Monitor:
                 self.timeline.sample(now, client.name, inflight=inflight, cap=self.states[i].cap, queued=backlog,
                                      kv_usage=m.kv_usage, running=m.running, waiting=m.waiting,
                                      preemptions=m.preemptions_total, tokens_per_s=self.states[i].throughput)
+        self._tune_pack(now, backlog, pool_tokens)
         if self.timeline is not None:
             self.timeline.flush()
+
+    def _tune_pack(self, now: float, backlog: int, tokens: float) -> None:
+        """Pool-wide: one pack size for every engine, scored by all engines' output tokens/s."""
+        if self.cfg.mode == ControllerMode.off or self.cfg.pack.mode == ControllerMode.off:
+            return
+        self.pack, decision = pack_step(self.pack, PackObservation(now, tokens, backlog), self.cfg.pack)
+        if decision.changed:
+            self.dispatcher.set_pack_size(decision.size, decision.reason or "")
+            self.pack_changes += 1
 
     async def _check_silent(self, metrics: list[EngineMetrics]) -> None:
         """An engine that served /metrics and now does not may hang (SIGSTOP, a wedged GPU): probe it."""

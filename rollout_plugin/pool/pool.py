@@ -149,7 +149,7 @@ class RolloutPool:
                 backoff=(self.pool_cfg.backoff_base_s, self.pool_cfg.backoff_cap_s),
                 metrics=PoolMetrics(self.pool_cfg.metrics_port), recover=self._will_restart,
                 group_mode=GroupMode(self.pool_cfg.groups.mode).value,
-                split_threshold=self.pool_cfg.groups.split_threshold)
+                split_threshold=self.pool_cfg.groups.split_threshold, pack_timeout_s=self.pool_cfg.pack_timeout_s)
             self.monitor = Monitor(
                 self._dispatcher, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
                 expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,

@@ -19,11 +19,12 @@ class Pending:
     solo: bool = False  # sent alone after a packed call was rejected
     join: GroupJoin | None = None  # set on the pieces of a split GRPO group
     part: int = 0  # this piece's place in its group
+    queued_at: float = 0.0  # when it was submitted (the pack timeout counts from here)
 
     def piece(self, join: GroupJoin, part: int, n: int) -> Pending:
         """A piece of this (group) request: same id and waiter, ``n`` of its samples."""
         return Pending(replace(self.request, n=n), self.future, self.seq, self.attempts, self.avoid,
-                       join=join, part=part)
+                       join=join, part=part, queued_at=self.queued_at)
 
     @property
     def key(self) -> tuple:
@@ -66,24 +67,30 @@ class PendingQueue:
     """FIFO across pack keys: the oldest request goes first, compatible ones ride along."""
 
     by_key: dict[tuple, deque[Pending]] = field(default_factory=dict)
+    samples_by_key: dict[tuple, int] = field(default_factory=dict)
     size: int = 0
     samples: int = 0
 
     def push(self, item: Pending, front: bool = False) -> None:
-        q = self.by_key.setdefault(item.key, deque())
+        key = item.key
+        q = self.by_key.setdefault(key, deque())
         q.appendleft(item) if front else q.append(item)
+        self.samples_by_key[key] = self.samples_by_key.get(key, 0) + item.request.n
         self.size += 1
         self.samples += item.request.n
 
-    def oldest_key(self) -> tuple | None:
-        heads = [(q[0].seq if not q[0].attempts else -1, k) for k, q in self.by_key.items() if q]
+    def oldest_key(self, skip: set[tuple] | frozenset[tuple] = frozenset()) -> tuple | None:
+        heads = [(q[0].seq if not q[0].attempts else -1, k) for k, q in self.by_key.items() if q and k not in skip]
         return min(heads, key=lambda h: h[0])[1] if heads else None
 
     def pop(self, key: tuple) -> Pending:
         q = self.by_key[key]
         item = q.popleft()
-        if not q:
+        if q:
+            self.samples_by_key[key] -= item.request.n
+        else:
             del self.by_key[key]
+            del self.samples_by_key[key]
         self.size -= 1
         self.samples -= item.request.n
         return item
@@ -95,5 +102,6 @@ class PendingQueue:
     def drain(self) -> list[Pending]:
         items = [p for q in self.by_key.values() for p in q]
         self.by_key.clear()
+        self.samples_by_key.clear()
         self.size = self.samples = 0
         return items
