@@ -134,6 +134,22 @@ def test_simulated_metrics_text_parses_to_what_it_carries():
     assert text.parsed.running == 3 and 0 < text.parsed.generation_tokens_total < 180
 
 
+def test_metrics_count_completions_inside_a_segment():
+    # One call [10, 100]: the short sample finishing does not end the segment (its call is not done),
+    # but /metrics must already show one running sequence and the exact token count.
+    async def main():
+        e = SimEngine("e", PROFILE)
+        call = e.submit([8], [[10, 100]])
+        await asyncio.sleep(10 * 0.012 + 5 * 0.011 + 0.001)  # 10 steps at 2 seqs, 5 at 1, a hair more
+        m = e.metrics()
+        await call.future
+        return m, e.generation_tokens
+
+    m, total = run_virtual(main())
+    assert m.running == 1 and m.generation_tokens_total == 2 * 10 + 5
+    assert total == 110
+
+
 def test_dead_engine_fails_calls_as_a_dropped_connection():
     from rollout_plugin.pool.client import CallError
 

@@ -20,6 +20,7 @@ GRPO groups share their prompt (vLLM's prefix cache): each of a group's ``k`` se
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import math
@@ -77,12 +78,20 @@ class SimEngine:
         self._steps = 0  # decode steps done at the last boundary
         self._running = 0
         self._k = 0.0  # Σ (context at admission − admission step) over running seqs: context = k + running·steps
-        # The segment under way: from ``_t0`` (a step boundary), ``_m`` steps with a fixed batch.
+        # The segment under way: from ``_t0`` (a step boundary), ``_m`` steps in pieces of constant
+        # batch; piece i starts at step _ps[i], time _pt[i] (relative), first-step time _pu[i],
+        # growth per step _pv[i] (context), batch _pb[i]. _done: (step, seq) of sequences that finish
+        # inside the segment without finishing their call (popped from the heap, not yet applied).
         self._t0 = 0.0
         self._m = 0
-        self._u = 0.0  # first-step time without prefill
-        self._v = 0.0  # step-time growth per step
-        self._pre = 0.0  # prefill time of the first step
+        self._ps: list[int] = []
+        self._pt: list[float] = []
+        self._pu: list[float] = []
+        self._pv: list[float] = []
+        self._pb: list[int] = []
+        self._done: list[tuple[int, Seq]] = []
+        self._done_steps: list[int] = []  # _done's steps, and the running sum of what each takes off _k
+        self._done_k: list[float] = []
         self._timer: asyncio.TimerHandle | None = None
         self._end = 0.0
         # Counters (the /metrics a vLLM server exports).
@@ -90,7 +99,6 @@ class SimEngine:
         self.prompt_tokens = 0.0
         self.preemptions = 0
         self.busy_s = 0.0
-        self._gen_now = 0.0
 
     # -- the calls' side ---------------------------------------------------------------------------
     @property
@@ -140,7 +148,10 @@ class SimEngine:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        calls = {id(s.call): s.call for s in itertools.chain(self._waiting, (e[2] for e in self._heap))}
+        calls = {id(s.call): s.call for s in itertools.chain(self._waiting, (e[2] for e in self._heap),
+                                                             (d[1] for d in self._done))}
+        self._done.clear()
+        self._done_steps, self._done_k = [], []
         self._waiting.clear()
         self._heap.clear()
         self._admitted.clear()
@@ -150,35 +161,50 @@ class SimEngine:
                 c.future.set_exception(EngineDied(f"{self.name} died"))
 
     def metrics(self) -> EngineMetrics:
-        self._sync_counters()
-        ctx = self._k + self._running * self._steps
-        kv = ctx + self._running * self.profile.block_size / 2  # half a block of rounding per sequence
-        return EngineMetrics(running=self._running, waiting=sum(1 for s in self._waiting if not s.aborted),
+        j = self._steps_by(self.loop.time() - self._t0) if self._timer is not None else 0
+        gone = bisect.bisect_right(self._done_steps, j)  # finished since the segment began
+        running = self._running - gone
+        k = self._k - (self._done_k[gone - 1] if gone else 0.0)
+        kv = k + running * (self._steps + j) + running * self.profile.block_size / 2  # half a block of rounding
+        return EngineMetrics(running=running, waiting=len(self._waiting),
                              kv_usage=min(1.0, kv / self.profile.kv_tokens),
                              preemptions_total=float(self.preemptions),
-                             generation_tokens_total=self._gen_now, prompt_tokens_total=self.prompt_tokens,
-                             kv_tokens=self.profile.kv_tokens)
+                             generation_tokens_total=self.generation_tokens + self._tokens(j),
+                             prompt_tokens_total=self.prompt_tokens, kv_tokens=self.profile.kv_tokens)
 
     # -- the model ---------------------------------------------------------------------------------
-    def _span(self, m: float) -> float:
-        """Seconds for the first ``m`` steps of the current segment."""
-        return self._pre + m * self._u + self._v * m * (m - 1) / 2
+    def _piece(self, step: int) -> int:
+        return bisect.bisect_right(self._ps, step) - 1
+
+    def _span(self, m: int) -> float:
+        """Seconds from the segment's start to the end of its ``m``-th step."""
+        i = self._piece(m - 1) if m > 0 else 0
+        n = m - self._ps[i]
+        return self._pt[i] + n * self._pu[i] + self._pv[i] * n * (n - 1) / 2
 
     def _steps_by(self, dt: float) -> int:
         """Whole steps of the current segment finished ``dt`` seconds after its start."""
-        if dt <= self._pre:
-            return 0
-        x = dt - self._pre
-        if self._v <= 0:
-            j = x / self._u
+        i = max(0, bisect.bisect_right(self._pt, dt) - 1)
+        x = dt - self._pt[i]
+        if x <= 0:
+            return self._ps[i]
+        u, v = self._pu[i], self._pv[i]
+        if v <= 0:
+            j = x / u
         else:
-            b = self._u - self._v / 2
-            j = (-b + math.sqrt(b * b + 2 * self._v * x)) / self._v
-        return max(0, min(self._m, int(j + 1e-9)))
+            b = u - v / 2
+            j = (-b + math.sqrt(b * b + 2 * v * x)) / v
+        return max(0, min(self._m, self._ps[i] + int(j + 1e-9)))
 
-    def _sync_counters(self) -> None:
-        j = self._steps_by(self.loop.time() - self._t0) if self._timer is not None else 0
-        self._gen_now = self.generation_tokens + j * self._running
+    def _tokens(self, j: int) -> int:
+        """Tokens generated by the first ``j`` steps of the segment."""
+        total, ps, pb = 0, self._ps, self._pb
+        for i in range(len(ps)):
+            if ps[i] >= j:
+                break
+            hi = ps[i + 1] if i + 1 < len(ps) else self._m
+            total += (min(hi, j) - ps[i]) * pb[i]
+        return total
 
     def _sync_partial(self) -> None:
         """Bring the counters to the last finished step, cutting the segment there."""
@@ -205,22 +231,33 @@ class SimEngine:
 
     def _advance(self, m: int, t: float) -> None:
         self.busy_s += t - self._t0
+        if self._ps:
+            self.generation_tokens += self._tokens(m)
         self._steps += m
-        self.generation_tokens += m * self._running
         self._t0 = t
         self._m = 0
+        self._ps, self._pt, self._pu, self._pv, self._pb = [], [], [], [], []
+        done, self._done = self._done, []
+        self._done_steps, self._done_k = [], []
+        for d, s in done:
+            if d > m:  # the segment was cut before it: still running
+                heapq.heappush(self._heap, (s.admit_step + s.target - s.done, next(self._tie), s))
+            elif s.running:
+                self._finish(s)
         heap = self._heap
         while heap and heap[0][0] <= self._steps:
             finish, _, s = heapq.heappop(heap)
-            if not s.running or finish != s.admit_step + s.target - s.done:
-                continue  # aborted, or preempted (a re-admitted sequence has a newer entry)
-            s.running, s.finished = False, True
-            self._running -= 1
-            self._k -= s.context_at_admit - s.admit_step
-            call = s.call
-            call.left -= 1
-            if call.left == 0 and not call.future.done():
-                call.future.set_result(None)
+            if s.running and finish == s.admit_step + s.target - s.done:
+                self._finish(s)  # (else: aborted, or preempted: a re-admitted sequence has a newer entry)
+
+    def _finish(self, s: Seq) -> None:
+        s.running, s.finished = False, True
+        self._running -= 1
+        self._k -= s.context_at_admit - s.admit_step
+        call = s.call
+        call.left -= 1
+        if call.left == 0 and not call.future.done():
+            call.future.set_result(None)
 
     def _on_boundary(self) -> None:
         self._timer = None
@@ -282,17 +319,53 @@ class SimEngine:
         if not self._running:
             self._timer = None
             return
-        # Next event: the first completion, or the step where KV runs out.
-        m = self._heap[0][0] - steps
-        room = cap - kv_used()
-        m = max(1, min(m, int(room // self._running)))
-        ctx = self._k + self._running * steps
-        slow = self.slowdown
-        self._u = slow * p.step.seconds(self._running, ctx, 0.0)
-        self._v = slow * p.step.per_ctx_token_s * self._running
-        self._pre = slow * p.step.per_prefill_token_s * prefill
-        self._m = m
-        self._end = self._t0 + self._span(m)
+        self._plan_segment(cap - kv_used(), prefill)
+
+    def _plan_segment(self, kv_room: float, prefill: float) -> None:
+        """Walk completions in finish order until one matters outside the engine (its call is done,
+        or a freed slot could admit a waiting sequence) or KV runs out; the batch shrinks at each."""
+        step, slow = self.profile.step, self.slowdown
+        steps0, running, k = self._steps, self._running, self._k
+        limit = max(1, int(kv_room // running))
+        admit_on_free = bool(self._waiting)
+        heap, done, done_steps, done_k = self._heap, self._done, self._done_steps, self._done_k
+        left: dict[int, int] = {}
+        ps, pt, pu, pv, pb = self._ps, self._pt, self._pu, self._pv, self._pb
+        start, t = 0, slow * step.per_prefill_token_s * prefill
+
+        def piece(upto: int) -> None:
+            nonlocal start, t
+            n = upto - start
+            if n <= 0:
+                return
+            u = slow * step.seconds(running, k + running * (steps0 + start), 0.0)
+            v = slow * step.per_ctx_token_s * running
+            ps.append(start), pt.append(t), pu.append(u), pv.append(v), pb.append(running)
+            t += n * u + v * n * (n - 1) / 2
+            start = upto
+
+        while heap:
+            finish, _, s = heap[0]
+            d = finish - steps0
+            if d >= limit:
+                break
+            heapq.heappop(heap)
+            if not s.running or finish != s.admit_step + s.target - s.done:
+                continue
+            piece(d)
+            done.append((d, s))
+            done_steps.append(d)
+            done_k.append((done_k[-1] if done_k else 0.0) + s.context_at_admit - s.admit_step)
+            c = id(s.call)
+            left[c] = left.get(c, s.call.left) - 1
+            if admit_on_free or left[c] == 0 or running == 1:
+                limit = d
+                break
+            running -= 1
+            k -= s.context_at_admit - s.admit_step
+        piece(limit)
+        self._m = limit
+        self._end = self._t0 + t
         self._timer = self.loop.call_at(self._end, self._on_boundary)
 
 
