@@ -73,3 +73,15 @@ def test_one_slow_engine_is_a_straggler():
 def test_idle_tail_of_the_timeline_is_ignored():
     idle = tl("e0", n=200, inflight=0, running=0, queued=0)  # verification tail: no work anywhere
     assert diagnose(run_facts(summary("e0"), tl("e0") + idle)) == []
+
+
+def test_live_snapshots_name_kv_problems():
+    from rollout_plugin.doctor import live_facts
+
+    found = diagnose(live_facts({
+        "http://a": {"running": 40, "waiting": 0, "kv_usage": 0.97, "preemptions": 3.0},
+        "http://b": {"running": 16, "waiting": 9, "kv_usage": 0.12, "preemptions": 0.0},
+        "http://c": {"running": 0, "waiting": 0, "kv_usage": 0.0, "preemptions": 0.0},
+    }))
+    assert codes(found) == [("kv-pressure", "http://a"), ("kv-idle", "http://b")]
+    assert "pool.per_engine=28" in found[0].override and found[1].override == "engine.max_num_seqs=32"

@@ -57,7 +57,8 @@ async def test_a_hung_engine_times_out_instead_of_blocking_the_pool():
 @pytest.mark.engine
 @pytest.mark.slow
 async def test_prewarmed_engine_first_request_is_not_slower_than_later_ones(model_dir, tmp_path):
-    engine = EngineConfig(model=model_dir, max_model_len=512, cpu_kvcache_gb=1, log_dir=str(tmp_path))
+    engine = EngineConfig(model=model_dir, max_model_len=512, cpu_kvcache_gb=1, log_dir=str(tmp_path),
+                          startup_timeout_s=900)
     pool_cfg = PoolConfig(engines=1, prewarm=PrewarmConfig(requests=2, max_tokens=8))
     sp = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.0)
     async with RolloutPool(engine, pool_cfg) as pool:

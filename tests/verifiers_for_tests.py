@@ -6,12 +6,9 @@ import asyncio
 import os
 import time
 
-SLOW_S = float(os.environ.get("SLOW_VERIFIER_S", "0.25"))
-
-
 def slow_length(completion: str, example: dict) -> float:
-    """A deliberately slow verifier: sleeps (I/O-like), then scores by length."""
-    time.sleep(SLOW_S)
+    """A deliberately slow verifier: sleeps (I/O-like; SLOW_VERIFIER_S, default 0.25 s), then scores by length."""
+    time.sleep(float(os.environ.get("SLOW_VERIFIER_S", "0.25")))
     return float(len(completion) % 7)
 
 

@@ -16,6 +16,7 @@ class DoctorConfig:
     timeline: Optional[str] = None
     urls: list[str] = field(default_factory=list)  # live engines: read their /metrics now
     api_key: Optional[str] = None
+    interval_s: float = 2.0  # live: the window over which preemptions are counted
     log_level: str = "WARNING"
 
 
@@ -36,7 +37,7 @@ def report(cfg: DoctorConfig) -> list[str]:
         lines.append(f"doctor: {s}" + (f" + {t}" if t else " (no timeline: fewer checks)"))
         lines += [line for f in findings for line in f.lines()] or ["  nothing to change: no rule fired"]
     if cfg.urls:
-        findings = diagnose(live_facts(asyncio.run(scrape(list(cfg.urls), cfg.api_key))))
+        findings = diagnose(live_facts(asyncio.run(scrape(list(cfg.urls), cfg.api_key, cfg.interval_s))))
         lines.append(f"doctor: live /metrics of {len(cfg.urls)} engine(s)")
         lines += [line for f in findings for line in f.lines()] or ["  nothing to change right now"]
     return lines

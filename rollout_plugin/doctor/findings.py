@@ -69,7 +69,7 @@ class Finding:
 
     def lines(self) -> list[str]:
         where = f" [{self.engine}]" if self.engine else ""
-        return [f"- {self.title}{where}", f"    evidence: {self.evidence}", f"    try: {self.override}"]
+        return [f"- {self.code}{where}: {self.title}", f"    evidence: {self.evidence}", f"    try: {self.override}"]
 
 
 def _share(flags: Iterable[bool]) -> float:

@@ -54,8 +54,10 @@ def load_timeline(path: Path | None) -> list[dict[str, Any]]:
     return records
 
 
-async def scrape(urls: list[str], api_key: str | None, timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
-    """One /metrics snapshot per engine, parsed to the few numbers the rules use."""
+async def scrape(urls: list[str], api_key: str | None, interval_s: float = 2.0,
+                 timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
+    """Two /metrics snapshots per engine ``interval_s`` apart: gauges from the second, preemptions as the
+    difference (the counter since the engine started says nothing about now)."""
     from rollout_plugin.pool.client import HttpEngineClient
     from rollout_plugin.pool.telemetry import parse_vllm_metrics
 
@@ -63,15 +65,17 @@ async def scrape(urls: list[str], api_key: str | None, timeout_s: float = 5.0) -
                                 request_s=timeout_s, admission_s=timeout_s, health_s=timeout_s)
                for i, url in enumerate(urls)]
     try:
-        texts = await asyncio.gather(*(c.metrics() for c in clients))
+        first = await asyncio.gather(*(c.metrics() for c in clients))
+        await asyncio.sleep(interval_s)  # the observation window, not a synchronisation
+        second = await asyncio.gather(*(c.metrics() for c in clients))
     finally:
         for c in clients:
             await c.aclose()
     out: dict[str, dict[str, Any]] = {}
-    for url, text in zip(urls, texts):
-        if text is None:
+    for url, before, now in zip(urls, first, second):
+        if before is None or now is None:
             raise InputError(f"urls: {url} gave no /metrics (is it a vLLM server, and up?)")
-        m = parse_vllm_metrics(text)
+        m0, m = parse_vllm_metrics(before), parse_vllm_metrics(now)
         out[url] = {"running": m.running, "waiting": m.waiting, "kv_usage": m.kv_usage,
-                    "preemptions": m.preemptions_total}
+                    "preemptions": (m.preemptions_total or 0.0) - (m0.preemptions_total or 0.0)}
     return out

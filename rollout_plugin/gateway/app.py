@@ -51,8 +51,10 @@ class Gateway:
     async def _one(self, route: str, body: dict[str, Any], samples: int) -> tuple[dict[str, Any] | None,
                                                                                   JSONResponse | None]:
         request = gateway_request(route, body, samples, self.pool.limits.engine_inflight)
-        result = await self.pool.submit(request)
-        data, failure = self.relay.take(request.id)
+        try:
+            result = await self.pool.submit(request)
+        finally:  # a caller that hung up leaves nothing behind in the relay
+            data, failure = self.relay.take(request.id)
         if result.ok and data is not None:
             return data, None
         status, text = failure or (None, result.error or "no answer")
