@@ -1,0 +1,257 @@
+"""``pool.backend=ray`` on a real two-node Ray cluster on this machine: `collect` across both nodes, one
+node stopped mid-run, every sample written exactly once, nothing left running afterwards.
+
+Each "node" is a ``ray start --block`` in its own session with a marker resource (node_a, node_b);
+stopping node B SIGKILLs its whole session (raylet, agents, the engine's actor worker), as a lost
+machine would, and the actor's vLLM server (its own session) must go with it (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rollout_plugin.config.schema import CollectConfig, PoolBackend, RayConfig, RayPlacement
+from rollout_plugin.config.validate import validate_collect
+from rollout_plugin.errors import ConfigError
+from rollout_plugin.pool.ray_backend import NODE_AFFINITY_UNIT, replica_bundle, spread_target
+
+RAY = Path(sys.executable).with_name("ray")
+CLI = [sys.executable, "-m", "rollout_plugin.cli.main", "collect"]
+MARK = "ROLLOUT_PLUGIN_RAY_TEST"  # in the environment of every process our nodes start (vLLM included)
+
+
+# -- pure parts -----------------------------------------------------------------------------------
+def test_bundle_holds_cpus_gpus_and_node_affinity():
+    cfg = RayConfig(num_cpus=2, resources={"rollout": 1}, nodes=["node_a", "node_b"])
+    assert replica_bundle(cfg, 0, 4) == {"CPU": 2, "rollout": 1, "GPU": 4, "node_a": NODE_AFFINITY_UNIT}
+    assert replica_bundle(cfg, 3, 0) == {"CPU": 2, "rollout": 1, "node_b": NODE_AFFINITY_UNIT}
+    assert replica_bundle(RayConfig(num_cpus=0), 0, 0) == {}
+
+
+def test_spread_picks_the_fitting_node_with_fewest_of_ours():
+    nodes = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 8, "GPU": 8}},
+             {"NodeID": "b", "Alive": True, "Resources": {"CPU": 8, "GPU": 8}},
+             {"NodeID": "c", "Alive": False, "Resources": {"CPU": 8, "GPU": 8}},
+             {"NodeID": "d", "Alive": True, "Resources": {"CPU": 8}}]
+    bundle = {"CPU": 1, "GPU": 2}
+    assert spread_target(bundle, nodes, {"a": 2, "b": 1}) == "b"
+    assert spread_target(bundle, nodes, {"a": 1, "b": 1}) == "a"  # a tie goes to the lower id: deterministic
+    assert spread_target({"CPU": 1, "GPU": 16}, nodes, {}) is None  # nothing fits: leave it to Ray
+
+
+def test_ray_settings_are_checked_together():
+    cfg = CollectConfig()
+    cfg.pool.backend = PoolBackend.ray
+    cfg.engine.urls = ["http://127.0.0.1:8000"]
+    cfg.pool.ray = RayConfig(max_concurrency=1, nodes=["GPU"], resources={"x": 0}, placement=RayPlacement.spread)
+    with pytest.raises(ConfigError) as info:
+        validate_collect(cfg)
+    keys = [p.key for p in info.value.problems]
+    assert keys == ["pool.ray.max_concurrency", "pool.ray.resources.x", "pool.ray.nodes", "pool.backend"]
+
+
+# -- a real two-node cluster ----------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.5)  # polling other processes' state; there is no event to wait on
+
+
+def _stat(proc: Path) -> list[str]:
+    """/proc/<pid>/stat fields after the command name: [state, ppid, pgid, session, ...]."""
+    return (proc / "stat").read_text().rsplit(")", 1)[1].split()
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of one session: a Ray node's raylet, agents and workers (each worker leads its own group)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = _stat(proc)
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+def kill_session(sid: int) -> None:
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def marked_pids(mark: str) -> list[int]:
+    """Live (non-zombie) processes whose environment carries ``mark``: our Ray nodes and their engines."""
+    needle = f"{MARK}={mark}".encode()
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0") and _stat(proc)[0] != "Z":
+                pids.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
+class LocalRayCluster:
+    """A head node and worker nodes, each a ``ray start --block`` session with one marker resource."""
+
+    def __init__(self) -> None:
+        self.mark = uuid.uuid4().hex
+        self.temp = tempfile.mkdtemp(prefix="rp-ray-")  # short: Ray's socket paths live under it
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start_node(self, resource: str) -> None:
+        head = not self.nodes
+        cmd = [str(RAY), "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+               "--num-cpus=1", "--num-gpus=0", f"--resources={json.dumps({resource: 1})}",
+               "--object-store-memory=100000000",  # Ray's floor is ~75 MB; we only pass endpoints
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        if head:
+            cmd += ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp}",
+                    f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}"]
+        else:
+            cmd += [f"--address={self.address}"]
+        log = open(Path(self.temp) / f"{resource}.log", "wb")
+        env = {**os.environ, MARK: self.mark, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.nodes[resource] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                start_new_session=True, cwd=self.temp)
+        log.close()
+        wait_until(lambda: self._has(resource), 180, f"Ray node {resource} to join")
+
+    def _has(self, resource: str) -> bool:
+        for name, proc in self.nodes.items():
+            if proc.poll() is not None:
+                tail = (Path(self.temp) / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise AssertionError(f"ray node {name} exited with {proc.returncode}: {tail}")
+        status = subprocess.run([str(RAY), "status", f"--address={self.address}"], capture_output=True,
+                                text=True, timeout=60)
+        return f"/1.0 {resource}" in status.stdout
+
+    def kill_node(self, resource: str) -> None:
+        """A lost machine: everything in the node's session dies at once, no clean shutdown. The engine's
+        vLLM server runs in a session of its own: it has to go with its actor's worker, by itself."""
+        proc = self.nodes[resource]
+        kill_session(proc.pid)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.nodes.values())):  # workers first, the head (GCS) last
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its node's processes
+                proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                pass
+            kill_session(proc.pid)  # whatever its session still holds (workers lead groups of their own)
+            proc.wait(timeout=30)
+        # Anything that escaped the sessions (a server in its own session) is still marked.
+        for pid in marked_pids(self.mark):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[LocalRayCluster]:
+    pytest.importorskip("ray", reason="pool.backend=ray needs the ray extra (make test installs it)")
+    cluster = LocalRayCluster()
+    try:
+        cluster.start_node("node_a")
+        cluster.start_node("node_b")
+        yield cluster
+    finally:
+        servers = [p for p in marked_pids(cluster.mark) if b"vllm" in _cmdline(p)]
+        cluster.stop()
+        shutil.rmtree(cluster.temp, ignore_errors=True)
+        # Ray's own processes go with their node's session; the vLLM servers must have gone with the pool.
+        assert not marked_pids(cluster.mark), "processes of the test cluster survived its teardown"
+        assert not servers, f"vLLM servers outlived the pool that started them: {servers}"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def servers_on_port(port: str) -> list[int]:
+    needle = f"--port\0{port}\0".encode()
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if needle in _cmdline(int(p.name))]
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_collect_across_two_ray_nodes_survives_losing_one(ray_cluster, model_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    k, prompts = 4, 200
+    cmd = [*CLI, "pool.backend=ray", f"pool.ray.address={ray_cluster.address}", "pool.ray.nodes=[node_a,node_b]",
+           "pool.ray.replace_timeout_s=20", "pool.ray.node_poll_s=1", "pool.engines=2", f"pool.k={k}",
+           f"engine.model={model_dir}", "engine.max_model_len=1024", "engine.cpu_kvcache_gb=1",
+           "engine.startup_timeout_s=600", f"engine.log_dir={tmp_path / 'logs'}",
+           "sampling.max_tokens=160", "sampling.ignore_eos=true", f"output={out}", "progress=off"]
+    with open(tmp_path / "collect.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Mid-run: node B's engine has delivered work and there is plenty left to do.
+        wait_until(lambda: proc.poll() is not None or sum(r["engine"] == "engine1" for r in rows_of(out)) >= 4 * k,
+                   900, "engine1 (node B) to deliver results")
+        assert proc.poll() is None, (tmp_path / "collect.log").read_text()[-4000:]
+        done_at_kill = len(rows_of(out))
+        port = re.search(r"engine1: starting -> ready on node \S+ \([\d.]+s, http://[\d.]+:(\d+)\)",
+                         (tmp_path / "collect.log").read_text()).group(1)
+        assert servers_on_port(port), "cannot find node B's vLLM server"
+        ray_cluster.kill_node("node_b")
+        assert done_at_kill < prompts * k, "the run finished before node B was stopped; the test proves nothing"
+        wait_until(lambda: not servers_on_port(port), 120, "node B's vLLM server to die with its actor's worker")
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+    logs = (tmp_path / "collect.log").read_text()
+    assert proc.returncode == 0, logs[-4000:]
+    rows = rows_of(out)
+    ids = Counter(r["id"] for r in rows)
+    assert len(ids) == prompts * k and set(ids.values()) == {1}, "a sample is missing or written twice"
+    assert not (tmp_path / "out.errors.jsonl").exists() or not (tmp_path / "out.errors.jsonl").read_text()
+    assert {r["engine"] for r in rows} == {"engine0", "engine1"}
+    assert "engine1: healthy -> dead" in logs  # the pool noticed, it did not just get lucky
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["samples"] == prompts * k and summary["failed_prompts"] == 0
