@@ -125,6 +125,10 @@ def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, p
         # A group goes to one engine as n=k; it could never be admitted.
         p.add(f"{prefix}.k", cfg.k, f"a group must fit one engine's cap (pool.per_engine={cfg.per_engine})",
               cfg.per_engine)
+    p.at_least(f"{prefix}.prewarm.requests", cfg.prewarm.requests, 0)
+    p.at_least(f"{prefix}.prewarm.max_tokens", cfg.prewarm.max_tokens, 1)
+    if cfg.prewarm.timeout_s <= 0:
+        p.add(f"{prefix}.prewarm.timeout_s", cfg.prewarm.timeout_s, "must be > 0", 120.0)
     for name in ("connect_s", "request_s", "admission_s", "health_s", "stall_s"):
         value = getattr(cfg.timeouts, name)
         if value <= 0:
@@ -189,6 +193,7 @@ def validate_collect(cfg: CollectConfig) -> None:
     check_sampling(cfg.sampling, p, cfg.engine.max_model_len)
     check_controller(cfg, p)
     p.at_least("verify.workers", cfg.verify.workers, 1)
+    p.at_least("verify.cache_size", cfg.verify.cache_size, 0)
     p.at_least("limit", cfg.limit, 1)
     if cfg.overwrite and cfg.resume:
         p.add("resume", cfg.resume, "cannot be combined with overwrite=true", False)
