@@ -75,3 +75,15 @@ async def test_prewarmed_engine_first_request_is_not_slower_than_later_ones(mode
           f"later median {later:.3f}s")
     # Noise on a shared CPU box: a warm first request stays within 2x (+50 ms) of the later ones.
     assert latencies[0] <= 2 * later + 0.05
+
+
+def test_bad_prewarm_settings_are_named():
+    from rollout_plugin.config.schema import CollectConfig
+    from rollout_plugin.config.validate import validate_collect
+    from rollout_plugin.errors import ConfigError
+
+    bad = CollectConfig(pool=PoolConfig(prewarm=PrewarmConfig(requests=-1, max_tokens=0, timeout_s=0)))
+    with pytest.raises(ConfigError) as err:
+        validate_collect(bad)
+    assert [p.key for p in err.value.problems] == ["pool.prewarm.requests", "pool.prewarm.max_tokens",
+                                                   "pool.prewarm.timeout_s"]

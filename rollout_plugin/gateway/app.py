@@ -111,7 +111,7 @@ class Gateway:
     async def metrics(self, request: Request) -> PlainTextResponse:
         return PlainTextResponse(self.pool.metrics_text(), media_type="text/plain; version=0.0.4")
 
-    async def world_size(self, request: Request) -> JSONResponse:
+    async def get_world_size(self, request: Request) -> JSONResponse:
         return JSONResponse({"world_size": self.world_size})
 
     # -- admin -----------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def build_app(gw: Gateway) -> FastAPI:
     app.add_api_route("/v1/models", gw.models, methods=["GET"])
     app.add_api_route("/health", gw.health, methods=["GET"])
     app.add_api_route("/metrics", gw.metrics, methods=["GET"])
-    app.add_api_route("/get_world_size", gw.world_size, methods=["GET"])
+    app.add_api_route("/get_world_size", gw.get_world_size, methods=["GET"])
     app.add_api_route("/admin/pause", gw.pause, methods=["POST"])
     app.add_api_route("/admin/resume", gw.resume, methods=["POST"])
     app.add_api_route("/admin/reload_weights", gw.reload_weights, methods=["POST"])

@@ -9,6 +9,7 @@ first, then the pool stops every engine it launched.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Optional
 
 from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolConfig
 from rollout_plugin.config.validate import Problems, check_engine, check_pool
+from rollout_plugin.errors import InputError
 from rollout_plugin.gateway.relay import PassThroughClient, Relay
 from rollout_plugin.pool.pool import RolloutPool
 
@@ -73,6 +75,9 @@ def _app_and_server(pool: RolloutPool, relay: Relay, cfg: ServeConfig, port: int
 async def serve(cfg: ServeConfig) -> None:
     """Run until interrupted. Raises :class:`RolloutPluginError` for bad config before any engine starts."""
     validate_serve(cfg)
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:  # checked before any engine starts
+        raise InputError(f"rollout-plugin serve needs {' and '.join(missing)}: pip install 'rollout-plugin[serve]'")
     from rollout_plugin.pool.launcher import reserve_ports
 
     port = cfg.port or reserve_ports(cfg.host, 0, 1)[0]
