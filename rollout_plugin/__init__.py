@@ -3,7 +3,15 @@
 Imports neither torch nor vllm: engines are reached over HTTP.
 """
 
-from rollout_plugin.config.schema import CollectConfig, EngineConfig, PoolConfig, SamplingConfig, VerifyConfig
+from rollout_plugin.config.schema import (
+    CollectConfig,
+    EngineConfig,
+    PoolConfig,
+    PrewarmConfig,
+    SamplingConfig,
+    VerifyConfig,
+)
+from rollout_plugin.gateway.server import ServeConfig
 from rollout_plugin.errors import (
     ConfigError,
     EngineError,
@@ -16,6 +24,7 @@ from rollout_plugin.errors import (
 from rollout_plugin.pool.stats import PoolStats
 from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
 from rollout_plugin.types import Request, Result, Sample, SamplingParams
+from rollout_plugin.verify import VerifierRunner, VerifyCache, VerifyJobConfig
 
 __version__ = "0.1.0"
 
@@ -29,6 +38,7 @@ __all__ = [
     "PoolConfig",
     "PoolError",
     "PoolStats",
+    "PrewarmConfig",
     "Request",
     "Result",
     "RolloutPluginError",
@@ -36,8 +46,12 @@ __all__ = [
     "Sample",
     "SamplingConfig",
     "SamplingParams",
+    "ServeConfig",
     "SyncRolloutPool",
     "VerifierError",
+    "VerifierRunner",
+    "VerifyCache",
     "VerifyConfig",
+    "VerifyJobConfig",
     "__version__",
 ]
