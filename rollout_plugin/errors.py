@@ -62,3 +62,7 @@ class VerifierError(RolloutPluginError):
 
 class SimulationError(RolloutPluginError):
     """The fleet simulator cannot go on (a deadlock in simulated time, a missing or malformed profile)."""
+
+
+class TrainerAdapterError(RolloutPluginError):
+    """A trainer adapter cannot serve this trainer: an unsupported trainer version or setting, a failed rollout."""

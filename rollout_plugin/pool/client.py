@@ -139,6 +139,25 @@ class HttpEngineClient:
             return None
         return resp.text if resp.status_code == 200 else None
 
+    async def admin(self, path: str, body: dict[str, Any] | None = None, *,
+                    timeout_s: float | None = None) -> Any:
+        """POST to a server-root control endpoint (vLLM dev mode: ``/collective_rpc``, ``/reset_prefix_cache``).
+
+        Returns the JSON answer (None when empty); raises :class:`CallError` on any failure.
+        """
+        try:
+            resp = await self._http.post(self.root + path, json=body or {},
+                                         timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT)
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            raise CallError(f"{self.name}: POST {path}: {type(exc).__name__}: {exc}", retryable=False,
+                            suspect=True) from exc
+        if resp.status_code == 404:
+            raise CallError(f"{self.name}: POST {path}: 404; the server lacks this endpoint "
+                            f"(vLLM needs engine.dev_mode=true, i.e. VLLM_SERVER_DEV_MODE=1)", retryable=False,
+                            status=404)
+        _raise_for_status(self.name, resp.status_code, resp.text, resp.headers)
+        return resp.json() if resp.content else None
+
     async def generate(self, requests: Sequence[Request]) -> list[Generation]:
         first = requests[0]
         n, sp = first.n, first.sampling

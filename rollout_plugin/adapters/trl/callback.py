@@ -1,0 +1,152 @@
+"""``RolloutPoolCallback``: the pool's lifecycle, weight sync after each optimizer step, pool metrics in TRL's logs.
+
+Two ways in:
+
+* ``attach(trainer, pool)`` installs the generation backend and this callback (bound to the trainer);
+* ``cb = RolloutPoolCallback(engine=..., pool_config=...)`` passed as ``callbacks=[cb]`` together with
+  ``rollout_func=cb.rollout_func``: the callback starts the pool, TRL calls the rollout function,
+  which binds the trainer on its first call.
+
+Metrics go into the trainer's own metric buffer (``rollout_pool/*``), so they reach
+``state.log_history`` and every ``report_to`` integration (tensorboard, wandb) with TRL's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+from rollout_plugin.adapters.trl.compat import require_trl
+from rollout_plugin.adapters.trl.weights import WeightSync
+from rollout_plugin.errors import TrainerAdapterError
+
+if TYPE_CHECKING:
+    from rollout_plugin.config.schema import EngineConfig, PoolConfig
+    from rollout_plugin.pool.pool import SyncRolloutPool
+
+log = logging.getLogger(__name__)
+
+PREFIX = "rollout_pool/"
+
+
+async def _preemptions(pool: Any) -> float | None:
+    monitor = getattr(pool, "monitor", None)
+    latest = getattr(monitor, "latest", None) or []
+    values = [m.preemptions_total for m in latest if getattr(m, "preemptions_total", None) is not None]
+    return float(sum(values)) if values else None
+
+
+class PoolMetrics:
+    """Turns successive pool snapshots into per-interval numbers (tokens/s since the previous snapshot)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int] | None = None
+
+    def snapshot(self, pool: SyncRolloutPool) -> dict[str, float]:
+        stats = pool.stats()
+        out: dict[str, float] = {
+            "inflight": float(sum(e.inflight for e in stats.engines)),
+            "cap": float(sum(e.cap for e in stats.engines)),
+            "queued": float(stats.queued),
+            "requests_failed": float(stats.requests_failed),
+            "engines_healthy": float(sum(e.healthy for e in stats.engines)),
+            "weight_version": float(pool.weight_version),
+        }
+        if self._last is not None and stats.elapsed_s > self._last[0]:
+            dt = stats.elapsed_s - self._last[0]
+            out["tokens_per_s"] = (stats.output_tokens - self._last[1]) / dt
+        self._last = (stats.elapsed_s, stats.output_tokens)
+        preempted = pool.run(_preemptions)
+        if preempted is not None:
+            out["preemptions"] = preempted
+        return out
+
+
+class RolloutPoolCallback(TrainerCallback):
+    """Pool lifecycle, weight sync after each optimizer step, and ``rollout_pool/*`` metrics.
+
+    ``pool``: a started :class:`SyncRolloutPool` (you own it), or None with ``engine``/``pool_config``
+    to have the callback start one on the main process and stop it at train end."""
+
+    def __init__(self, pool: SyncRolloutPool | None = None, *, engine: EngineConfig | None = None,
+                 pool_config: PoolConfig | None = None, weights_dir: str | Path | None = None):
+        require_trl()
+        self.pool = pool
+        self._engine_cfg, self._pool_cfg = engine, pool_config
+        self._owned: SyncRolloutPool | None = None
+        self._weights_dir = weights_dir
+        self.weights: WeightSync | None = None
+        self.trainer: Any = None
+        self._metrics = PoolMetrics()
+        self._pending: dict[str, float] = {}
+
+    # -- wiring --------------------------------------------------------------------------------
+    def start_pool(self) -> SyncRolloutPool:
+        """The pool, started now if the callback owns it (main process only)."""
+        if self.pool is None:
+            from rollout_plugin.pool.pool import SyncRolloutPool
+
+            if self._engine_cfg is None:
+                raise TrainerAdapterError("RolloutPoolCallback has no pool: pass pool=, or engine= (and "
+                                          "pool_config=) for the callback to start one")
+
+            self._owned = SyncRolloutPool(self._engine_cfg, self._pool_cfg)
+            self._owned.__enter__()
+            self.pool = self._owned
+        return self.pool
+
+    def close(self) -> None:
+        if self._owned is not None:
+            owned, self._owned, self.pool = self._owned, None, None
+            owned.__exit__(None, None, None)
+
+    def bind(self, trainer: Any, weights: WeightSync | None = None) -> None:
+        """Know the trainer (its metric buffer, output_dir) and the weight publisher."""
+        self.trainer = trainer
+        if weights is None and trainer.accelerator.is_main_process:
+            folder = self._weights_dir or Path(trainer.args.output_dir) / "rollout_weights"
+            weights = WeightSync(self.start_pool(), folder)
+        self.weights = weights
+
+    @property
+    def rollout_func(self):
+        """TRL's public ``rollout_func`` hook served by this callback's pool (see :mod:`.rollout`)."""
+        from rollout_plugin.adapters.trl.rollout import make_rollout_func
+
+        return make_rollout_func(self)
+
+    # -- TrainerCallback hooks -----------------------------------------------------------------
+    def on_init_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.pool is None and self._engine_cfg is not None:
+            self.start_pool()  # engines start while the rest of the set-up runs
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or self.pool is None:
+            return
+        if self.weights is not None and model is not None:
+            unwrapped = self.trainer.accelerator.unwrap_model(model) if self.trainer is not None else model
+            record = self.weights.sync(unwrapped, state.global_step)
+            if record is not None:
+                self._pending["weight_sync_s"] = record.total_s
+                self._pending["weight_write_s"] = record.write_s
+        self._pending.update(self._metrics.snapshot(self.pool))
+        self._flush()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Without a bound trainer the numbers go into this log call (reaching integrations after us).
+        if logs is not None and self._pending:
+            logs.update({PREFIX + k: v for k, v in self._pending.items()})
+            self._pending.clear()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def _flush(self) -> None:
+        sink = getattr(self.trainer, "_metrics", None)
+        if isinstance(sink, dict) and "train" in sink:
+            for key, value in self._pending.items():
+                sink["train"][PREFIX + key].append(value)
+            self._pending.clear()

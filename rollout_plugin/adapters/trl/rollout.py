@@ -1,0 +1,68 @@
+"""The pool behind TRL's public ``rollout_func(prompts, trainer) -> dict`` hook.
+
+Trade-off against :func:`attach` (the generation backend): ``rollout_func`` is TRL's public, if
+experimental, hook and needs no trainer internals, but TRL then treats generation as opaque. With
+``use_vllm=False`` it drops the importance-sampling correction (the logprobs we return are used for
+logging only) and its tool loop runs on our completions without re-generation through us. The
+backend keeps both, at the price of standing in for a TRL-internal object (version-pinned).
+
+Each rank calls the function with its own prompts (each repeated ``num_generations`` times in a
+row). Prompts are rendered with the trainer's tokenizer and chat template here, then gathered to
+the main process, sent once per group, and the slices handed back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rollout_plugin.adapters.trl.backend import checked, group_requests, trainer_sampling, unpack
+from rollout_plugin.errors import TrainerAdapterError
+
+if TYPE_CHECKING:
+    from rollout_plugin.adapters.trl.callback import RolloutPoolCallback
+
+
+def _render(trainer: Any, prompts: list[Any]) -> list[list[int]]:
+    tok = trainer.processing_class
+    tok = getattr(tok, "tokenizer", tok)  # a processor wraps the tokenizer
+    if prompts and isinstance(prompts[0], list):  # conversational: [{"role", "content"}, ...]
+        kwargs = dict(getattr(trainer.args, "chat_template_kwargs", None) or {})
+        return [list(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             **kwargs)["input_ids"]) for p in prompts]
+    return [list(ids) for ids in tok(text=list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def make_rollout_func(callback: RolloutPoolCallback):
+    """A ``rollout_func`` for ``GRPOTrainer(..., rollout_func=...)`` that generates with ``callback``'s pool.
+
+    Extra keys in its output reach the reward functions: ``weight_version`` (per completion)."""
+
+    def rollout_func(prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        if callback.trainer is not trainer:
+            callback.bind(trainer)
+        acc = trainer.accelerator
+        k = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
+        if len(prompts) % k:
+            raise TrainerAdapterError(f"rollout_func got {len(prompts)} prompts, not a multiple of "
+                                      f"num_generations={k}")
+        all_ids = gather_object(_render(trainer, prompts))
+        payload = None
+        if acc.is_main_process:
+            pool = callback.pool
+            if pool is None:
+                raise TrainerAdapterError("the main process has no rollout pool: give the callback a pool or "
+                                          "engine/pool_config")
+            if callback.weights is not None:  # a no-op when on_step_end already published this step
+                callback.weights.sync(acc.unwrap_model(trainer.model), trainer.state.global_step)
+            unique = all_ids[::k]
+            results = checked(pool.generate(group_requests(unique, k, trainer_sampling(trainer), "trl-rf")))
+            payload = (unique, *unpack(results))
+        unique, completion_ids, logprobs, versions = broadcast_object_list([payload], from_process=0)[0]
+        mine = slice(acc.process_index * len(prompts), (acc.process_index + 1) * len(prompts))
+        prompt_ids = [ids for ids in unique for _ in range(k)]
+        return {"prompt_ids": prompt_ids[mine], "completion_ids": completion_ids[mine],
+                "logprobs": logprobs[mine], "weight_version": versions[mine]}
+
+    return rollout_func
