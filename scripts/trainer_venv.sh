@@ -13,7 +13,8 @@ VENV="${TRAINER_VENV:-$ROOT/.venv-trainers}"
 PYTHON="${PYTHON:-python3.11}"
 TORCH_SPEC="torch==2.13.0"
 # vllm is not needed: we only compose and validate configs, never start a rollout.
-TRAINER_SPECS=("verl>=0.9,<0.10" "trl>=1.16,<1.17" "pytest>=8" "pytest-timeout>=2.3")
+# verl imports these on its rollout path (router, server client) without declaring them.
+TRAINER_SPECS=("verl>=0.9,<0.10" "trl>=1.16,<1.17" "pytest>=8" "pytest-timeout>=2.3" "cachetools" "fastapi" "uvicorn")
 STAMP="$VENV/.rollout-plugin-stamp"
 WANT="$TORCH_SPEC ${TRAINER_SPECS[*]} $(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 

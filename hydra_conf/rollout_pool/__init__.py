@@ -1,0 +1,1 @@
+"""verl config groups (``+rollout_pool=tuned|pool|long_context`` on verl's command line); YAML only."""

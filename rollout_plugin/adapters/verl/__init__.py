@@ -1,0 +1,16 @@
+"""verl adapter: config groups, resolvers, a concurrency-managed router and a before-launch check.
+
+``pip install rollout-plugin[verl]``, then add ``+rollout_pool=pool`` to ``python -m verl.trainer.main_ppo``:
+
+- ``hydra_conf/rollout_pool/`` holds the groups (found through the ``hydra_plugins`` search-path plugin);
+- :mod:`.plugin` is the ``verl.plugins`` entry point that registers the resolvers (:mod:`.resolvers`);
+- :mod:`.router` (wrapped as a Ray actor in :mod:`.actor`) is the ``router_class`` verl builds;
+- :mod:`.check` is ``rollout-plugin verl-check``.
+
+Nothing here imports verl, ray or torch at import time; :mod:`.actor` and :mod:`.check` do, when used.
+"""
+
+from rollout_plugin.adapters.verl.admission import Choice, ServerLoad, choose, server_cap
+from rollout_plugin.adapters.verl.resolvers import plan_for, register, specs_from_verl
+
+__all__ = ["Choice", "ServerLoad", "choose", "plan_for", "register", "server_cap", "specs_from_verl"]

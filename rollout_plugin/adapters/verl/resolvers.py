@@ -1,0 +1,210 @@
+"""OmegaConf resolvers that fill verl's keys from the planner, given the user's own verl values.
+
+``hydra_conf/rollout_pool/*.yaml`` set verl keys to ``${rollout_pool.tuned:NAME}``. Resolving one reads
+the job's shape from the user's config (``data.*``, ``rollout.n``, ``actor.ppo_mini_batch_size``,
+``trainer.n_gpus_per_node × nnodes``, the model at ``actor_rollout_ref.model.path``, offload, the
+advantage estimator, ``hybrid_engine``) plus ``rollout_pool.hardware``, calls the planner
+(:func:`rollout_plugin.tuning.make_plan`, cached) and returns one value. A key the user sets on the
+command line replaces our interpolation (user-set values win); four of them — TP, memory utilization,
+max_num_seqs, Ulysses SP — are also passed to the planner as pins so the rest is planned around them.
+Values derived from other values (log-prob micro-batches = 2 × the training micro-batch, …) read the
+*final* value of their source, so they follow a user's override too.
+
+Registered by the ``verl.plugins`` entry point (:mod:`.plugin`), which ``import verl`` loads in the
+driver and in every Ray worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from rollout_plugin.errors import ConfigError, ConfigProblem
+from rollout_plugin.tuning import HARDWARE_PRESETS, MODEL_PRESETS, Pins, WorkloadSpec, load_hf_config, make_plan
+from rollout_plugin.tuning.planner import Plan
+from rollout_plugin.tuning.spec import HardwareSpec, ModelSpec
+
+NAMESPACE = "rollout_pool"
+ACTOR = "actor_rollout_ref.actor"
+ROLLOUT = "actor_rollout_ref.rollout"
+ROUTER_YAML = Path(__file__).with_name("router.yaml")
+
+
+def _get(root: DictConfig, key: str, default: Any = None) -> Any:
+    return OmegaConf.select(root, key, default=default)
+
+
+def _pinned(root: DictConfig, key: str) -> Any:
+    """The user's value for ``key`` if they set one (anything but our interpolation), else None."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(root, parent_key)
+    # keys() and is_interpolation() do not resolve (``in`` would, and recurse into this very resolver).
+    if not isinstance(parent, DictConfig) or leaf not in parent.keys() or OmegaConf.is_interpolation(parent, leaf):
+        return None
+    return parent[leaf]
+
+
+def model_spec(path: Optional[str], preset: Optional[str]) -> ModelSpec:
+    """The planner's model: ``rollout_pool.model`` (a preset), a local HF directory, or a preset's hub id."""
+    if preset:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(ConfigProblem(f"{NAMESPACE}.model", preset, "unknown model preset",
+                                            f"{NAMESPACE}.model={_near(preset, MODEL_PRESETS)}"))
+        return dataclasses.replace(MODEL_PRESETS[preset], path=path or MODEL_PRESETS[preset].path)
+    if not path:
+        raise ConfigError(ConfigProblem("actor_rollout_ref.model.path", path, "not set: the planner sizes "
+                                        "everything from the model", "actor_rollout_ref.model.path=Qwen/Qwen2.5-7B-Instruct"))
+    local = Path(path).expanduser()
+    if (local / "config.json").is_file():
+        return load_hf_config(str(local))
+    base = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    for spec in MODEL_PRESETS.values():
+        if path.lower() == spec.path.lower() or base == spec.path.rsplit("/", 1)[-1].lower() or base == spec.name:
+            return dataclasses.replace(spec, path=path)
+    for spec in MODEL_PRESETS.values():  # a base or fine-tuned variant of a preset ("Qwen2.5-7B", "…-Math")
+        if base.startswith(spec.name + "-") or base.startswith(spec.path.rsplit("/", 1)[-1].lower().rsplit("-", 1)[0]):
+            return dataclasses.replace(spec, path=path)
+    raise ConfigError(ConfigProblem("actor_rollout_ref.model.path", path,
+                                    "neither a local HF model directory (config.json) nor a known hub id",
+                                    f"{NAMESPACE}.model={_near(base, MODEL_PRESETS)} (or a local directory)"))
+
+
+def _near(name: str, choices: dict) -> str:
+    match = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.3)
+    return match[0] if match else "|".join(choices)
+
+
+def specs_from_verl(root: DictConfig) -> tuple[ModelSpec, HardwareSpec, WorkloadSpec, Pins]:
+    """The planner's inputs, read from a composed verl config."""
+    if not isinstance(OmegaConf.select(root, "data"), DictConfig) or not isinstance(OmegaConf.select(root, "trainer"),
+                                                                                    DictConfig):
+        # A section resolved apart from its config would silently plan from defaults.
+        raise ConfigError(ConfigProblem(NAMESPACE, None, "resolved outside a whole verl config (no data/trainer "
+                                        "sections): resolve the full config before taking sections out"))
+    hw_name = _get(root, f"{NAMESPACE}.hardware", "h100-80")
+    if hw_name not in HARDWARE_PRESETS:
+        raise ConfigError(ConfigProblem(f"{NAMESPACE}.hardware", hw_name, "unknown hardware preset",
+                                        f"{NAMESPACE}.hardware={_near(hw_name, HARDWARE_PRESETS)}"))
+    hardware = dataclasses.replace(HARDWARE_PRESETS[hw_name], gpus_per_node=int(_get(root, "trainer.n_gpus_per_node", 8)),
+                                   nodes=int(_get(root, "trainer.nnodes", 1)))
+    model = model_spec(_get(root, "actor_rollout_ref.model.path"), _get(root, f"{NAMESPACE}.model"))
+    colocated = bool(_get(root, "actor_rollout_ref.hybrid_engine", True))
+    rollout_gpus = None
+    if not colocated:
+        rollout_gpus = int(_get(root, f"{ROLLOUT}.n_gpus_per_node", 0) or 0) * int(_get(root, f"{ROLLOUT}.nnodes", 0) or 0)
+    workload = WorkloadSpec(
+        max_prompt_length=int(_get(root, "data.max_prompt_length", 1024)),
+        max_response_length=int(_get(root, "data.max_response_length", 1024)),
+        n=int(_get(root, f"{ROLLOUT}.n", 1)),
+        train_batch_size=int(_get(root, "data.train_batch_size", 256)),
+        ppo_mini_batch_size=int(_get(root, f"{ACTOR}.ppo_mini_batch_size", 64)),
+        placement="colocated" if colocated else "dedicated",
+        rollout_gpus=rollout_gpus or None,
+        offload=bool(_get(root, f"{ACTOR}.fsdp_config.param_offload", False)),
+        adv_estimator="gae" if _get(root, "algorithm.adv_estimator") == "gae" else "grpo",
+    )
+    pins = Pins(gpu_memory_utilization=_pinned(root, f"{ROLLOUT}.gpu_memory_utilization"),
+                tensor_parallel_size=_pinned(root, f"{ROLLOUT}.tensor_model_parallel_size"),
+                max_num_seqs=_pinned(root, f"{ROLLOUT}.max_num_seqs"),
+                ulysses_sp=_pinned(root, f"{ACTOR}.ulysses_sequence_parallel_size"),
+                over_concurrency_ratio=float(_get(root, f"{NAMESPACE}.router.over_concurrency_ratio", 1.2)))
+    return model, hardware, workload, pins
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(model: ModelSpec, hardware: HardwareSpec, workload: WorkloadSpec, pins: Pins) -> Plan:
+    return make_plan(model, hardware, workload, pins)
+
+
+def plan_for(root: DictConfig) -> Plan:
+    """The planner's plan for this verl config (raises :class:`ConfigError` listing every problem).
+
+    ``rollout_pool.min_ulysses_sp`` and ``rollout_pool.per_engine_scale`` (the ``long_context`` group)
+    re-plan with those pins, unless the user pinned the value themselves.
+    """
+    model, hardware, workload, pins = specs_from_verl(root)
+    plan = _cached_plan(model, hardware, workload, pins)
+    changes: dict[str, int] = {}
+    min_sp = int(_get(root, f"{NAMESPACE}.min_ulysses_sp", 1) or 1)
+    if pins.ulysses_sp is None and plan.verl.ulysses_sp < min_sp:
+        changes["ulysses_sp"] = min_sp
+    scale_by = _get(root, f"{NAMESPACE}.per_engine_scale")
+    if pins.max_num_seqs is None and scale_by is not None and float(scale_by) < 1:
+        smaller = int(plan.engine.max_num_seqs * float(scale_by))
+        changes["max_num_seqs"] = max(workload.n, smaller // 8 * 8 if smaller >= 8 else smaller)
+    if changes:
+        plan = _cached_plan(model, hardware, workload, dataclasses.replace(pins, **changes))
+    return plan
+
+
+def _dp(root: DictConfig) -> int:
+    world = int(_get(root, "trainer.n_gpus_per_node", 1)) * int(_get(root, "trainer.nnodes", 1))
+    return max(1, world // max(1, int(_get(root, f"{ACTOR}.ulysses_sequence_parallel_size", 1) or 1)))
+
+
+def _train_micro_per_gpu(root: DictConfig) -> Optional[int]:
+    """The final training micro-batch per GPU: the per-GPU key, or the user's global one normalized."""
+    per_gpu = _get(root, f"{ACTOR}.ppo_micro_batch_size_per_gpu")
+    if per_gpu is not None:
+        return int(per_gpu)
+    total = _get(root, f"{ACTOR}.ppo_micro_batch_size")
+    return None if total is None else max(1, int(total) // _dp(root))
+
+
+def _log_prob_micro(root: DictConfig, section: str) -> Optional[int]:
+    if _get(root, f"{section}.log_prob_micro_batch_size") is not None:
+        return None  # the user set the global form; verl refuses both
+    micro = _train_micro_per_gpu(root)
+    return None if micro is None else 2 * micro  # forward-only: twice the training micro-batch
+
+
+def _critic(field: str) -> Callable[[DictConfig, Optional[str]], Any]:
+    def value(root: DictConfig, _: Optional[str]) -> Any:
+        return getattr(plan_for(root).verl, field) if _get(root, "algorithm.adv_estimator") == "gae" else None
+    return value
+
+
+# name -> f(root, section argument): each a value the planner decides, or one derived from a final value.
+TUNED: dict[str, Callable[[DictConfig, Optional[str]], Any]] = {
+    "micro_batch_per_gpu": lambda r, _: (None if _get(r, f"{ACTOR}.ppo_micro_batch_size") is not None
+                                         else plan_for(r).verl.micro_batch_per_gpu),
+    "ppo_max_token_len_per_gpu": lambda r, _: plan_for(r).verl.ppo_max_token_len_per_gpu,
+    "ulysses_sp": lambda r, _: plan_for(r).verl.ulysses_sp,
+    "log_prob_micro_batch_per_gpu": lambda r, section: _log_prob_micro(r, section or ROLLOUT),
+    "log_prob_max_token_len_per_gpu": lambda r, _: 2 * int(_get(r, f"{ACTOR}.ppo_max_token_len_per_gpu")),
+    "tensor_parallel_size": lambda r, _: plan_for(r).engine.tensor_parallel_size,
+    "gpu_memory_utilization": lambda r, _: plan_for(r).engine.gpu_memory_utilization,
+    "max_model_len": lambda r, _: plan_for(r).engine.max_model_len,
+    # Never below max_model_len, whatever the user set it to: a whole prompt prefills in one step.
+    "max_num_batched_tokens": lambda r, _: max(plan_for(r).engine.max_num_batched_tokens,
+                                               int(_get(r, f"{ROLLOUT}.max_model_len") or 0)),
+    "max_num_seqs": lambda r, _: plan_for(r).engine.max_num_seqs,
+    "enable_prefix_caching": lambda r, _: plan_for(r).engine.enable_prefix_caching,
+    "critic_micro_batch_per_gpu": _critic("critic_micro_batch_per_gpu"),
+    "critic_forward_micro_batch_per_gpu": _critic("critic_forward_micro_batch_per_gpu"),
+    "critic_ppo_max_token_len_per_gpu": _critic("critic_ppo_max_token_len_per_gpu"),
+    "critic_forward_max_token_len_per_gpu": _critic("critic_forward_max_token_len_per_gpu"),
+}
+
+
+def tuned(name: str, section: Optional[str] = None, *, _root_: DictConfig) -> Any:
+    if name not in TUNED:
+        raise ConfigError(ConfigProblem(f"${{{NAMESPACE}.tuned:{name}}}", name, "unknown tuned value",
+                                        _near(name, TUNED)))
+    return TUNED[name](_root_, section)
+
+
+def router_yaml() -> str:
+    """The router YAML shipped in the package (an absolute path, found the same on every node)."""
+    return str(ROUTER_YAML)
+
+
+def register() -> None:
+    """Register the resolvers (idempotent: the entry point may be loaded more than once)."""
+    for name, fn in ((f"{NAMESPACE}.tuned", tuned), (f"{NAMESPACE}.router_yaml", router_yaml)):
+        OmegaConf.register_new_resolver(name, fn, replace=True)
