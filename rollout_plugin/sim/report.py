@@ -46,13 +46,13 @@ def calibration_line(profile: EngineProfile) -> str:
 
 
 def table(results: Sequence[RunResult]) -> str:
-    lines = ["| engines | policy | makespan (s) | tokens/s | vs pool | busy | preemptions | failed | wall (s) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| engines | policy | makespan (s) | tokens/s | vs pool | busy | preemptions | failed | wall (s) | CPU (s) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     pool = {r.engines: r.makespan_s for r in results if r.policy == Policy.pool.value}
     for r in results:
         rel = f"{r.makespan_s / pool[r.engines]:.2f}x" if r.engines in pool else "-"
         lines.append(f"| {r.engines} | {r.policy} | {r.makespan_s:.1f} | {r.tokens_per_s:,.0f} | {rel} | "
-                     f"{r.engine_busy:.0%} | {r.preemptions} | {r.failed} | {r.wall_s:.1f} |")
+                     f"{r.engine_busy:.0%} | {r.preemptions} | {r.failed} | {r.wall_s:.1f} | {r.cpu_s:.1f} |")
     return "\n".join(lines)
 
 
@@ -76,8 +76,11 @@ def plot_scaling(results: Sequence[RunResult], path: str | Path, title: str, dpi
         style = dict(marker="o", linewidth=2.2 if policy == Policy.pool.value else 1.3)
         ax1.plot(xs, [r.tokens_per_s / r.engines for r in rs], label=policy, **style)
         ax2.plot(xs, [r.makespan_s for r in rs], label=policy, **style)
+    engines = sorted({r.engines for r in results})
     for ax, ylabel in ((ax1, "output tokens/s per engine"), (ax2, "step makespan (simulated s)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(engines, [str(n) for n in engines])
+        ax.minorticks_off()
         ax.set_xlabel("engines")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)

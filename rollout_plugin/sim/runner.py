@@ -43,6 +43,7 @@ class RunResult:
     preemptions: int
     cap_changes: int
     wall_s: float  # real seconds the simulation took
+    cpu_s: float = 0.0  # CPU seconds of this process (on a shared machine, wall time overstates)
 
     def row(self) -> dict:
         return asdict(self)
@@ -148,7 +149,7 @@ def simulate(policy: Policy, n_engines: int, profile: EngineProfile, cfg: Simula
         prompts = wl.prompts_per_engine * n_engines if wl.prompts_per_engine else wl.prompts
         sessions = build_sessions(wl, prompts)
     expected = total_output_tokens(sessions)
-    wall0 = time.perf_counter()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
 
     async def main() -> RunResult:
         engines = build_fleet(n_engines, profile, cfg.fleet)
@@ -176,4 +177,4 @@ def simulate(policy: Policy, n_engines: int, profile: EngineProfile, cfg: Simula
 
     with parsed_metrics(not cfg.exact_metrics):
         result = run_virtual(main())
-    return replace(result, wall_s=time.perf_counter() - wall0)
+    return replace(result, wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
