@@ -16,6 +16,7 @@ _EXPORTS = {
     "make_rollout_func": "rollout_plugin.adapters.trl.rollout",
     "PoolRolloutWorker": "rollout_plugin.adapters.trl.async_worker",
     "PoolWeightTransfer": "rollout_plugin.adapters.trl.async_worker",
+    "async_grpo_on_cpu": "rollout_plugin.adapters.trl.async_worker",
     "WeightSync": "rollout_plugin.adapters.trl.weights",
     "apply_plan": "rollout_plugin.adapters.trl.plan",
     "require_trl": "rollout_plugin.adapters.trl.compat",
