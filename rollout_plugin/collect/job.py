@@ -176,10 +176,10 @@ async def collect(cfg: CollectConfig) -> CollectSummary:
                 async for result in pool.stream(requests):
                     tg.create_task(finish(result))  # verification overlaps generation
                 gen_end = time.monotonic()
+                stats = pool.stats()  # the engines' share of the work, without the verification tail
             generation_s = gen_end - gen0
             verify_wait_s = time.monotonic() - gen_end
             bar.close()
-            stats = pool.stats()
             cap_changes = pool.monitor.cap_changes if pool.monitor else 0
             preemptions = [m.preemptions_total for m in pool.monitor.latest] if pool.monitor else []
         finally:
