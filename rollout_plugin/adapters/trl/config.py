@@ -40,7 +40,7 @@ class TrlGrpoConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     trl: dict[str, Any] = field(default_factory=dict)  # GRPOConfig keyword arguments
-    model: Optional[str] = None  # the trainer's model; unset: engine.model (both must be the same architecture)
+    trainer_model: Optional[str] = None  # the trainer's model; unset: engine.model (same architecture and names)
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     route: Route = Route.backend

@@ -1,0 +1,114 @@
+"""What ``rollout-plugin trl-grpo`` runs: a typed config in, a trained ``GRPOTrainer`` out.
+
+The pool lives on the main process only; other ranks get ``None`` and take part in TRL's
+collectives through the backend. Errors in the ``trl:`` section are reported all at once, with the
+nearest ``GRPOConfig`` field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from rollout_plugin.adapters.trl.config import Route, TrlGrpoConfig
+from rollout_plugin.adapters.trl.plan import apply_plan
+from rollout_plugin.errors import ConfigError, ConfigProblem
+from rollout_plugin.verify.runner import load_verifier
+
+log = logging.getLogger(__name__)
+
+
+def _load(key: str, path: str, kwargs: dict[str, Any] | None = None, call: bool = True) -> Any:
+    try:
+        obj = load_verifier(path)  # the same "pkg.module:name" resolution
+    except Exception as exc:  # VerifierError names verify.verifier: rename it to this key
+        raise ConfigError(ConfigProblem(key, path, str(exc).split(": ", 1)[-1])) from None
+    return obj(**(kwargs or {})) if call else obj
+
+
+def grpo_kwargs(cfg: TrlGrpoConfig, fields: dict[str, Any], planned: dict[str, Any] | None) -> dict[str, Any]:
+    """``cfg.trl`` checked against GRPOConfig's fields, with CPU-friendly defaults and the planner's settings."""
+    unknown = [k for k in cfg.trl if k not in fields]
+    if unknown:
+        raise ConfigError([ConfigProblem(f"trl.{k}", cfg.trl[k], "not a GRPOConfig field",
+                                         next((f"trl.{n}=…" for n in difflib.get_close_matches(k, fields, 1)), None))
+                           for k in unknown])
+    if cfg.trl.get("use_vllm"):
+        raise ConfigError(ConfigProblem("trl.use_vllm", cfg.trl["use_vllm"], "the rollout pool replaces TRL's own "
+                                        "vLLM client; TRL must not start one", "trl.use_vllm=false"))
+    kwargs = dict(cfg.trl)
+    if cfg.apply_plan:
+        kwargs, changes = apply_plan(kwargs, planned, fields)
+        for line in changes:
+            print(f"trl-grpo: {line}")
+    return kwargs
+
+
+def planned_trl_kwargs(model_dir: str, num_generations: int, max_completion_length: int) -> dict[str, Any] | None:
+    """The planner's TRL settings for this model on this machine (None when it cannot plan it)."""
+    from rollout_plugin.tuning import load_hf_config, make_plan, trl_kwargs
+    from rollout_plugin.tuning.spec import HARDWARE_PRESETS, WorkloadSpec
+
+    try:
+        model = load_hf_config(model_dir)
+    except Exception as exc:  # a hub id without a local config.json: nothing to plan from
+        log.info("planner skipped: cannot read %s/config.json (%s)", model_dir, exc)
+        return None
+    import torch
+
+    hardware = HARDWARE_PRESETS["cpu"] if not torch.cuda.is_available() else None
+    if hardware is None:
+        name = torch.cuda.get_device_name(0).lower()
+        hardware = next((h for key, h in HARDWARE_PRESETS.items() if key.split("-")[0] in name), None)
+    if hardware is None:
+        return None
+    workload = WorkloadSpec(n=max(num_generations, 2), max_response_length=max_completion_length, placement="dedicated")
+    return trl_kwargs(make_plan(model, hardware, workload))
+
+
+def train(cfg: TrlGrpoConfig) -> Any:
+    """Build the pool, dataset, rewards and trainer from ``cfg``, train, and return the trainer."""
+    from accelerate import PartialState
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rollout_plugin.adapters.trl import attach
+    from rollout_plugin.adapters.trl.callback import RolloutPoolCallback
+    from rollout_plugin.model.embedded import resolve_model
+    from rollout_plugin.pool.pool import SyncRolloutPool
+
+    if not cfg.engine.dev_mode and not cfg.engine.urls:
+        raise ConfigError(ConfigProblem("engine.dev_mode", False, "weight sync reloads weights through vLLM's dev "
+                                        "endpoints", "engine.dev_mode=true"))
+    fields = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    model_dir = resolve_model(cfg.trainer_model or cfg.engine.model, cfg.engine.python)
+    planned = planned_trl_kwargs(model_dir, int(cfg.trl.get("num_generations", fields["num_generations"])),
+                                 int(cfg.trl.get("max_completion_length", fields["max_completion_length"])))
+    kwargs = grpo_kwargs(cfg, fields, planned)
+    import torch
+
+    if not torch.cuda.is_available():  # train in fp32 on CPU: bf16 Adam updates mostly round away
+        kwargs.setdefault("use_cpu", True)
+        kwargs.setdefault("bf16", False)
+        kwargs.setdefault("model_init_kwargs", {"dtype": "float32"})
+    args = GRPOConfig(**kwargs)
+    engine = dataclasses.replace(cfg.engine, model=model_dir) if not cfg.engine.urls else cfg.engine
+    pool_cfg = cfg.pool if cfg.pool.k != 1 else dataclasses.replace(cfg.pool, k=args.num_generations)
+    dataset = _load("dataset.path", cfg.dataset.path, cfg.dataset.kwargs)
+    rewards: list[Callable] = [_load(f"rewards.{i}.path", r.path, r.kwargs, call=bool(r.kwargs))
+                               for i, r in enumerate(cfg.rewards)]
+
+    main = PartialState().is_main_process
+    with SyncRolloutPool(engine, pool_cfg, cfg.controller) if main else contextlib.nullcontext() as pool:
+        if cfg.route is Route.backend:
+            trainer = GRPOTrainer(model=model_dir, reward_funcs=rewards, args=args, train_dataset=dataset)
+            attach(trainer, pool, weights_dir=cfg.weights_dir)
+        else:
+            cb = RolloutPoolCallback(pool, weights_dir=cfg.weights_dir)
+            trainer = GRPOTrainer(model=model_dir, reward_funcs=rewards, args=args, train_dataset=dataset,
+                                  callbacks=[cb], rollout_func=cb.rollout_func)
+        trainer.train()
+    return trainer
