@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from omegaconf import OmegaConf
+
 from rollout_plugin.adapters.verl.resolvers import ACTOR, NAMESPACE, ROLLOUT, plan_for
 from rollout_plugin.adapters.verl.router import parse_settings
 from rollout_plugin.errors import ConfigError, ConfigProblem
@@ -46,8 +48,8 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.problems
 
-    def add(self, key: str, value: object, reason: str, suggestion: Optional[str] = None) -> None:
-        self.problems.append(ConfigProblem(key, value, reason, suggestion))
+    def add(self, key: str, value: object, reason: str, suggestion: object = None) -> None:
+        self.problems.append(ConfigProblem(key, value, reason, None if suggestion is None else f"{key}={suggestion}"))
 
 
 def with_our_group(overrides: list[str]) -> list[str]:
@@ -70,8 +72,6 @@ def compose_verl(overrides: list[str], config_name: str = "ppo_trainer") -> Any:
 
 def check(overrides: list[str]) -> CheckReport:
     """Every problem with this verl command line, found without a GPU."""
-    from omegaconf import OmegaConf
-
     report = CheckReport(with_our_group(overrides))
     try:
         cfg = compose_verl(report.overrides)
@@ -109,7 +109,7 @@ def _our_checks(cfg: Any, report: CheckReport) -> None:
     max_len = int(r.max_model_len or (int(cfg.data.max_prompt_length) + int(cfg.data.max_response_length)))
     if int(r.max_num_batched_tokens) < max_len:
         report.add(f"{ROLLOUT}.max_num_batched_tokens", r.max_num_batched_tokens,
-                   f"below max_model_len ({max_len}): a long prompt cannot prefill in one step", str(max(max_len, 8192)))
+                   f"below max_model_len ({max_len}): a long prompt cannot prefill in one step", max(max_len, 8192))
     if r.max_num_seqs is not None and int(r.max_num_seqs) < n:
         report.add(f"{ROLLOUT}.max_num_seqs", r.max_num_seqs, f"a GRPO group of n={n} must fit one engine's batch", n)
     if r.max_model_len is not None and int(r.max_model_len) < int(cfg.data.max_prompt_length) + int(cfg.data.max_response_length):
@@ -183,8 +183,6 @@ def _one_line(exc: BaseException) -> str:
 
 def summary(report: CheckReport) -> str:
     """The values the job will run with, and the plan's notes."""
-    from omegaconf import OmegaConf
-
     lines = []
     for key in SUMMARY_KEYS:
         lines.append(f"  {key} = {OmegaConf.select(report.config, key)}")

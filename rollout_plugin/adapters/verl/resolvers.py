@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -86,13 +87,19 @@ def specs_from_verl(root: DictConfig) -> tuple[ModelSpec, HardwareSpec, Workload
         # A section resolved apart from its config would silently plan from defaults.
         raise ConfigError(ConfigProblem(NAMESPACE, None, "resolved outside a whole verl config (no data/trainer "
                                         "sections): resolve the full config before taking sections out"))
+    problems: list[ConfigProblem] = []
     hw_name = _get(root, f"{NAMESPACE}.hardware", "h100-80")
     if hw_name not in HARDWARE_PRESETS:
-        raise ConfigError(ConfigProblem(f"{NAMESPACE}.hardware", hw_name, "unknown hardware preset",
-                                        f"{NAMESPACE}.hardware={_near(hw_name, HARDWARE_PRESETS)}"))
+        problems.append(ConfigProblem(f"{NAMESPACE}.hardware", hw_name, "unknown hardware preset",
+                                      f"{NAMESPACE}.hardware={_near(hw_name, HARDWARE_PRESETS)}"))
+        hw_name = "h100-80"  # plan on, so the batch problems are reported in the same run
     hardware = dataclasses.replace(HARDWARE_PRESETS[hw_name], gpus_per_node=int(_get(root, "trainer.n_gpus_per_node", 8)),
                                    nodes=int(_get(root, "trainer.nnodes", 1)))
-    model = model_spec(_get(root, "actor_rollout_ref.model.path"), _get(root, f"{NAMESPACE}.model"))
+    try:
+        model = model_spec(_get(root, "actor_rollout_ref.model.path"), _get(root, f"{NAMESPACE}.model"))
+    except ConfigError as exc:
+        problems += exc.problems
+        model = MODEL_PRESETS["qwen2.5-7b"]
     colocated = bool(_get(root, "actor_rollout_ref.hybrid_engine", True))
     rollout_gpus = None
     if not colocated:
@@ -113,7 +120,52 @@ def specs_from_verl(root: DictConfig) -> tuple[ModelSpec, HardwareSpec, Workload
                 max_num_seqs=_pinned(root, f"{ROLLOUT}.max_num_seqs"),
                 ulysses_sp=_pinned(root, f"{ACTOR}.ulysses_sequence_parallel_size"),
                 over_concurrency_ratio=float(_get(root, f"{NAMESPACE}.router.over_concurrency_ratio", 1.2)))
+    if problems:
+        raise _SpecError(problems, (model, hardware, workload, pins))
     return model, hardware, workload, pins
+
+
+class _SpecError(ConfigError):
+    """Problems in the planner's inputs, carrying stand-in specs so the planner can still report its own."""
+
+    def __init__(self, problems: list[ConfigProblem], specs: tuple[ModelSpec, HardwareSpec, WorkloadSpec, Pins]):
+        super().__init__(problems)
+        self.specs = specs
+
+
+# The planner's keys, as the user wrote them on verl's command line.
+VERL_KEYS = {
+    "workload.train_batch_size": "data.train_batch_size",
+    "workload.ppo_mini_batch_size": f"{ACTOR}.ppo_mini_batch_size",
+    "workload.n": f"{ROLLOUT}.n",
+    "workload.max_prompt_length": "data.max_prompt_length",
+    "workload.max_response_length": "data.max_response_length",
+    "workload.offload": f"{ACTOR}.fsdp_config.param_offload",
+    "workload.placement": "actor_rollout_ref.hybrid_engine",
+    "workload.rollout_gpus": f"{ROLLOUT}.n_gpus_per_node",
+    "pin.gpu_memory_utilization": f"{ROLLOUT}.gpu_memory_utilization",
+    "pin.tensor_parallel_size": f"{ROLLOUT}.tensor_model_parallel_size",
+    "pin.max_num_seqs": f"{ROLLOUT}.max_num_seqs",
+    "pin.ulysses_sp": f"{ACTOR}.ulysses_sequence_parallel_size",
+    "pin.over_concurrency_ratio": f"{NAMESPACE}.router.over_concurrency_ratio",
+    "hardware.gpus_per_node": "trainer.n_gpus_per_node",
+    "hardware.nodes": "trainer.nnodes",
+    "hardware.gpu_memory_gib": f"{NAMESPACE}.hardware",
+    "hardware": f"{NAMESPACE}.hardware",
+    "model": "actor_rollout_ref.model.path",
+}
+
+
+def _in_verl_terms(problem: ConfigProblem) -> ConfigProblem:
+    def translate(text: str) -> str:
+        for ours, theirs in sorted(VERL_KEYS.items(), key=lambda kv: -len(kv[0])):
+            text = re.sub(rf"(?<![\w.]){re.escape(ours)}(?![\w])", theirs, text)
+        return text
+
+    suggestion = problem.suggestion and problem.suggestion.replace(
+        "workload.placement=dedicated", "actor_rollout_ref.hybrid_engine=false (a standalone rollout pool)")
+    return ConfigProblem(VERL_KEYS.get(problem.key, problem.key), problem.value, translate(problem.reason),
+                         translate(suggestion) if suggestion else None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,7 +179,21 @@ def plan_for(root: DictConfig) -> Plan:
     ``rollout_pool.min_ulysses_sp`` and ``rollout_pool.per_engine_scale`` (the ``long_context`` group)
     re-plan with those pins, unless the user pinned the value themselves.
     """
-    model, hardware, workload, pins = specs_from_verl(root)
+    found: list[ConfigProblem] = []
+    try:
+        specs = specs_from_verl(root)
+    except _SpecError as exc:
+        found, specs = list(exc.problems), exc.specs
+    try:
+        plan = _replan(root, *specs)
+    except ConfigError as exc:
+        found += exc.problems
+    if found:
+        raise ConfigError([_in_verl_terms(p) for p in found]) from None
+    return plan
+
+
+def _replan(root: DictConfig, model: ModelSpec, hardware: HardwareSpec, workload: WorkloadSpec, pins: Pins) -> Plan:
     plan = _cached_plan(model, hardware, workload, pins)
     changes: dict[str, int] = {}
     min_sp = int(_get(root, f"{NAMESPACE}.min_ulysses_sp", 1) or 1)

@@ -142,7 +142,7 @@ class PoolRouter:
         self._config_lock: Optional[asyncio.Lock] = None
         self._monitor: Optional[asyncio.Task] = None
         self.counters: dict[str, int] = {"admitted": 0, "waited": 0, "refused": 0, "session moved": 0,
-                                         "group split": 0, "cap changes": 0}
+                                         "group split": 0, "cap changes": 0, "observed": 0}
         self._add(servers)
 
     # --- verl's protocol ---------------------------------------------------------------------------
@@ -346,6 +346,7 @@ class PoolRouter:
                               running=m.running, waiting=m.waiting, kv_usage=m.kv_usage,
                               preemptions_total=m.preemptions_total)
             self._states[sid], decision = step(self._states[sid], obs, self.settings.controller)
+            self.counters["observed"] += 1
             if decision.changed:
                 self._caps[sid] = decision.cap
                 self.counters["cap changes"] += 1
