@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("rollout_plugin.cli.plan", "plan vLLM, pool, verl and TRL settings for a model, hardware and workload"),
     "plot": ("rollout_plugin.cli.plot", "draw a pool run's timeline (JSONL) as a PNG: caps, KV, tokens/s, health"),
     "trl-grpo": ("rollout_plugin.cli.trl_grpo", "train with TRL's GRPOTrainer, generating with the pool (recipes/trl/)"),
+    "verl-check": ("rollout_plugin.cli.verl_check", "check a verl command line: verl's and our validation, no GPU"),
     "simulate": ("rollout_plugin.cli.simulate", "simulate a fleet of engines: makespan and tokens/s per policy"),
     "serve": ("rollout_plugin.cli.serve", "serve the pool as one OpenAI-compatible endpoint (TRL, NeMo Gym, curl)"),
     "verify": ("rollout_plugin.cli.verify", "score rollouts written by `collect verify=deferred` (resumable)"),
