@@ -8,6 +8,7 @@ machine would, and the actor's vLLM server (its own session) must go with it (PR
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -128,6 +129,7 @@ class LocalRayCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
+        self.killed: set[str] = set()
 
     def start_node(self, resource: str) -> None:
         head = not self.nodes
@@ -150,7 +152,7 @@ class LocalRayCluster:
 
     def _has(self, resource: str) -> bool:
         for name, proc in self.nodes.items():
-            if proc.poll() is not None:
+            if name not in self.killed and proc.poll() is not None:
                 tail = (Path(self.temp) / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise AssertionError(f"ray node {name} exited with {proc.returncode}: {tail}")
         status = subprocess.run([str(RAY), "status", f"--address={self.address}"], capture_output=True,
@@ -161,6 +163,7 @@ class LocalRayCluster:
         """A lost machine: everything in the node's session dies at once, no clean shutdown. The engine's
         vLLM server runs in a session of its own: it has to go with its actor's worker, by itself."""
         proc = self.nodes[resource]
+        self.killed.add(resource)
         kill_session(proc.pid)
         proc.wait(timeout=30)
 
@@ -220,12 +223,15 @@ def rows_of(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_collect_across_two_ray_nodes_survives_losing_one(ray_cluster, model_dir, tmp_path):
     out = tmp_path / "out.jsonl"
-    k, prompts = 4, 200
+    k, prompts = 4, 100
     cmd = [*CLI, "pool.backend=ray", f"pool.ray.address={ray_cluster.address}", "pool.ray.nodes=[node_a,node_b]",
            "pool.ray.replace_timeout_s=20", "pool.ray.node_poll_s=1", "pool.engines=2", f"pool.k={k}",
+           # Small caps: work waits in the pool and reaches the engines call by call, so node B is
+           # sure to hold some of it when it goes (with the default caps all of it is sent at once).
+           "pool.per_engine=16", "pool.pack_size=8", f"limit={prompts}",
            f"engine.model={model_dir}", "engine.max_model_len=1024", "engine.cpu_kvcache_gb=1",
            "engine.startup_timeout_s=600", f"engine.log_dir={tmp_path / 'logs'}",
-           "sampling.max_tokens=160", "sampling.ignore_eos=true", f"output={out}", "progress=off"]
+           "sampling.max_tokens=128", "sampling.ignore_eos=true", f"output={out}", "progress=off"]
     with open(tmp_path / "collect.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -255,3 +261,56 @@ def test_collect_across_two_ray_nodes_survives_losing_one(ray_cluster, model_dir
     assert "engine1: healthy -> dead" in logs  # the pool noticed, it did not just get lucky
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["samples"] == prompts * k and summary["failed_prompts"] == 0
+
+
+def fake_python(tmp_path: Path) -> str:
+    """An ``engine.python`` whose "vLLM server" is tests/fake_engine.py: placement without engine start-up."""
+    script = tmp_path / "fake-python"
+    script.write_text(f'#!/bin/sh\nexec {sys.executable} {Path(__file__).with_name("fake_engine.py")} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def node_with(resource: str) -> str:
+    import ray
+
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"])
+
+
+@pytest.mark.slow
+async def test_spread_placement_node_loss_and_replacement_on_a_new_node(ray_cluster, tmp_path):
+    from rollout_plugin.config.schema import EngineConfig
+    from rollout_plugin.pool.ray_backend import RayEngines
+
+    engine = EngineConfig(model="fake", python=fake_python(tmp_path), log_dir=str(tmp_path / "logs"),
+                          startup_timeout_s=120)
+    # A quarter CPU each: both replicas would fit on one node, so only spreading puts them on two.
+    cfg = RayConfig(address=ray_cluster.address, placement=RayPlacement.spread, num_cpus=0.25, node_poll_s=0.5,
+                    replace_timeout_s=120)
+    engines = RayEngines(engine, cfg)
+    dead: asyncio.Queue[int] = asyncio.Queue()
+    grew: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        endpoints = await engines.start(2, 8)
+        placed = [r.node_id for r in engines._replicas]
+        node_b = node_with("node_b")
+        assert sorted(placed) == sorted([node_with("node_a"), node_b])
+        lost = placed.index(node_b)
+        lost_port = endpoints[lost].url.rsplit(":", 1)[1]
+        assert servers_on_port(lost_port)
+        async with asyncio.TaskGroup() as tg:
+            watch = tg.create_task(engines.watch(lambda i, reason: dead.put_nowait(i), grew.put_nowait))
+            await asyncio.to_thread(ray_cluster.kill_node, "node_b")
+            assert await asyncio.wait_for(dead.get(), 120) == lost
+            await asyncio.to_thread(wait_until, lambda: not servers_on_port(lost_port), 60,
+                                    "the lost node's server to die with its actor's worker")
+            await asyncio.to_thread(ray_cluster.start_node, "node_c")
+            await asyncio.wait_for(grew.get(), 120)
+            fresh = await engines.replace(lost)
+            assert engines._replicas[lost].node_id == node_with("node_c")  # the node holding none of ours
+            assert servers_on_port(fresh.url.rsplit(":", 1)[1])
+            assert dead.empty()  # replacing is not another death
+            watch.cancel()
+    finally:
+        await asyncio.to_thread(engines.close)
+    assert not [p for p in marked_pids(ray_cluster.mark) if b"fake_engine" in _cmdline(p)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Protocol
 
@@ -41,7 +41,7 @@ class EngineProvider(Protocol):
         """Stop every engine this provider launched (blocking; safe to call twice)."""
 
 
-async def first_engine_error(waits: list[asyncio.Future]) -> list:
+async def first_engine_error(waits: list[Coroutine[object, object, float]]) -> list[float]:
     """Await all; one failing cancels the others, and the :class:`EngineError` (not the group) is raised."""
     try:
         async with asyncio.TaskGroup() as tg:

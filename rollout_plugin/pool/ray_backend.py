@@ -185,12 +185,14 @@ class RayEngines:
         bundle = replica_bundle(self.cfg, replica.index, self._num_gpus)
         selector = None
         if self.cfg.placement == RayPlacement.spread:
-            ours: dict[str, int] = {}
+            nodes = await asyncio.to_thread(ray.nodes)
+            ours: dict[str, int] = {}  # counted after the await, with no await until this replica is counted
             for r in self._replicas:
                 if r.node_id and not r.done:
                     ours[r.node_id] = ours.get(r.node_id, 0) + 1
-            target = spread_target(bundle, await asyncio.to_thread(ray.nodes), ours)
+            target = spread_target(bundle, nodes, ours)
             selector = [{NODE_ID_LABEL: target}] if target else None
+            replica.node_id = target  # counted at once: replicas launched together must not pick the same node
         name = f"engine{replica.index}"
         try:
             replica.pg = placement_group([bundle], strategy="STRICT_PACK", bundle_label_selector=selector)
