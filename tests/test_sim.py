@@ -171,7 +171,7 @@ def test_dead_engine_fails_calls_as_a_dropped_connection():
 
 # -- calibration --------------------------------------------------------------------------------------
 def test_fit_recovers_known_coefficients():
-    truth = StepModel(0.004, 0.0002, 1e-6, 5e-5)
+    truth = StepModel(0.004, 0.0002, 1e-6, 5e-5, 0.003)
     grid = [(n, lp, lo) for n in (1, 8, 32) for lp in (16, 300) for lo in (20, 80)]
     true_profile = replace(PROFILE, step=truth)
     ys = [predict_makespan(true_profile, *g) for g in grid]
@@ -179,7 +179,8 @@ def test_fit_recovers_known_coefficients():
 
     rows = [features(PROFILE, {"concurrency": n, "prompt_tokens": lp, "output_tokens": lo}) for n, lp, lo in grid]
     coef = fit(rows, ys)
-    for got, want in zip(coef, (truth.base_s, truth.per_seq_s, truth.per_ctx_token_s, truth.per_prefill_token_s)):
+    for got, want in zip(coef, (truth.base_s, truth.per_seq_s, truth.per_ctx_token_s, truth.per_prefill_token_s,
+                                truth.per_admit_s)):
         assert math.isclose(got, want, rel_tol=1e-3)
 
 

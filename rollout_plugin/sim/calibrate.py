@@ -27,8 +27,9 @@ from rollout_plugin.sim.engine import SimEngine
 from rollout_plugin.sim.loop import run_virtual
 from rollout_plugin.sim.profile import EngineProfile, StepModel, profile_from_dict
 
-UNITS = [StepModel(1, 0, 0, 0), StepModel(0, 1, 0, 0), StepModel(0, 0, 1, 0), StepModel(0, 0, 0, 1)]
-COEFFS = ("base_s", "per_seq_s", "per_ctx_token_s", "per_prefill_token_s")
+UNITS = [StepModel(1, 0, 0, 0, 0), StepModel(0, 1, 0, 0, 0), StepModel(0, 0, 1, 0, 0), StepModel(0, 0, 0, 1, 0),
+         StepModel(0, 0, 0, 0, 1)]
+COEFFS = ("base_s", "per_seq_s", "per_ctx_token_s", "per_prefill_token_s", "per_admit_s")
 
 
 def predict_makespan(profile: EngineProfile, concurrency: int, prompt_tokens: int, output_tokens: int) -> float:
@@ -49,7 +50,7 @@ def features(profile: EngineProfile, point: dict[str, Any]) -> list[float]:
 
 
 def _lstsq(rows: list[list[float]], ys: list[float], cols: list[int]) -> list[float] | None:
-    """Least squares on a subset of columns (normal equations; 4 unknowns at most)."""
+    """Least squares on a subset of columns (normal equations; 5 unknowns at most)."""
     a = [[sum(r[i] * r[j] for r in rows) for j in cols] for i in cols]
     b = [sum(r[i] * y for r, y in zip(rows, ys)) for i in cols]
     n = len(cols)
@@ -67,16 +68,17 @@ def _lstsq(rows: list[list[float]], ys: list[float], cols: list[int]) -> list[fl
 
 
 def fit(rows: list[list[float]], ys: list[float]) -> list[float]:
-    """Non-negative least squares on relative error, by trying every support (2⁴ subsets)."""
+    """Non-negative least squares on relative error, by trying every support (2⁵ subsets)."""
     rel_rows = [[x / y for x in r] for r, y in zip(rows, ys)]
     ones = [1.0] * len(ys)
-    best, best_err = [0.0] * 4, math.inf
-    for k in range(1, 5):
-        for cols in itertools.combinations(range(4), k):
+    width = len(rows[0])
+    best, best_err = [0.0] * width, math.inf
+    for k in range(1, width + 1):
+        for cols in itertools.combinations(range(width), k):
             sol = _lstsq(rel_rows, ones, list(cols))
             if sol is None or min(sol) < 0:
                 continue
-            coef = [0.0] * 4
+            coef = [0.0] * width
             for c, v in zip(cols, sol):
                 coef[c] = v
             err = sum((sum(c * x for c, x in zip(coef, r)) - 1) ** 2 for r in rel_rows)
@@ -93,7 +95,7 @@ def _errors(pairs: list[tuple[float, float]]) -> dict[str, float]:
 
 def refit(data: dict[str, Any]) -> dict[str, Any]:
     """Fit ``data['points']`` (measured makespans) and store coefficients + errors; returns ``data``."""
-    data.setdefault("step", dict(zip(COEFFS, (0.0, 0.0, 0.0, 0.0))))
+    data.setdefault("step", dict.fromkeys(COEFFS, 0.0))
     profile = profile_from_dict(data)
     pts = data["points"]
     feats = [features(profile, p) for p in pts]

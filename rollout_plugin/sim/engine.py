@@ -294,7 +294,7 @@ class SimEngine:
             self.preemptions += 1
             self._waiting.appendleft(victim)
         # Admit: FIFO, while a slot, KV room and prefill budget remain.
-        prefill = 0.0
+        prefill, admitted = 0.0, 0
         budget = p.max_num_batched_tokens - self._running
         waiting = self._waiting
         while waiting and self._running < p.max_num_seqs:
@@ -312,6 +312,7 @@ class SimEngine:
             self._admitted.append(s)
             heapq.heappush(self._heap, (steps + s.target - s.done, next(self._tie), s))
             prefill += ctx
+            admitted += 1
             budget -= ctx + 1
         if len(self._admitted) > 2 * self._running + 64:
             self._admitted = [s for s in self._admitted if s.running]
@@ -319,9 +320,9 @@ class SimEngine:
         if not self._running:
             self._timer = None
             return
-        self._plan_segment(cap - kv_used(), prefill)
+        self._plan_segment(cap - kv_used(), prefill, admitted)
 
-    def _plan_segment(self, kv_room: float, prefill: float) -> None:
+    def _plan_segment(self, kv_room: float, prefill: float, admitted: int) -> None:
         """Walk completions in finish order until one matters outside the engine (its call is done,
         or a freed slot could admit a waiting sequence) or KV runs out; the batch shrinks at each."""
         step, slow = self.profile.step, self.slowdown
@@ -331,7 +332,7 @@ class SimEngine:
         heap, done, done_steps, done_k = self._heap, self._done, self._done_steps, self._done_k
         left: dict[int, int] = {}
         ps, pt, pu, pv, pb = self._ps, self._pt, self._pu, self._pv, self._pb
-        start, t = 0, slow * step.per_prefill_token_s * prefill
+        start, t = 0, slow * (step.per_prefill_token_s * prefill + step.per_admit_s * admitted)
 
         def piece(upto: int) -> None:
             nonlocal start, t

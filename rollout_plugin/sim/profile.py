@@ -2,10 +2,12 @@
 
 A step decodes one token for every running sequence and prefills the prompts admitted with it:
 
-    step_s = base_s + per_seq_s · running + per_ctx_token_s · context_tokens + per_prefill_token_s · prefill_tokens
+    step_s = base_s + per_seq_s · running + per_ctx_token_s · context_tokens
+             + per_prefill_token_s · prefill_tokens + per_admit_s · admitted
 
-(``context_tokens``: tokens held in KV by the running sequences, read by attention each step).
-Linear in its four coefficients, so a profile is fitted by least squares on measured makespans
+(``context_tokens``: tokens held in KV by the running sequences, read by attention each step;
+``admitted``: sequences that joined this step — what a request costs outside the GPU: HTTP,
+tokenizing, scheduling). Linear in its five coefficients, so a profile is fitted by least squares on measured makespans
 (:mod:`rollout_plugin.sim.calibrate`). Profiles ship as JSON in ``rollout_plugin/sim/profiles/``.
 """
 
@@ -26,10 +28,11 @@ class StepModel:
     per_seq_s: float
     per_ctx_token_s: float
     per_prefill_token_s: float
+    per_admit_s: float = 0.0
 
-    def seconds(self, running: int, context_tokens: float, prefill_tokens: float) -> float:
+    def seconds(self, running: int, context_tokens: float, prefill_tokens: float, admitted: int = 0) -> float:
         return (self.base_s + self.per_seq_s * running + self.per_ctx_token_s * context_tokens
-                + self.per_prefill_token_s * prefill_tokens)
+                + self.per_prefill_token_s * prefill_tokens + self.per_admit_s * admitted)
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,14 @@ def profile_from_dict(data: dict[str, Any]) -> EngineProfile:
         return EngineProfile(
             name=data["name"],
             step=StepModel(float(step["base_s"]), float(step["per_seq_s"]), float(step["per_ctx_token_s"]),
-                           float(step["per_prefill_token_s"])),
+                           float(step["per_prefill_token_s"]), float(step.get("per_admit_s", 0.0))),
             kv_tokens=int(eng["kv_tokens"]), max_num_seqs=int(eng["max_num_seqs"]),
             max_num_batched_tokens=int(eng["max_num_batched_tokens"]), block_size=int(eng.get("block_size", 16)),
             source=str(data.get("source", "")), calibration=dict(data.get("calibration", {})))
     except (KeyError, TypeError, ValueError) as exc:
         raise SimulationError(f"malformed engine profile {data.get('name', '?')!r}: {exc!r} "
                               f"(needs name, engine.{{kv_tokens,max_num_seqs,max_num_batched_tokens}}, "
-                              f"step.{{base_s,per_seq_s,per_ctx_token_s,per_prefill_token_s}})") from None
+                              f"step.{{base_s,per_seq_s,per_ctx_token_s,per_prefill_token_s[,per_admit_s]}})") from None
 
 
 def load_profile(name_or_path: str) -> EngineProfile:
