@@ -209,7 +209,7 @@ def test_verl_check_reports_every_problem_at_once(tmp_path):
     assert "actor_rollout_ref.rollout.max_num_batched_tokens=2048: below max_model_len (5120)" in text
     assert "(try actor_rollout_ref.rollout.max_num_batched_tokens=8192)" in text
     assert "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3: must divide the per-GPU mini-batch" in text
-    assert "verl validate_config=None: AssertionError: validation gen temperature should be greater than 0" in text
+    assert "verl='validate_config': AssertionError: validation gen temperature should be greater than 0" in text
 
     # A pin the planner cannot plan around is reported in verl's terms.
     report = check(["+rollout_pool=pool", *_overrides(WORKLOADS[1], path), "actor_rollout_ref.rollout.max_num_seqs=4"])

@@ -6,9 +6,10 @@ preference, each among servers with room:
 
 1. a multi-turn session's server (sticky: its prefix is cached there), unless that server is full —
    then the session moves rather than waits;
-2. the GRPO group's server (the n samples share one prompt: one prefill, a shared prefix cache), while
-   it is no more than ``imbalance`` (in load fraction) above the least-loaded server — past that the
-   gate opens and the sample goes where the room is;
+2. the GRPO group's server (the n samples share one prompt: one prefill, a shared prefix cache) —
+   waiting for room there if need be — while it is no more than ``imbalance`` (a share of the cap,
+   not counting the group's own samples) above the least-loaded server; past that the gate opens and
+   the sample goes where the room is;
 3. the least-loaded server by in-flight ÷ cap (:func:`rollout_plugin.pool.routing.pick_engine`).
 """
 
@@ -45,23 +46,30 @@ class Choice:
 
 
 def choose(loads: Sequence[ServerLoad], *, session: Optional[str] = None, group_home: Optional[str] = None,
-           imbalance: float = 0.25) -> Optional[Choice]:
-    """The server for one request, or None when every server is at its cap (the request waits)."""
+           group_on_home: int = 0, imbalance: float = 0.25) -> Optional[Choice]:
+    """The server for one request, or None: every server is at its cap, or the group waits for its own.
+
+    The gate follows :func:`rollout_plugin.pool.routing.split_group`, per sample: the group's server,
+    filled without the group's own ``group_on_home`` samples, is compared with the least-filled server
+    with room; a gap above ``imbalance`` (a share of the cap) opens the gate. Closed, the sample goes
+    to the group's server, or waits for room there (the servers are evenly busy: keep the prefix).
+    """
     by_id = {s.server_id: s for s in loads}
     index = pick_engine([EngineLoad(i, s.inflight, s.cap) for i, s in enumerate(loads)], need=1)
     if index is None:
         return None
-    least = loads[index].server_id
-    open_ = [s for s in loads if s.room > 0]
+    least = loads[index]
     if session is not None and session in by_id:
         if by_id[session].room > 0:
             return Choice(session, "session")
-        return Choice(least, "session moved")
-    if group_home is not None and group_home in by_id and by_id[group_home].room > 0:
-        if by_id[group_home].fraction - min(s.fraction for s in open_) <= imbalance:
-            return Choice(group_home, "group")
-        return Choice(least, "group split")
-    return Choice(least, "least loaded")
+        return Choice(least.server_id, "session moved")
+    home = by_id.get(group_home) if group_home is not None else None
+    if home is None:
+        return Choice(least.server_id, "least loaded")
+    base = (home.inflight - group_on_home) / home.cap if home.cap > 0 else math.inf
+    if base - least.fraction > imbalance:
+        return Choice(least.server_id, "group split")
+    return Choice(home.server_id, "group") if home.room > 0 else None
 
 
 def server_cap(*, max_num_seqs: Optional[int], max_model_len: int, group_size: int, servers: int,

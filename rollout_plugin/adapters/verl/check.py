@@ -149,21 +149,21 @@ def _verl_checks(cfg: Any, report: CheckReport) -> None:
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     use_ref, use_critic = need_reference_policy(cfg), need_critic(cfg)
-    steps = [("verl validate_config", lambda c: validate_config(c, use_reference_policy=use_ref, use_critic=use_critic)),
-             (ROLLOUT, lambda c: omega_conf_to_dataclass(c.actor_rollout_ref.rollout))]
+    steps = [("validate_config", lambda c: validate_config(c, use_reference_policy=use_ref, use_critic=use_critic)),
+             (f"RolloutConfig({ROLLOUT})", lambda c: omega_conf_to_dataclass(c.actor_rollout_ref.rollout))]
     if cfg.actor_rollout_ref.actor.use_dynamic_bsz:
         # verl skips its batch checks under dynamic batching; run them on the fixed micro-batches too.
         fixed = copy.deepcopy(cfg)
         fixed.actor_rollout_ref.actor.use_dynamic_bsz = False
         if use_critic:
             fixed.critic.use_dynamic_bsz = False
-        steps.append(("verl validate_config (use_dynamic_bsz=false)",
+        steps.append(("validate_config with use_dynamic_bsz=false",
                       lambda c: validate_config(fixed, use_reference_policy=use_ref, use_critic=use_critic)))
     for name, run in steps:
         try:
             run(cfg)
         except Exception as exc:
-            report.add(name, None, _one_line(exc))
+            report.add("verl", name, _one_line(exc))
 
 
 def _config_error(exc: BaseException) -> Optional[ConfigError]:

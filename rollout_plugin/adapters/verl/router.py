@@ -136,6 +136,8 @@ class PoolRouter:
         self._completed: dict[str, int] = {}
         self._sessions = _LRU(self.settings.cache_size)
         self._homes = _LRU(self.settings.cache_size)
+        self._admitted: dict[str, tuple[str, Optional[int]]] = {}  # request id -> (server, group) in flight
+        self._on_home: dict[int, int] = {}  # group -> its samples in flight on its home server
         self._queue: deque[_Waiter] = deque()
         self._group_size = self.settings.group_size or 1
         self._configured = False
@@ -175,7 +177,7 @@ class PoolRouter:
                                f"caps {self._caps}, in flight {self._inflight}") from None
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
-                self._unbook(waiter.future.result())
+                self._unbook(waiter.future.result(), request_id)
             else:
                 waiter.future.cancel()
             raise
@@ -184,13 +186,13 @@ class PoolRouter:
     async def release_server(self, server_id: str, request_id: Optional[str] = None) -> None:
         if self._inflight.get(server_id, 0) > 0:
             self._completed[server_id] += 1
-            self._unbook(server_id)
+        self._unbook(server_id, request_id)
 
     async def require_acquire_fields(self) -> list[str]:
         return ["prompt_ids"]  # the group key: the n samples of a GRPO group share one prompt
 
     async def require_release_fields(self) -> list[str]:
-        return []
+        return ["request_id"]  # which group a finished sample belonged to (the affinity gate counts them)
 
     async def add_servers(self, servers: dict[str, Any]) -> None:
         self._add(servers)
@@ -233,14 +235,17 @@ class PoolRouter:
     def _choose(self, request_id: str, group: Optional[int]) -> Optional[Choice]:
         return choose(self._loads(), session=self._sessions.get(request_id),
                       group_home=self._homes.get(group) if group is not None else None,
+                      group_on_home=self._on_home.get(group, 0) if group is not None else 0,
                       imbalance=self.settings.imbalance)
 
     def _book(self, choice: Choice, request_id: str, group: Optional[int]) -> tuple[str, Any]:
         sid = choice.server_id
         self._inflight[sid] += 1
         self._sessions.put(request_id, sid)
-        if group is not None:
+        self._admitted[request_id] = (sid, group)
+        if group is not None and choice.reason != "group split":  # a split-off sample leaves the home as is
             self._homes.put(group, sid)
+            self._on_home[group] = self._on_home.get(group, 0) + 1
         self.counters["admitted"] += 1
         if choice.reason in self.counters:
             self.counters[choice.reason] += 1
@@ -251,24 +256,38 @@ class PoolRouter:
             raise RuntimeError(f"{NO_SERVER}: server {server_id} was removed")
         return server_id, self._handles[server_id]
 
-    def _unbook(self, server_id: str) -> None:
+    def _unbook(self, server_id: str, request_id: Optional[str] = None) -> None:
         if self._inflight.get(server_id, 0) > 0:
             self._inflight[server_id] -= 1
+        sid, group = self._admitted.pop(request_id, (None, None)) if request_id is not None else (None, None)
+        if group is not None and sid == server_id and self._homes.get(group) == sid and group in self._on_home:
+            self._on_home[group] -= 1
+            if self._on_home[group] <= 0:
+                del self._on_home[group]
         self._pump()
 
     def _pump(self) -> None:
-        """Admit waiters in arrival order while some server has room (one choice per freed slot)."""
+        """Admit waiters in arrival order while some server has room.
+
+        A waiter held for its group's (full) server is passed over, not waited behind: the next one
+        may take the free slot. Stops as soon as every server is at its cap (the saturated case: one
+        freed slot, one admission).
+        """
+        kept: deque[_Waiter] = deque()
         while self._queue:
-            waiter = self._queue[0]
+            if all(load.room <= 0 for load in self._loads()):
+                break
+            waiter = self._queue.popleft()
             if waiter.future.done():  # timed out or cancelled
-                self._queue.popleft()
                 continue
             choice = self._choose(waiter.request_id, waiter.group)
             if choice is None:
-                return
-            self._queue.popleft()
+                kept.append(waiter)
+                continue
             sid, _ = self._book(choice, waiter.request_id, waiter.group)
             waiter.future.set_result(sid)
+        kept.extend(self._queue)
+        self._queue = kept
 
     # --- servers, caps and the controller ------------------------------------------------------------
     def _add(self, servers: Mapping[str, Any]) -> None:
