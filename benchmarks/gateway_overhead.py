@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     model = resolve_model("embedded:tiny-llama")
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-    cfg = EngineConfig(model=model, max_model_len=512, cpu_kvcache_gb=1, log_dir=str(tmp))
+    cfg = EngineConfig(model=model, max_model_len=512, cpu_kvcache_gb=1, log_dir=str(tmp), startup_timeout_s=1200)
     (port,) = reserve_ports(cfg.host, 0, 1)
     engine = EngineProcess(0, cfg, model=model, port=port, max_num_seqs=256, cpu_bind=None, log_dir=tmp)
     engine.start()

@@ -60,7 +60,7 @@ def main() -> None:
     os.environ["SLOW_VERIFIER_S"] = str(args.verify_s)
     model = resolve_model("embedded:tiny-llama")
     tmp = Path(tempfile.mkdtemp(prefix="verify-bench-"))
-    ecfg = EngineConfig(model=model, max_model_len=512, cpu_kvcache_gb=1, log_dir=str(tmp))
+    ecfg = EngineConfig(model=model, max_model_len=512, cpu_kvcache_gb=1, log_dir=str(tmp), startup_timeout_s=1200)
     (port,) = reserve_ports(ecfg.host, 0, 1)
     engine = EngineProcess(0, ecfg, model=model, port=port, max_num_seqs=256, cpu_bind=None, log_dir=tmp)
     engine.start()

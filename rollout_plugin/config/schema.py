@@ -133,7 +133,7 @@ class PrewarmConfig:
     """Short requests to every engine before it gets real traffic (CUDA graphs, caches, prefix cache)."""
 
     requests: int = 2  # per engine; 0: no warm-up
-    max_tokens: int = 8
+    max_tokens: int = 32  # long enough to cross a few KV blocks (new shapes compile on first use)
     timeout_s: float = 120.0  # per engine; a slower warm-up is logged and the engine goes into rotation anyway
     prefix: bool = True  # collect: also send the dataset's shared prompt prefix, so the prefix cache starts warm
 
