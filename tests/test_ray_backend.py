@@ -66,6 +66,21 @@ def test_ray_settings_are_checked_together():
     assert keys == ["pool.ray.max_concurrency", "pool.ray.resources.x", "pool.ray.nodes", "pool.backend"]
 
 
+def test_pool_ray_group_selects_the_backend():
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from rollout_plugin.config.schema import register_configs
+
+    register_configs()
+    with initialize_config_module("rollout_plugin.hydra_conf", version_base=None):
+        cfg = OmegaConf.to_object(compose("collect", overrides=["pool=ray", "pool.engines=3"]))
+    validate_collect(cfg)
+    assert (cfg.pool.backend, cfg.pool.ray.address, cfg.pool.ray.placement) == (PoolBackend.ray, "auto",
+                                                                                 RayPlacement.spread)
+    assert cfg.pool.engines == 3 and cfg.pool.over_concurrency_ratio == 1.2  # the rest as pool=default
+
+
 # -- a real two-node cluster ----------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
