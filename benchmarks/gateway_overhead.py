@@ -6,12 +6,15 @@ One real CPU engine; the gateway is attached to it (engine.urls) in a subprocess
 run it. Rounds alternate A (direct) and B (gateway); medians over rounds:
 - sequential: one request at a time, latency per request (what a single caller pays);
 - concurrent: N requests at once, wall time (what a batch caller pays).
+The gateway process's own CPU time per request is read from /proc (it does not depend on how busy
+the rest of the machine is, unlike the wall times on a shared box).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -47,17 +50,27 @@ async def concurrent(http: httpx.AsyncClient, url: str, model: str, n: int, head
     return time.perf_counter() - t0
 
 
-async def measure(engine_url: str, key: str, gateway_url: str, model: str, args) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {k: [] for k in ("direct_seq", "gateway_seq", "direct_conc", "gateway_conc")}
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def measure(engine_url: str, key: str, gateway_url: str, model: str, args, pid: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in ("direct_seq", "gateway_seq", "direct_conc", "gateway_conc",
+                                                   "gateway_cpu_ms")}
     direct_h = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as http:
         await sequential(http, engine_url, model, 3, direct_h)  # both paths warm before timing
         await sequential(http, gateway_url, model, 3, {})
         for _ in range(args.rounds):
             out["direct_seq"].append(await sequential(http, engine_url, model, args.sequential, direct_h))
+            cpu0 = cpu_s(pid)
             out["gateway_seq"].append(await sequential(http, gateway_url, model, args.sequential, {}))
             out["direct_conc"].append(await concurrent(http, engine_url, model, args.concurrent, direct_h))
+            cpu1 = cpu_s(pid)
             out["gateway_conc"].append(await concurrent(http, gateway_url, model, args.concurrent, {}))
+            # The direct phase in between costs the gateway only its monitor's polling.
+            out["gateway_cpu_ms"].append((cpu_s(pid) - cpu1 + cpu1 - cpu0) * 1e3 / (args.sequential + args.concurrent))
     return out
 
 
@@ -87,7 +100,7 @@ def main() -> None:
                 raise SystemExit("gateway did not start")
             time.sleep(0.2)  # polling for the ready file
         res = asyncio.run(measure(engine.url.rstrip("/").removesuffix("/v1"), engine.api_key,
-                                  ready.read_text().strip(), model, args))
+                                  ready.read_text().strip(), model, args, gateway.pid))
     finally:
         if gateway is not None:
             gateway.terminate()
@@ -102,6 +115,7 @@ def main() -> None:
     print(f"| overhead | {(med['gateway_seq'] - med['direct_seq']) * 1e3:+.1f} ms "
           f"({med['gateway_seq'] / med['direct_seq'] - 1:+.0%}) | "
           f"{med['gateway_conc'] - med['direct_conc']:+.2f} s ({med['gateway_conc'] / med['direct_conc'] - 1:+.0%}) |")
+    print(f"gateway process CPU per request (median): {med['gateway_cpu_ms']:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -52,10 +52,14 @@ async def sequential(base: CollectConfig, out: Path, workers: int) -> tuple[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--verify-s", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=4)
+    # A per-engine cap below the batch makes results arrive in waves, as in a real step where the
+    # batch exceeds what the engines hold at once; with everything in flight at once (and equal
+    # lengths) every result lands at the end and nothing is left to overlap.
+    ap.add_argument("--per-engine", type=int, default=32)
     args = ap.parse_args()
     os.environ["SLOW_VERIFIER_S"] = str(args.verify_s)
     model = resolve_model("embedded:tiny-llama")
@@ -68,7 +72,7 @@ def main() -> None:
         asyncio.run(engine.wait_ready())
         base = CollectConfig(
             engine=EngineConfig(urls=[engine.url], api_key=engine.api_key, served_model_name=model, max_model_len=512),
-            pool=PoolConfig(k=args.k), sampling=SamplingConfig(max_tokens=64, ignore_eos=True),
+            pool=PoolConfig(k=args.k, per_engine=args.per_engine), sampling=SamplingConfig(max_tokens=64, ignore_eos=True),
             verify=VerifyConfig(verifier=VERIFIER, workers=args.workers, cache_size=0),
             limit=args.prompts, progress=Progress.off, log_level="WARNING", overwrite=True)
         a_total, a_gen, a_tail, b_total, b_gen = [], [], [], [], []
@@ -81,7 +85,8 @@ def main() -> None:
         engine.stop()
     med = statistics.median
     n = args.prompts * args.k
-    print(f"1 CPU engine, {args.prompts} prompts x k={args.k} = {n} samples, 64 tokens each; verifier "
+    print(f"1 CPU engine (pool.per_engine={args.per_engine}), {args.prompts} prompts x k={args.k} = {n} samples, "
+          f"64 tokens each; verifier "
           f"{args.verify_s * 1e3:.0f} ms/sample on {args.workers} workers "
           f"(= {n * args.verify_s / args.workers:.1f} s of verification); medians of {args.rounds} rounds")
     print("| mode | time to last reward (s) | generation samples/s | verification after last result (s) |")
