@@ -136,6 +136,7 @@ class PrewarmConfig:
     max_tokens: int = 32  # long enough to cross a few KV blocks (new shapes compile on first use)
     timeout_s: float = 120.0  # per engine; a slower warm-up is logged and the engine goes into rotation anyway
     prefix: bool = True  # collect: also send the dataset's shared prompt prefix, so the prefix cache starts warm
+    attached: bool = False  # also warm engines given by engine.urls (they may be warm already, or billed per call)
 
 
 class GroupMode(str, Enum):

@@ -135,7 +135,9 @@ class RolloutPool:
     async def __aenter__(self) -> RolloutPool:
         try:
             self._clients = self._given_clients or await self._open_clients()
-            if not self._given_clients:  # before the dispatcher exists: no real request meets a cold engine
+            # Before the dispatcher exists: no real request meets a cold engine. Attached engines (already
+            # running, perhaps billed per call) only when asked.
+            if not self._given_clients and (self.processes or self.pool_cfg.prewarm.attached):
                 self.warmup = await prewarm(self._clients, self.pool_cfg.prewarm, self._warm_prompt,
                                             clock=self._clock)
             names = [c.name for c in self._clients]
