@@ -187,6 +187,8 @@ def test_fit_recovers_known_coefficients():
 def test_builtin_profiles_load_and_state_their_error():
     h100 = load_profile("h100_llama8b")
     assert h100.calibration["published"]["points"] >= 3
+    cpu = load_profile("cpu_tiny")
+    assert cpu.calibration["holdout"]["points"] >= 3 and cpu.step.base_s > 0
     with pytest.raises(SimulationError, match="built-in"):
         load_profile("no_such_profile")
 
