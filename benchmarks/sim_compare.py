@@ -15,6 +15,7 @@ scenario; the plot shows the straggler scenario.
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import time
 from dataclasses import replace
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--prompts-per-engine", type=int, default=64)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the pool logs each simulated failed call at WARNING
     profile = load_profile(args.profile)
     base = SimulateConfig()
     base.fleet.profile = args.profile

@@ -291,3 +291,29 @@ def test_least_inflight_pick_matches_the_naive_minimum():
         else:
             b._move(b.pick(0), +1)
         assert b.pick(0) == min(range(7), key=lambda i: (b.inflight[i], i))
+
+
+def test_simulate_cli_prints_the_comparison_and_the_calibration_error(tmp_path, capsys):
+    from rollout_plugin.cli.main import main
+
+    out = tmp_path / "runs.json"
+    code = main(["simulate", "fleet.engines=[4,16]", "workload.prompts_per_engine=4", "workload.k=4",
+                 "workload.max_tokens=256", f"output={out}"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "error against 4 published figures" in text
+    assert "| 16 | distllm |" in text and "| 4 | pool |" in text
+    import json
+
+    runs = json.loads(out.read_text())["runs"]
+    assert {(r["engines"], r["policy"]) for r in runs} == {(n, p) for n in (4, 16)
+                                                           for p in ("pool", "static", "verl", "distllm")}
+
+
+def test_simulate_cli_names_every_bad_key(capsys):
+    from rollout_plugin.cli.main import main
+
+    code = main(["simulate", "fleet.straggler_fraction=1.5", "workload.k=0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "fleet.straggler_fraction=1.5" in err and "workload.k=0" in err

@@ -64,7 +64,7 @@ def run(overrides: list[str]) -> int:
 
     def progress(r) -> None:
         print(f"  {r.engines:>5} engines {r.policy:<10} makespan {r.makespan_s:8.1f} s  "
-              f"{r.tokens_per_s:>12,.0f} tok/s  (simulated in {r.wall_s:.1f} s)", flush=True)
+              f"{r.tokens_per_s:>12,.0f} tok/s  (simulated in {r.wall_s:.1f} s, {r.cpu_s:.1f} s CPU)", flush=True)
 
     results = sweep(cfg, profile, progress)
     print()
