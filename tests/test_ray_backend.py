@@ -145,9 +145,13 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
         self.killed: set[str] = set()
+        self.retired: list[subprocess.Popen[bytes]] = []  # killed nodes whose marker a new node took over
 
     def start_node(self, resource: str) -> None:
         head = not self.nodes
+        if resource in self.nodes:
+            self.retired.append(self.nodes.pop(resource))
+            self.killed.discard(resource)
         cmd = [str(RAY), "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
                "--num-cpus=1", "--num-gpus=0", f"--resources={json.dumps({resource: 1})}",
                "--object-store-memory=100000000",  # Ray's floor is ~75 MB; we only pass endpoints
@@ -171,7 +175,7 @@ class LocalRayCluster:
                 tail = (Path(self.temp) / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise AssertionError(f"ray node {name} exited with {proc.returncode}: {tail}")
         status = subprocess.run([str(RAY), "status", f"--address={self.address}"], capture_output=True,
-                                text=True, timeout=60)
+                                text=True, timeout=60)  # inherits RAY_AUTH_MODE from the fixture
         return f"/1.0 {resource}" in status.stdout
 
     def kill_node(self, resource: str) -> None:
@@ -183,7 +187,7 @@ class LocalRayCluster:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
-        for proc in reversed(list(self.nodes.values())):  # workers first, the head (GCS) last
+        for proc in [*self.retired, *reversed(list(self.nodes.values()))]:  # workers first, the head (GCS) last
             try:
                 os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its node's processes
                 proc.wait(timeout=30)
@@ -202,8 +206,11 @@ class LocalRayCluster:
 
 
 @pytest.fixture
-def ray_cluster() -> Iterator[LocalRayCluster]:
+def ray_cluster(monkeypatch) -> Iterator[LocalRayCluster]:
     pytest.importorskip("ray", reason="pool.backend=ray needs the ray extra (make test installs it)")
+    # Explicit, for the nodes, `ray status` and every driver: otherwise a token some other local
+    # cluster left in ~/.ray/auth_token switches some of them to token auth and they can't talk.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     cluster = LocalRayCluster()
     try:
         cluster.start_node("node_a")
@@ -328,4 +335,32 @@ async def test_spread_placement_node_loss_and_replacement_on_a_new_node(ray_clus
             watch.cancel()
     finally:
         await asyncio.to_thread(engines.close)
+    assert not [p for p in marked_pids(ray_cluster.mark) if b"fake_engine" in _cmdline(p)]
+
+
+@pytest.mark.slow
+async def test_pool_gives_up_on_a_lost_node_then_refills_the_slot_when_a_node_joins(ray_cluster, tmp_path):
+    from rollout_plugin.config.schema import EngineConfig, PoolConfig, PrewarmConfig
+    from rollout_plugin.pool.pool import RolloutPool
+
+    engine = EngineConfig(model="fake", python=fake_python(tmp_path), log_dir=str(tmp_path / "logs"),
+                          startup_timeout_s=120)
+    pool_cfg = PoolConfig(engines=2, max_restarts=2, backend=PoolBackend.ray, prewarm=PrewarmConfig(requests=0),
+                          ray=RayConfig(address=ray_cluster.address, nodes=["node_a", "node_b"], num_cpus=0.25,
+                                        replace_timeout_s=5, node_poll_s=0.5))
+
+    def engine1_healthy(pool: RolloutPool) -> bool:
+        return pool.stats().engines[1].healthy
+
+    async with RolloutPool(engine, pool_cfg) as pool:
+        first = pool.endpoints[1].url
+        await asyncio.to_thread(ray_cluster.kill_node, "node_b")
+        # Noticed through the actor's death alone: no request was in flight to fail.
+        await asyncio.to_thread(wait_until, lambda: not engine1_healthy(pool) and 1 in pool._given_up, 120,
+                                "engine1 to be marked dead and its replacement to give up (no node_b)")
+        await asyncio.to_thread(ray_cluster.start_node, "node_b")  # a new machine with the same marker
+        await asyncio.to_thread(wait_until, lambda: engine1_healthy(pool), 180, "engine1 to rejoin on the new node")
+        fresh = pool._require().clients[1].root
+        assert fresh != first and servers_on_port(fresh.rsplit(":", 1)[1])
+        assert pool._restarts[1] == 2  # the failed try and the one that worked
     assert not [p for p in marked_pids(ray_cluster.mark) if b"fake_engine" in _cmdline(p)]
