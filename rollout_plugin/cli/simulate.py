@@ -15,7 +15,13 @@ from rollout_plugin.cli.app import compose, configure_logging
 from rollout_plugin.config.validate import Problems
 from rollout_plugin.sim.config import SimulateConfig, register_sim_configs
 from rollout_plugin.sim.profile import load_profile
-from rollout_plugin.sim.report import calibration_line, plot_scaling, sweep, table, write_json
+from rollout_plugin.sim.report import (
+    calibration_line,
+    plot_scaling,
+    sweep,
+    table,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 

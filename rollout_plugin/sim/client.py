@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 from rollout_plugin.pool.client import CallError, Generation
 from rollout_plugin.pool.telemetry import EngineMetrics
@@ -22,7 +22,7 @@ PROMPT_KEY = "sim_prompt_tokens"
 OUTPUT_KEY = "sim_output_tokens"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sample(length: int) -> Sample:
     # Samples are immutable: one shared instance per length keeps 10⁶ results cheap.
     return Sample(text="", token_ids=(0,) * length, finish_reason="length")

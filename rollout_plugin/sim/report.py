@@ -75,8 +75,8 @@ def plot_scaling(results: Sequence[RunResult], path: str | Path, title: str, dpi
     for i, policy in enumerate(dict.fromkeys(r.policy for r in results)):
         rs = sorted((r for r in results if r.policy == policy), key=lambda r: r.engines)
         xs = [r.engines for r in rs]
-        style = dict(marker=markers[i % len(markers)], linestyle=dashes[i % len(dashes)], markersize=7 - i % 3,
-                     linewidth=2.2 if policy == Policy.pool.value else 1.3)
+        style = {"marker": markers[i % len(markers)], "linestyle": dashes[i % len(dashes)], "markersize": 7 - i % 3,
+                 "linewidth": 2.2 if policy == Policy.pool.value else 1.3}
         ax1.plot(xs, [r.tokens_per_s / r.engines for r in rs], label=policy, **style)
         ax2.plot(xs, [r.makespan_s for r in rs], label=policy, **style)
     engines = sorted({r.engines for r in results})

@@ -15,10 +15,18 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 
-from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
+from rollout_plugin.config.schema import (
+    ControllerMode,
+    EngineConfig,
+)
 from rollout_plugin.errors import SimulationError
 from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.sim.baselines import Baseline, FixedBatch, LeastInflight, StaticSplit
+from rollout_plugin.sim.baselines import (
+    Baseline,
+    FixedBatch,
+    LeastInflight,
+    StaticSplit,
+)
 from rollout_plugin.sim.client import OUTPUT_KEY, PROMPT_KEY, SimEngineClient
 from rollout_plugin.sim.config import FleetConfig, Policy, SimulateConfig
 from rollout_plugin.sim.engine import SimEngine
