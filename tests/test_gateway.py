@@ -3,6 +3,7 @@ TRL's own VLLMClient (run in the trainer venv, which has TRL but no vLLM)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -21,13 +22,17 @@ from rollout_plugin.gateway.server import ServeConfig, validate_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER_PYTHON = ROOT / ".venv-trainers" / "bin" / "python"
+TRL_PYTHON = (sys.executable if importlib.util.find_spec("trl") is not None
+              else TRAINER_PYTHON if TRAINER_PYTHON.exists() else None)
 
-# TRL's VLLMClient refuses to start without vLLM installed; generation never touches vLLM (only its NCCL
-# weight sync does), so the trainer venv lifts that one check and uses the class as it ships.
+# TRL's VLLMClient refuses to start without vLLM installed. Where TRL and vLLM share a venv (the main one)
+# it runs as it ships; in the trainer venv (TRL, no vLLM) that one check is lifted: generation never
+# touches vLLM, only the NCCL weight sync does.
 TRL_SCRIPT = """
 import json, sys
 import trl.generation.vllm_client as m
-m.is_vllm_available = lambda *a, **k: True
+if not m.is_vllm_available():
+    m.is_vllm_available = lambda *a, **k: True
 client = m.VLLMClient(base_url=sys.argv[1], connection_timeout=60)
 out = client.generate([f"Question {i}: what is {i}+{i}?" for i in range(8)], n=2, max_tokens=8, temperature=1.0)
 print(json.dumps({"model": client.model, "world_size": client.get_world_size(),
@@ -115,11 +120,11 @@ def test_openai_routes_through_the_pool(gateway):
 
 @pytest.mark.engine
 @pytest.mark.slow
-@pytest.mark.skipif(not TRAINER_PYTHON.exists(), reason="trainer venv not built (scripts/trainer_venv.sh)")
+@pytest.mark.skipif(TRL_PYTHON is None, reason="TRL is in neither venv (pip install trl, or scripts/trainer_venv.sh)")
 def test_trl_vllm_client_gets_completions_from_both_engines(gateway):
     url, _ = gateway
     before = ok_results(url)
-    out = subprocess.run([str(TRAINER_PYTHON), "-c", TRL_SCRIPT, url], capture_output=True, text=True,
+    out = subprocess.run([str(TRL_PYTHON), "-c", TRL_SCRIPT, url], capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
