@@ -66,6 +66,7 @@ class PoolRolloutWorker:
         self._last_put = time.monotonic()
         self._group_ids = itertools.count()
         self._metrics = PoolMetrics()
+        self.produced = 0  # samples queued so far
 
     # -- RolloutWorkerProtocol ---------------------------------------------------------------------
     def start(self) -> None:
@@ -120,6 +121,7 @@ class PoolRolloutWorker:
             try:
                 self.rollout_buffer.put(sample, timeout=0.5)  # a full queue holds generation back
                 self._last_put = time.monotonic()
+                self.produced += 1
                 return True
             except queue.Full:
                 continue

@@ -43,7 +43,7 @@ def grpo_kwargs(cfg: TrlGrpoConfig, fields: dict[str, Any], planned: dict[str, A
     kwargs = dict(cfg.trl)
     if cfg.apply_plan:
         kwargs, changes = apply_plan(kwargs, planned, fields)
-        for line in changes:
+        for line in changes or (["planner: nothing to change in the trainer settings"] if planned else []):
             print(f"trl-grpo: {line}")
     return kwargs
 
@@ -66,8 +66,13 @@ def planned_trl_kwargs(model_dir: str, num_generations: int, max_completion_leng
         hardware = next((h for key, h in HARDWARE_PRESETS.items() if key.split("-")[0] in name), None)
     if hardware is None:
         return None
-    workload = WorkloadSpec(n=max(num_generations, 2), max_response_length=max_completion_length, placement="dedicated")
-    return trl_kwargs(make_plan(model, hardware, workload))
+    placement = "dedicated" if hardware.world_size >= 2 else "colocated"  # engines apart from the trainer if possible
+    workload = WorkloadSpec(n=max(num_generations, 2), max_response_length=max_completion_length, placement=placement)
+    try:
+        return trl_kwargs(make_plan(model, hardware, workload))
+    except ConfigError as exc:  # the planner cannot place this workload here: train with what the user gave
+        log.info("planner skipped: %s", exc)
+        return None
 
 
 def train(cfg: TrlGrpoConfig) -> Any:
@@ -102,7 +107,7 @@ def train(cfg: TrlGrpoConfig) -> Any:
                                for i, r in enumerate(cfg.rewards)]
 
     main = PartialState().is_main_process
-    with SyncRolloutPool(engine, pool_cfg, cfg.controller) if main else contextlib.nullcontext() as pool:
+    with SyncRolloutPool(engine, pool_cfg, controller=cfg.controller) if main else contextlib.nullcontext() as pool:
         if cfg.route is Route.backend:
             trainer = GRPOTrainer(model=model_dir, reward_funcs=rewards, args=args, train_dataset=dataset)
             attach(trainer, pool, weights_dir=cfg.weights_dir)
