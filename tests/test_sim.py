@@ -317,3 +317,13 @@ def test_simulate_cli_names_every_bad_key(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "fleet.straggler_fraction=1.5" in err and "workload.k=0" in err
+
+
+def test_multi_turn_chat_sessions_keep_pace_with_a_static_split():
+    # Chat turns go one conversation per call, so no session waits for another's turn.
+    cfg = _cfg(prompts=32, k=2, turns=3, tool_latency_s=0.5)
+    sessions = build_sessions(cfg.workload, 32)
+    assert all(s.turns[0].kind == "chat" for s in sessions)
+    pool = simulate(Policy.pool, 4, PROFILE, cfg, sessions)
+    static = simulate(Policy.static, 4, PROFILE, cfg, sessions)
+    assert pool.makespan_s <= 1.1 * static.makespan_s

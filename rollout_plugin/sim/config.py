@@ -36,6 +36,10 @@ class WorkloadConfig:
     turns: int = 1  # >1: each sample is a session of this many turns (n=1 calls, prompt grows)
     tool_latency_s: float = 0.5  # between turns
     tool_tokens: int = 64  # tool output appended to the prompt each turn
+    # Multi-turn prompts as chat messages (one conversation per call, as agent loops send them); false: text
+    # prompts, which the pool packs up to pool.pack_size per call — and a packed call returns when its slowest
+    # member does, so every session's next turn waits for the others (see benchmarks/RESULTS.md).
+    chat: bool = True
     seed: int = 0
 
 

@@ -44,7 +44,9 @@ def build_sessions(cfg: WorkloadConfig, prompts: int) -> list[Session]:
             ctx, turns = prompt, []
             for t in range(cfg.turns):
                 out = _lognormal(rng, cfg.output_tokens_median, cfg.output_tokens_sigma, cfg.max_tokens)
-                turns.append(Request(f"g{g}s{s}t{t}", f"p{g}s{s}t{t}", n=1, sampling=sampling,
+                text = f"p{g}s{s}t{t}"
+                body = [{"role": "user", "content": text}] if cfg.chat else text
+                turns.append(Request(f"g{g}s{s}t{t}", body, n=1, sampling=sampling,
                                      metadata={PROMPT_KEY: ctx, OUTPUT_KEY: (out,)}))
                 ctx += out + cfg.tool_tokens
             sessions.append(Session(g, tuple(turns)))
