@@ -1,7 +1,8 @@
 """TRL GRPO through the rollout pool, against a real vLLM CPU engine: the backend, rollout_func, weight sync.
 
-One engine (dev mode, for in-place weight reloads) serves the whole module; every trainer starts from
-the embedded model's weights and pushes them to the engine before its first generation.
+The session's engine (dev mode, for in-place weight reloads) serves the module; every trainer starts
+from the embedded model's weights and pushes them to the engine before its first generation, and the
+engine gets the original weights back when the module is done.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ def high_ids_reward(prompts, completions, completion_ids, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def pool(model_dir: str, tmp_path_factory: pytest.TempPathFactory):
-    logs = tmp_path_factory.mktemp("trl-engine-logs")
-    eng = EngineConfig(model=model_dir, max_model_len=512, cpu_kvcache_gb=1, dev_mode=True, log_dir=str(logs),
-                       startup_timeout_s=900,  # the shared CI machine can be slow to start an engine
-                       extra_args=["--logprobs-mode", "processed_logprobs"])
+def pool(live_engine):
+    """The session's engine (dev mode) behind a pool; its original weights are put back afterwards."""
+    from rollout_plugin.adapters.trl.weights import reload_engines
+
+    eng = EngineConfig(urls=[live_engine.url], api_key=live_engine.api_key, max_model_len=1024)
     with SyncRolloutPool(eng, PoolConfig(k=K)) as p:
-        yield p
+        try:
+            yield p
+        finally:
+            p.run(lambda pool: reload_engines(pool, live_engine.model_dir, 0))
 
 
 def grpo_args(out: Path, steps: int = 3, lr: float = 1e-2):
@@ -129,3 +133,71 @@ def test_rollout_func_route_with_callback(pool, model_dir, tmp_path):
     assert max(abs(a - b) for a, b in zip(engine_lp, trainer_lp)) < BF16_TOL
     logs = [row for row in trainer.state.log_history if "loss" in row]
     assert all("rollout_pool/weight_sync_s" in row and math.isfinite(row["loss"]) for row in logs)
+
+
+def test_async_grpo_trainer_trains_on_pool_rollouts(pool, model_dir, tmp_path):
+    from transformers import AutoTokenizer
+    from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
+
+    from rollout_plugin.adapters.trl.tasks import arith_dataset
+    from rollout_plugin.trl import PoolRolloutWorker, PoolWeightTransfer, async_grpo_on_cpu
+
+    async_grpo_on_cpu()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = arith_dataset(32)
+    worker = PoolRolloutWorker(pool, data, [high_ids_reward], tok, num_generations=K,
+                               sampling=SamplingParams(max_tokens=8), groups_per_call=2, queue_maxsize=4 * K)
+    transfer = PoolWeightTransfer(pool, tmp_path / "weights")
+    args = AsyncGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2 * K, num_generations=K,
+                           max_completion_length=8, max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[],
+                           use_cpu=True, bf16=False, save_strategy="no", dtype="float32", token_budget=512,
+                           max_staleness=2, weight_sync_steps=1)
+    trainer = AsyncGRPOTrainer(model=model_dir, reward_funcs=[high_ids_reward], args=args, train_dataset=data,
+                               processing_class=tok, rollout_worker=worker, weight_transfer=transfer)
+    trainer.train()
+
+    assert trainer.state.global_step == 3
+    # One cold sync at train begin, then one per optimizer step; the pool serves what the trainer counts.
+    assert transfer.version == trainer.model_version == 4
+    assert pool.weight_version == 4
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logs) == 3 and all(math.isfinite(row["loss"]) for row in logs)
+    # Staleness stayed within the bound; the worker's pool metrics reached the trainer's logs.
+    assert all(row["sample/staleness_max"] <= 2 for row in logs if "sample/staleness_max" in row)
+    assert any("rollout_pool/tokens_per_s" in row for row in trainer.state.log_history)
+    # Generation went on while the trainer trained: the worker is ahead of what was consumed.
+    assert worker.produced > 3 * 2 * K
+
+
+def test_trl_grpo_command_runs_the_cpu_recipe(pool, tmp_path, capsys):
+    from rollout_plugin.cli.main import main
+
+    ep = pool.endpoints[0]  # the module's engine, attached instead of launching another on a 2-core box
+    root = Path(__file__).resolve().parents[1]
+    rc = main(["trl-grpo", "--recipe", str(root / "recipes/trl/cpu_tiny.yaml"), "trl.max_steps=3",
+               f"trl.output_dir={tmp_path}", "trl.per_device_train_batch_size=8", "trl.num_generations=4",
+               "trl.max_completion_length=8", f"engine.urls=['{ep.url}']", f"engine.api_key={ep.api_key}",
+               "log_level=WARNING"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "trl-grpo: 3 steps" in out and "weights at version 3" in out
+
+
+def test_backend_serves_rloo_too(pool, model_dir, tmp_path):
+    from transformers import AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rollout_plugin.adapters.trl.tasks import arith_dataset
+    from rollout_plugin.trl import attach
+
+    args = RLOOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2 * K, num_generations=K,
+                      max_completion_length=8, max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
+                      use_cpu=True, bf16=False, save_strategy="no", model_init_kwargs={"dtype": "float32"})
+    trainer = RLOOTrainer(model=model_dir, reward_funcs=high_ids_reward, args=args, train_dataset=arith_dataset(16),
+                          processing_class=AutoTokenizer.from_pretrained(model_dir))
+    cb = attach(trainer, pool)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert [r.version for r in cb.weights.history] == [0, 1, 2]
+    engine_lp, trainer_lp, _ = engine_vs_trainer(pool, trainer.model, trainer.processing_class)
+    assert max(abs(a - b) for a, b in zip(engine_lp, trainer_lp)) < BF16_TOL

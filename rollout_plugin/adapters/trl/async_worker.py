@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from rollout_plugin.adapters.trl.backend import checked, group_requests
 from rollout_plugin.adapters.trl.callback import PREFIX, PoolMetrics
+from rollout_plugin.adapters.trl.compat import require_trl
 from rollout_plugin.adapters.trl.weights import reload_engines, write_weights
 from rollout_plugin.errors import TrainerAdapterError
 from rollout_plugin.types import Result, SamplingParams
@@ -47,6 +48,7 @@ class PoolRolloutWorker:
     def __init__(self, pool: SyncRolloutPool, dataset: Sequence[dict[str, Any]], reward_funcs: Sequence[Callable],
                  processing_class: Any, *, num_generations: int, sampling: SamplingParams,
                  groups_per_call: int = 4, queue_maxsize: int = 64):
+        require_trl()
         from trl.experimental.async_grpo.async_rollout_worker import RolloutSample
 
         self._sample_cls = RolloutSample
