@@ -17,8 +17,9 @@ stop; ``max_concurrency`` is sized for those, and the object store never holds m
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,12 @@ def spread_target(bundle: dict[str, float], nodes: list[dict[str, Any]], ours: d
     if not fits:
         return None
     return min(fits, key=lambda n: (ours.get(n["NodeID"], 0), n["NodeID"]))["NodeID"]
+
+
+@functools.cache
+def _remote_actor() -> Any:
+    """The Ray actor class, made once per process (each ``ray.remote`` exports the class anew)."""
+    return _ray().remote(EngineActor)
 
 
 class EngineActor:
@@ -114,13 +121,12 @@ class EngineActor:
 @dataclass
 class _Replica:
     index: int
-    generation: int
     pg: Any = None
     actor: Any = None
     node_id: str | None = None
     lifetime: Any = None  # ObjectRef of EngineActor.lifetime
     endpoint: EngineEndpoint | None = None
-    done: bool = field(default=False)  # its death was reported, or it is being replaced
+    done: bool = False  # its death was reported, or it is being replaced
 
 
 class RayEngines:
@@ -128,7 +134,7 @@ class RayEngines:
 
     def __init__(self, engine: EngineConfig, cfg: RayConfig):
         # Absolute, so an actor whose worker runs elsewhere (another cwd, another node) logs to one place.
-        self.engine_cfg = engine if Path(engine.log_dir).is_absolute() else _with_log_dir(engine)
+        self.engine_cfg = replace(engine, log_dir=str(Path(engine.log_dir).resolve()))
         self.cfg = cfg
         self.startup_s: list[float] = []
         self._replicas: list[_Replica] = []
@@ -162,7 +168,7 @@ class RayEngines:
         await asyncio.to_thread(self._connect)
         self._max_num_seqs = max_num_seqs
         self._num_gpus = self._gpus_per_replica()
-        self._replicas = [_Replica(i, 0) for i in range(count)]
+        self._replicas = [_Replica(i) for i in range(count)]
         timeout = self.cfg.replace_timeout_s + self.engine_cfg.startup_timeout_s
         results = await first_engine_error([self._launch(r, timeout) for r in self._replicas])
         self.startup_s = list(results)
@@ -172,7 +178,7 @@ class RayEngines:
         old = self._replicas[index]
         old.done = True
         await asyncio.to_thread(self._release, old)
-        fresh = self._replicas[index] = _Replica(index, old.generation + 1)
+        fresh = self._replicas[index] = _Replica(index)
         await self._launch(fresh, self.cfg.replace_timeout_s + self.engine_cfg.startup_timeout_s)
         return fresh.endpoint
 
@@ -201,8 +207,7 @@ class RayEngines:
             except TimeoutError:
                 raise EngineError(f"{name}: no node has {bundle} free after {self.cfg.replace_timeout_s:.0f}s "
                                   f"(pool.ray.replace_timeout_s; pool.ray.nodes/resources pin replicas)") from None
-            actor_cls = ray.remote(EngineActor)
-            replica.actor = actor_cls.options(
+            replica.actor = _remote_actor().options(
                 num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                 resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(replica.pg, placement_group_bundle_index=0),
@@ -298,9 +303,3 @@ class RayEngines:
             if self._owns_ray:
                 ray.shutdown()
                 log.info("ray: connected -> disconnected")
-
-
-def _with_log_dir(cfg: EngineConfig) -> EngineConfig:
-    from dataclasses import replace
-
-    return replace(cfg, log_dir=str(Path(cfg.log_dir).resolve()))
