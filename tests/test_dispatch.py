@@ -323,3 +323,33 @@ async def test_pack_timeout_sends_a_partial_pack_when_it_expires():
     async with pool_of([engine], per_engine=16, pack_size=4, pack_timeout_s=0.05) as pool:
         results = await pool.generate(requests(2))
     assert all(r.ok for r in results) and engine.calls == [["r0", "r1"]]
+
+
+async def test_an_engine_added_at_runtime_takes_work_and_grows_the_global_cap():
+    from rollout_plugin.pool.telemetry import EngineMetrics
+
+    a, b = FakeEngine("a"), FakeEngine("b")
+    a.gate = asyncio.Event()
+    async with pool_of([a], per_engine=4, over_concurrency_ratio=1.0, pack_size=1) as pool:
+        before = pool.limits.max_concurrent
+        task = asyncio.ensure_future(pool.generate(requests(20)))
+        async with asyncio.timeout(5):
+            while a.inflight < 4:
+                await asyncio.sleep(0)
+        dispatcher = pool._dispatcher
+        index = dispatcher.add_client(b, pool_limits_for(pool, 2))  # what RolloutPool.add_engine does
+        assert index == 1 and dispatcher.limits.max_concurrent > before
+        async with asyncio.timeout(5):
+            while len(b.calls) < 10:  # a is stuck: the newcomer takes the queue
+                await asyncio.sleep(0)
+        a.gate.set()
+        results = await task
+        pool.monitor.observe([EngineMetrics(), EngineMetrics()])  # the newcomer gets a controller too
+    assert len({r.id for r in results}) == 20 and all(r.ok for r in results)
+    assert {r.engine for r in results} == {"a", "b"} and len(pool.monitor.states) == 2
+
+
+def pool_limits_for(pool: RolloutPool, engines: int):
+    from rollout_plugin.pool.pool import pool_limits
+
+    return pool_limits(pool.engine_cfg, pool.pool_cfg, engines)

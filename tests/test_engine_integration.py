@@ -118,3 +118,19 @@ async def test_unreachable_engine_is_marked_dead_and_its_work_moves(live_engine)
         stats = pool.stats()
     assert all(r.ok for r in results) and {r.engine for r in results} == {"engine1"}
     assert [e.healthy for e in stats.engines] == [False, True] and stats.engines[0].failed_calls >= 1
+
+
+async def test_an_engine_attached_at_runtime_joins_rotation(live_engine):
+    from rollout_plugin.pool.launcher import EngineEndpoint
+
+    engine, pool_cfg = attached(live_engine, per_engine=8, pack_size=4)
+    reqs = [Request(f"r{i}", f"Count to {i}:", sampling=SamplingParams(max_tokens=16, ignore_eos=True))
+            for i in range(64)]
+    async with RolloutPool(engine, pool_cfg) as pool:
+        # a second client to the same server stands in for a new node's engine
+        index = await pool.add_engine(EngineEndpoint("engine1", live_engine.url, live_engine.api_key))
+        results = await pool.generate(reqs)
+        stats = pool.stats()
+    assert index == 1 and [e.name for e in stats.engines] == ["engine0", "engine1"]
+    assert len({r.id for r in results}) == 64 and all(r.ok for r in results)
+    assert {r.engine for r in results} == {"engine0", "engine1"}

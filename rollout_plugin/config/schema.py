@@ -126,6 +126,9 @@ class RayConfig:
     max_concurrency: int = 4
     replace_timeout_s: float = 300.0  # a dead replica's replacement waits this long for resources
     node_poll_s: float = 5.0  # how often new nodes are looked for (a given-up replica gets another try)
+    # Elastic growth: when a node joins and no replica waits for a slot, add engines up to this many;
+    # unset: the pool stays at pool.engines.
+    max_engines: Optional[int] = None
 
 
 @dataclass

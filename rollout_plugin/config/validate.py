@@ -133,16 +133,18 @@ def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, p
         value = getattr(cfg.timeouts, name)
         if value <= 0:
             p.add(f"{prefix}.timeouts.{name}", value, "must be > 0", getattr(type(cfg.timeouts)(), name))
-    check_ray(cfg.ray, p, f"{prefix}.ray")
+    check_ray(cfg.ray, p, f"{prefix}.ray", cfg.engines)
 
 
-def check_ray(cfg: RayConfig, p: Problems, prefix: str = "pool.ray") -> None:
+def check_ray(cfg: RayConfig, p: Problems, prefix: str = "pool.ray", engines: int | None = None) -> None:
     p.at_least(f"{prefix}.num_cpus", cfg.num_cpus, 0.0)
     p.at_least(f"{prefix}.num_gpus", cfg.num_gpus, 0.0)
     # One slot waits on the engine's lifetime for as long as it runs; stop needs another.
     p.at_least(f"{prefix}.max_concurrency", cfg.max_concurrency, 2)
     p.at_least(f"{prefix}.replace_timeout_s", cfg.replace_timeout_s, 1.0)
     p.at_least(f"{prefix}.node_poll_s", cfg.node_poll_s, 0.1)
+    if engines is not None:
+        p.at_least(f"{prefix}.max_engines", cfg.max_engines, engines)
     for name, amount in cfg.resources.items():
         if amount <= 0:
             p.add(f"{prefix}.resources.{name}", amount, "must be > 0 (drop the key to ask for none)", 1)

@@ -94,6 +94,7 @@ class Dispatcher:
         self._engines = [_Engine(i, c, limits.engine_inflight, since=now,
                                  limiter=RateLimiter(rate_limits, now) if rate_limits else None)
                          for i, c in enumerate(clients)]
+        self._rate_limits = rate_limits
         self._backoff = backoff
         self._rand = rand
         self.metrics = metrics
@@ -377,6 +378,21 @@ class Dispatcher:
         self._on_change("health", client.name, "dead", "healthy", "restarted")
         self._wake.set()
         return old
+
+    def add_client(self, client: EngineClient, limits: Limits) -> int:
+        """A new engine joins rotation (a node joined, an engine was attached); returns its index.
+
+        ``limits`` are the pool's for the new engine count: the global cap grows with the pool.
+        """
+        now = self._clock()
+        self.limits = limits
+        index = len(self._engines)
+        self._engines.append(_Engine(index, client, limits.engine_inflight, since=now,
+                                     limiter=RateLimiter(self._rate_limits, now) if self._rate_limits else None))
+        log.info("%s: absent -> healthy (joined; %d engines)", client.name, len(self._engines))
+        self._on_change("health", client.name, "absent", "healthy", "joined")
+        self._wake.set()
+        return index
 
     def give_up(self, index: int, reason: str) -> None:
         """A restart failed: the engine stays dead."""

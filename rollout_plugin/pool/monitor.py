@@ -85,6 +85,9 @@ class Monitor:
         self.latest = metrics
         if self.states is None:
             self.states = self._start(metrics)
+        for i in range(len(self.states), len(metrics)):  # engines that joined since (Dispatcher.add_client)
+            self.states.append(initial_state(self.dispatcher.engine_state(i)[1], self.cfg, self.group_size))
+        self.progress.extend([None] * (len(metrics) - len(self.progress)))
         backlog = self.dispatcher.backlog_samples
         pool_tokens = 0.0
         if self.dispatcher.metrics is not None:

@@ -228,12 +228,42 @@ class RolloutPool:
         self._require().mark_dead(index, reason)
 
     def _capacity_grew(self, reason: str) -> None:
-        """New nodes: engines given up for want of resources get another try (restarts permitting)."""
+        """New nodes: engines given up for want of resources get another try (restarts permitting);
+        with no slot to refill, a backend that can grow adds an engine (up to its own bound)."""
         if self._given_up:
             log.info("pool: retrying given-up engine(s) %s (%s)", sorted(self._given_up), reason)
         for index in sorted(self._given_up):
             if self._will_restart(index):
                 self._given_up.discard(index)
+        grow = getattr(self.provider, "can_grow", None)
+        if not self._given_up and self._tg is not None and grow is not None and grow(len(self._clients)):
+            task = self._tg.create_task(self._grow(reason))
+            self._restarting.add(task)  # cancelled on exit like a pending restart
+            task.add_done_callback(self._restarting.discard)
+
+    async def _grow(self, reason: str) -> None:
+        try:
+            endpoint = await self.provider.add()  # type: ignore[union-attr]
+        except EngineError as exc:
+            log.warning("pool: no engine added (%s): %s", reason, exc)
+            return
+        await self.add_engine(endpoint)
+
+    async def add_engine(self, endpoint: EngineEndpoint) -> int:
+        """Put one more running engine into rotation (a Ray node joined, or the caller attaches a URL);
+        returns its index. It is warmed first (like a launched engine) and the global cap grows with it."""
+        dispatcher = self._require()
+        cfg = self.engine_cfg
+        model = cfg.served_model_name or await _served_model(endpoint.url, endpoint.api_key,
+                                                              self.pool_cfg.timeouts.health_s)
+        client = self._http_client(endpoint, model)
+        if self.provider is not None or self.pool_cfg.prewarm.attached:
+            await prewarm([client], self.pool_cfg.prewarm, self._warm_prompt, clock=self._clock)
+        self.limits = pool_limits(cfg, self.pool_cfg, len(self._clients) + 1)
+        self._clients.append(client)
+        self._restarts.append(0)
+        self.endpoints.append(endpoint)
+        return dispatcher.add_client(client, self.limits)
 
     async def _close_clients(self) -> None:
         for client in self._clients:

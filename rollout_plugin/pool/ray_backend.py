@@ -182,6 +182,22 @@ class RayEngines:
         await self._launch(fresh, self.cfg.replace_timeout_s + self.engine_cfg.startup_timeout_s)
         return fresh.endpoint
 
+    def can_grow(self, engines: int) -> bool:
+        """Room for one more replica under ``pool.ray.max_engines`` (and none being added now)."""
+        limit = self.cfg.max_engines
+        return limit is not None and engines < limit and len(self._replicas) == engines and not self._closed
+
+    async def add(self) -> EngineEndpoint:
+        """Launch one more replica (a node joined); it gets the next index."""
+        replica = _Replica(len(self._replicas))
+        self._replicas.append(replica)
+        try:
+            await self._launch(replica, self.cfg.replace_timeout_s + self.engine_cfg.startup_timeout_s)
+        except BaseException:
+            self._replicas.remove(replica)
+            raise
+        return replica.endpoint
+
     async def _launch(self, replica: _Replica, timeout_s: float) -> float:
         """Placement group, then actor, then server; everything created is released on failure."""
         ray = _ray()
