@@ -137,7 +137,7 @@ class RolloutPool:
             self._clients = self._given_clients or await self._open_clients()
             # Before the dispatcher exists: no real request meets a cold engine. Attached engines (already
             # running, perhaps billed per call) only when asked.
-            if not self._given_clients and (self.processes or self.pool_cfg.prewarm.attached):
+            if not self._given_clients and (self.provider is not None or self.pool_cfg.prewarm.attached):
                 self.warmup = await prewarm(self._clients, self.pool_cfg.prewarm, self._warm_prompt,
                                             clock=self._clock)
             names = [c.name for c in self._clients]
