@@ -364,3 +364,26 @@ async def test_pool_gives_up_on_a_lost_node_then_refills_the_slot_when_a_node_jo
         assert fresh != first and servers_on_port(fresh.rsplit(":", 1)[1])
         assert pool._restarts[1] == 2  # the failed try and the one that worked
     assert not [p for p in marked_pids(ray_cluster.mark) if b"fake_engine" in _cmdline(p)]
+
+
+@pytest.mark.slow
+async def test_a_joining_node_adds_an_engine_up_to_max_engines(ray_cluster, tmp_path):
+    from rollout_plugin.config.schema import EngineConfig, PoolConfig, PrewarmConfig
+    from rollout_plugin.pool.pool import RolloutPool
+
+    engine = EngineConfig(model="fake", python=fake_python(tmp_path), log_dir=str(tmp_path / "logs"),
+                          startup_timeout_s=120)
+    pool_cfg = PoolConfig(engines=1, backend=PoolBackend.ray, prewarm=PrewarmConfig(requests=0),
+                          ray=RayConfig(address=ray_cluster.address, num_cpus=0.25, max_engines=2,
+                                        replace_timeout_s=30, node_poll_s=0.5))
+    async with RolloutPool(engine, pool_cfg) as pool:
+        assert len(pool.stats().engines) == 1
+        await asyncio.to_thread(ray_cluster.start_node, "node_c")  # a machine joins the cluster
+        await asyncio.to_thread(wait_until, lambda: len(pool.stats().engines) == 2, 180,
+                                "a second engine to join when node_c did")
+        stats = pool.stats()
+        assert not pool.provider.can_grow(len(stats.engines))  # max_engines reached: no third
+        assert await pool._require().clients[1].healthy()  # the stand-in server answers /health only
+        urls = [ep.url for ep in pool.endpoints]
+    assert [e.name for e in stats.engines] == ["engine0", "engine1"] and all(e.healthy for e in stats.engines)
+    assert len(set(urls)) == 2 and servers_on_port(urls[1].rsplit(":", 1)[1]) == []  # gone with the pool
