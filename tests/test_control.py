@@ -66,6 +66,11 @@ def test_caps_respect_the_configured_ceiling():
     assert d[1].cap == 110
 
 
+def test_a_low_kv_first_guess_may_still_climb_to_twice_the_preset():
+    state = initial_state(5, ControllerConfig(), group_size=1, preset=128)
+    assert (state.cap, state.ceiling) == (5, 256)  # not 2 × 5: the estimate is only where to start
+
+
 def test_off_mode_observes_but_never_changes_caps():
     cfg = ControllerConfig(mode=ControllerMode.off)
     state = initial_state(100, cfg, group_size=1)

@@ -85,9 +85,11 @@ def watch_progress(prev: Progress | None, tokens: float | None, inflight: int, t
     return prev, t - prev.since >= stall_s
 
 
-def initial_state(cap: int, cfg: ControllerConfig, group_size: int) -> ControlState:
+def initial_state(cap: int, cfg: ControllerConfig, group_size: int, preset: int | None = None) -> ControlState:
+    """``cap`` to start from; the default ceiling is twice the ``preset`` (the configured cap), not twice a
+    (possibly far lower) KV-based first estimate, so a low first guess can still climb to what the engine holds."""
     floor = max(cfg.min_cap, group_size)
-    ceiling = max(floor, cfg.max_cap if cfg.max_cap is not None else 2 * cap)
+    ceiling = max(floor, cfg.max_cap if cfg.max_cap is not None else 2 * max(cap, preset or 0))
     return ControlState(cap=min(max(cap, floor), ceiling), floor=floor, ceiling=ceiling)
 
 

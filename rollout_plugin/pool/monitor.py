@@ -72,7 +72,7 @@ class Monitor:
             cap, why = preset, "preset by context length"
             if self.cfg.mode == ControllerMode.adaptive:
                 cap, why = kv_estimate_cap(preset, m.kv_tokens, self.expected_tokens, self.ratio)
-            state = initial_state(cap, self.cfg, self.group_size)
+            state = initial_state(cap, self.cfg, self.group_size, preset=preset)
             if state.cap != preset:
                 self.dispatcher.set_cap(i, state.cap, why)
                 self.cap_changes += 1
