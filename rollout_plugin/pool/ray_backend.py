@@ -35,6 +35,7 @@ NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node; ray.util.pla
 # We join a cluster only to place engines and exchange endpoints; a cluster we start ourselves gets
 # Ray's smallest object store rather than 30 % of the machine's memory.
 LOCAL_OBJECT_STORE_BYTES = 100 * 1024 * 1024
+UNAVAILABLE_RETRIES = 10  # ActorUnavailableError in a row (1 s apart) before a replica counts as dead
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
@@ -88,10 +89,12 @@ class EngineActor:
         cfg = self.cfg
         model = await asyncio.to_thread(resolve_model, cfg.model, cfg.python)  # this node's copy
         port = reserve_ports(cfg.host, cfg.port + self.index if cfg.port else 0, 1)[0]
-        # One engine per actor: the node's cores (Ray already set this worker's GPU visibility, which
-        # the child inherits) are the replica's, so no binding of ours.
+        # Ray already set this worker's GPU visibility (the child inherits it). CPU engines: vLLM's "auto"
+        # binding pins every engine on a machine to the same cores, and two engines' spinning OMP threads
+        # on one core starve one of them (seen: 3 tok/s next to 4.9k); "nobind" leaves placement to the
+        # OS, with Ray's OMP_NUM_THREADS (the replica's num_cpus). engine.env may still set a binding.
         self.proc = EngineProcess(self.index, cfg, model=model, port=port, max_num_seqs=self.max_num_seqs,
-                                  cpu_bind=None, log_dir=Path(cfg.log_dir))
+                                  cpu_bind="nobind", log_dir=Path(cfg.log_dir))
         # On the actor's event-loop thread, which lives as long as the actor: when the worker dies (its
         # node is lost, ray.kill) the kernel's PR_SET_PDEATHSIG takes the server down with it.
         self.proc.start()
@@ -259,10 +262,22 @@ class RayEngines:
 
     async def _watch_replica(self, replica: _Replica, on_dead: DeadHook) -> None:
         ray = _ray()
-        try:
-            reason = await replica.lifetime
-        except ray.exceptions.RayError as exc:  # the actor (or its node) is gone
-            reason = f"Ray actor lost ({type(exc).__name__})"
+        unavailable = 0
+        while True:
+            try:
+                reason = await replica.lifetime
+            except ray.exceptions.ActorUnavailableError as exc:
+                # Transient by Ray's own definition (e.g. while another node's raylet goes away): ask
+                # again a few times before calling it a death; a dead actor answers ActorDiedError.
+                unavailable += 1
+                if unavailable <= UNAVAILABLE_RETRIES and not (replica.done or self._closed):
+                    await asyncio.sleep(1.0)  # Ray has no event for "reachable again"
+                    replica.lifetime = replica.actor.lifetime.remote()
+                    continue
+                reason = f"Ray actor lost ({type(exc).__name__} {unavailable} times)"
+            except ray.exceptions.RayError as exc:  # the actor (or its node) is gone
+                reason = f"Ray actor lost ({type(exc).__name__})"
+            break
         if replica.done or self._closed:
             return
         replica.done = True
