@@ -7,6 +7,7 @@ optional ``id`` (default: ``line-N``); any other fields (``answer`` …) go to t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,6 +49,19 @@ def _prompt_of(row: dict[str, Any], where: str) -> Prompt:
                         "prompt_token_ids": "list of ints"}[key])
 
 
+def jsonl_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "file:line", parsed value)`` for each non-blank line; malformed JSON names its line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield lineno, where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+
+
 def load_examples(path: str | None, limit: int | None = None) -> list[Example]:
     """Read and check the whole file before any engine starts, so bad input costs nothing."""
     file = Path(path).expanduser() if path else default_dataset_path()
@@ -55,26 +69,18 @@ def load_examples(path: str | None, limit: int | None = None) -> list[Example]:
         raise InputError(f"input={path!r}: no such file")
     examples: list[Example] = []
     seen: dict[str, int] = {}
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            prompt = _prompt_of(row, where)
-            ex_id = str(row.get("id", f"line-{lineno}"))
-            if ex_id in seen:
-                raise InputError(f"{where}: duplicate id {ex_id!r} (first on line {seen[ex_id]})")
-            seen[ex_id] = lineno
-            fields = {k: v for k, v in row.items() if k not in ("prompt", "messages", "prompt_token_ids")}
-            examples.append(Example(ex_id, prompt, fields))
-            if limit is not None and len(examples) >= limit:
-                break
+    for lineno, where, row in jsonl_rows(file):
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        prompt = _prompt_of(row, where)
+        ex_id = str(row.get("id", f"line-{lineno}"))
+        if ex_id in seen:
+            raise InputError(f"{where}: duplicate id {ex_id!r} (first on line {seen[ex_id]})")
+        seen[ex_id] = lineno
+        fields = {k: v for k, v in row.items() if k not in ("prompt", "messages", "prompt_token_ids")}
+        examples.append(Example(ex_id, prompt, fields))
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise InputError(f"input={str(file)!r}: no prompts in the file")
     return examples

@@ -235,8 +235,8 @@ class RolloutPool:
         for index in sorted(self._given_up):
             if self._will_restart(index):
                 self._given_up.discard(index)
-        grow = getattr(self.provider, "can_grow", None)
-        if not self._given_up and self._tg is not None and grow is not None and grow(len(self._clients)):
+        if (not self._given_up and self._tg is not None and self.provider is not None
+                and self.provider.can_grow(len(self._clients))):
             task = self._tg.create_task(self._grow(reason))
             self._restarting.add(task)  # cancelled on exit like a pending restart
             task.add_done_callback(self._restarting.discard)

@@ -37,6 +37,12 @@ class EngineProvider(Protocol):
     async def watch(self, on_dead: DeadHook, on_capacity: CapacityHook) -> None:
         """Report deaths and new capacity until cancelled (return at once if the backend has nothing to watch)."""
 
+    def can_grow(self, engines: int) -> bool:
+        """Whether :meth:`add` may launch one more engine now that the pool has ``engines``."""
+
+    async def add(self) -> EngineEndpoint:
+        """Launch one more engine at the next index; raise :class:`EngineError` if it cannot."""
+
     def close(self) -> None:
         """Stop every engine this provider launched (blocking; safe to call twice)."""
 
@@ -101,6 +107,12 @@ class LocalEngines:
 
     async def watch(self, on_dead: DeadHook, on_capacity: CapacityHook) -> None:
         """Nothing to watch: a dead local engine shows up as failed calls and a failed health probe."""
+
+    def can_grow(self, engines: int) -> bool:
+        return False  # one machine: its cores were split between pool.engines at start
+
+    async def add(self) -> EngineEndpoint:
+        raise EngineError("the local backend does not add engines at runtime (pool.engines is fixed)")
 
     def close(self) -> None:
         stop_all(self.processes)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Optional
 
+from rollout_plugin.collect.dataset import jsonl_rows
 from rollout_plugin.config.schema import Progress, VerifyConfig
 from rollout_plugin.config.validate import Problems
 from rollout_plugin.errors import InputError
@@ -93,22 +94,14 @@ def validate_verify_job(cfg: VerifyJobConfig) -> tuple[Path, Path]:
 def scan_input(path: Path) -> int:
     """Check every line before scoring starts; returns the row count."""
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("completion"), str) or "id" not in row:
-                raise InputError(f"{where}: a rollout row needs 'id' and 'completion' "
-                                 f"(write it with `rollout-plugin collect verify=deferred`)")
-            rid = str(row["id"])
-            if rid in seen:
-                raise InputError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
-            seen[rid] = lineno
+    for lineno, where, row in jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("completion"), str) or "id" not in row:
+            raise InputError(f"{where}: a rollout row needs 'id' and 'completion' "
+                             f"(write it with `rollout-plugin collect verify=deferred`)")
+        rid = str(row["id"])
+        if rid in seen:
+            raise InputError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = lineno
     if not seen:
         raise InputError(f"input={str(path)!r}: no rows")
     return len(seen)
