@@ -23,7 +23,8 @@ from rollout_plugin.errors import (
 )
 from rollout_plugin.pool.stats import PoolStats
 from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
-from rollout_plugin.types import Request, Result, Sample, SamplingParams
+from rollout_plugin.pool.weights import FolderWeights, UpdateMode
+from rollout_plugin.types import Request, Result, Sample, SamplingParams, Segment
 from rollout_plugin.verify import VerifierRunner, VerifyCache, VerifyJobConfig
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "EngineStartError",
+    "FolderWeights",
     "InputError",
     "PoolConfig",
     "PoolError",
@@ -44,10 +46,12 @@ __all__ = [
     "RolloutPluginError",
     "RolloutPool",
     "Sample",
+    "Segment",
     "SamplingConfig",
     "SamplingParams",
     "ServeConfig",
     "SyncRolloutPool",
+    "UpdateMode",
     "VerifierError",
     "VerifierRunner",
     "VerifyCache",

@@ -43,6 +43,10 @@ class Request:
     n: int = 1
     sampling: SamplingParams = field(default_factory=SamplingParams)
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Requests sharing an affinity key (the samples of a GRPO group sent one by one, the turns of a
+    # multi-turn session) prefer the engine the key's last one went to: its prefix is cached there.
+    # Several keys: the first one with a home decides (e.g. a session's id, then its group's prompt).
+    affinity: str | tuple[str, ...] | None = field(default=None, compare=False, hash=False)
 
     @property
     def kind(self) -> PromptKind:
@@ -54,17 +58,36 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """Output tokens ``[start, end)`` of a sample were produced under weight version ``version``.
+
+    A boundary is ``None`` where it is not known (a sample frozen across a ``keep`` weight update on a call
+    that did not stream: both versions produced it, at an unknown split)."""
+
+    version: int
+    start: int | None
+    end: int | None
+
+
+@dataclass(frozen=True)
 class Sample:
-    """One completion of a request."""
+    """One completion of a request. ``segments``: which weights produced which tokens (one segment unless
+    the sample spanned a weight update or continued on another engine)."""
 
     text: str
     token_ids: tuple[int, ...] | None = None
     logprobs: tuple[float, ...] | None = None
     finish_reason: str | None = None
+    segments: tuple[Segment, ...] = ()
 
     @property
     def output_tokens(self) -> int:
         return len(self.token_ids) if self.token_ids is not None else 0
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The weight versions that produced this sample, oldest first."""
+        return tuple(sorted({s.version for s in self.segments}))
 
 
 @dataclass(frozen=True)
@@ -77,7 +100,9 @@ class Result:
     engine: str | None = None
     latency_s: float = 0.0
     attempts: int = 1
-    weight_version: int = 0  # the weights the engine held when it produced these samples
+    # The weights the engine held when it produced these samples; the oldest, when a sample spans
+    # several (each sample's segments say which tokens came from which version).
+    weight_version: int = 0
     error: str | None = None
     request: Request | None = field(default=None, compare=False, repr=False)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from rollout_plugin.pool.client import CallError, Generation
+from rollout_plugin.pool.engine_client import CallError, Generation, Rejected, Unavailable
 from rollout_plugin.types import Request, Sample
 
 
@@ -38,11 +38,11 @@ class FakeEngine:
             else:
                 await asyncio.sleep(0)  # yield so concurrent calls overlap, as they do on a server
             if self.dead:
-                raise CallError(f"{self.name}: connection refused", retryable=True, suspect=True)
+                raise Unavailable(f"{self.name}: connection refused")
             if self.fail_with is not None:
                 raise self.fail_with
             if self.bad_ids & {r.id for r in requests}:
-                raise CallError(f"{self.name}: HTTP 400: bad prompt", retryable=False, status=400)
+                raise Rejected(f"{self.name}: HTTP 400: bad prompt", status=400)
             return [Generation(tuple(Sample(f"{r.id}:{j}", tuple(range(self.tokens)), None, "length")
                                      for j in range(r.n)), 3) for r in requests]
         finally:

@@ -9,7 +9,7 @@ import pytest
 from fakes import FakeEngine
 from rollout_plugin.config.schema import PoolConfig
 from rollout_plugin.errors import PoolError
-from rollout_plugin.pool.client import CallError
+from rollout_plugin.pool.engine_client import Unavailable
 from rollout_plugin.pool.pool import RolloutPool
 from rollout_plugin.types import Request, SamplingParams
 
@@ -109,7 +109,7 @@ async def test_bad_member_of_a_pack_fails_alone():
 
 
 async def test_retryable_errors_become_error_records_after_max_retries():
-    engine = FakeEngine("a", fail_with=CallError("HTTP 503", retryable=True, status=503))
+    engine = FakeEngine("a", fail_with=Unavailable("HTTP 503", status=503))
     async with pool_of([engine], per_engine=4, max_retries=2, backoff_base_s=0.001) as pool:
         (result,) = await pool.generate(requests(1))
     assert not result.ok and result.attempts == 3 and "503" in result.error
@@ -146,9 +146,10 @@ async def test_closing_fails_waiting_requests_instead_of_hanging():
         async with asyncio.timeout(5):
             while pool.stats().groups_inflight < 1:
                 await asyncio.sleep(0)
-    assert all(f.done() for f in futures)
-    assert sum(f.cancelled() for f in futures) == 1  # the one in flight
-    assert all(isinstance(f.exception(), PoolError) for f in futures if not f.cancelled())
+    # Queued and in flight alike: an error record each, never a cancelled future.
+    assert all(f.done() and not f.cancelled() for f in futures)
+    results = [f.result() for f in futures]
+    assert all(not r.ok and "closed before this request finished" in r.error for r in results)
 
 
 async def test_chat_requests_go_one_per_call():

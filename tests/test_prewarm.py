@@ -12,7 +12,7 @@ import pytest
 
 from fakes import FakeEngine
 from rollout_plugin.config.schema import EngineConfig, PoolConfig, PrewarmConfig
-from rollout_plugin.pool.client import CallError
+from rollout_plugin.pool.engine_client import Unavailable
 from rollout_plugin.pool.pool import RolloutPool
 from rollout_plugin.pool.prewarm import prewarm, shared_prefix, warm_requests
 from rollout_plugin.types import Request, SamplingParams
@@ -38,7 +38,7 @@ def test_warm_requests_add_the_prefix():
 
 
 async def test_every_engine_is_warmed_and_failures_are_reported():
-    good, bad = FakeEngine("e0"), FakeEngine("e1", fail_with=CallError("e1: HTTP 500", retryable=True))
+    good, bad = FakeEngine("e0"), FakeEngine("e1", fail_with=Unavailable("e1: HTTP 500", status=500))
     reports = await prewarm([good, bad], PrewarmConfig(requests=3), "shared prefix")
     assert [r.engine for r in reports] == ["e0", "e1"]
     assert reports[0].ok and reports[0].calls == 4 and len(good.calls) == 4

@@ -35,3 +35,35 @@ def test_a_split_waits_when_all_room_together_is_too_small():
 
 def test_dead_engines_get_no_piece():
     assert split_group(loads((20, 32), (0, 32), unhealthy={1}), 8, frozenset(), 0.25) == [(0, 8)]
+
+
+def test_affinity_keeps_a_key_on_its_home_until_the_imbalance_gate_opens():
+    from rollout_plugin.pool.routing import pick_near
+
+    near = lambda ls, home, own, threshold=0.25: pick_near(ls, 1, frozenset(), home, own, threshold)  # noqa: E731
+    assert near(loads((8, 8), (8, 8)), None, 0) is None  # every engine at its cap: wait
+    assert near(loads((3, 8), (2, 8)), None, 0) == 1  # no home yet: least loaded
+    # The home, filled 2/8 by others (the key's own 3 not counted), vs 4/8: stay.
+    assert near(loads((5, 8), (4, 8)), 0, 3) == 0
+    # Others fill the home 5/8 while engine 1 is empty: the gate (0.25 of the cap) opens.
+    assert near(loads((6, 8), (0, 8)), 0, 1) == 1
+    assert near(loads((6, 8), (0, 8)), 0, 1, threshold=1.0) == 0
+    # Home full, engines evenly busy: wait for the home rather than lose the prefix.
+    assert near(loads((8, 8), (7, 8)), 0, 4) is None
+    assert near(loads((8, 8), (1, 8)), 0, 4) == 1
+    # A dead home: go where the room is.
+    assert near(loads((0, 8), (5, 8), unhealthy={0}), 0, 0) == 1
+
+
+def test_a_request_with_several_keys_follows_the_first_key_that_has_a_home():
+    from rollout_plugin.pool.affinity import Affinity
+
+    a = Affinity()
+    a.placed(("group:1", "session:x"), 1, 1)  # first turn: the group had no home; both keys now live on 1
+    assert a.home(("session:x", "group:1")) == (1, 1) and a.home("group:1") == (1, 1)
+    a.placed(("session:y", "group:1"), 0, 1)  # another sample of the group, sent away: a move
+    assert a.moved == 1 and a.home("group:1") == (1, 1) and a.home("session:y") == (0, 1)
+    a.left(("group:1", "session:x"), 1, 1)
+    assert a.home("session:x") == (1, 0)
+    a.forget(1)
+    assert a.home("group:1") == (None, 0)

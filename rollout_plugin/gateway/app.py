@@ -116,27 +116,25 @@ class Gateway:
 
     # -- admin -----------------------------------------------------------------------------------
     async def fan_out(self, path: str, body: dict[str, Any] | None) -> JSONResponse:
-        clients = list(self.relay.clients.values())
-        answers = await asyncio.gather(*(c.control(path, body) for c in clients))
-        per_engine = {c.name: {"status": s, "answer": a} for c, (s, a) in zip(clients, answers)}
-        worst = max(s for s, _ in answers) if answers else 200
+        answers = await self.pool.control(path, body, timeout_s=60.0)
+        per_engine = {a.engine: {"status": a.status, "answer": a.body if a.error is None else a.error}
+                      for a in answers}
+        worst = max((a.status for a in answers), default=200)
         if worst == 404:
             return _error(501, f"POST {path}: the engines lack it (vLLM needs engine.dev_mode=true, "
                                f"VLLM_SERVER_DEV_MODE=1)", "not_implemented")
-        return JSONResponse({"success": worst < 300, "engines": per_engine}, status_code=200 if worst < 300 else 502)
+        ok = all(a.ok for a in answers)
+        return JSONResponse({"success": ok, "engines": per_engine}, status_code=200 if ok else 502)
 
     async def pause(self, request: Request) -> JSONResponse:
-        dispatcher = self._dispatcher()
-        dispatcher.pause()
-        await dispatcher.wait_idle()  # in-flight calls finish; queued ones wait
-        return JSONResponse({"paused": True, "weight_version": dispatcher.weight_version})
+        await self.pool.pause(drain=True)  # in-flight calls finish; queued ones wait
+        return JSONResponse({"paused": True, "weight_version": self.pool.weight_version})
 
     async def resume(self, request: Request) -> JSONResponse:
         body = await self._optional_body(request)
         version = body.get("weight_version")
-        dispatcher = self._dispatcher()
-        dispatcher.resume(int(version) if version is not None else None)
-        return JSONResponse({"paused": False, "weight_version": dispatcher.weight_version})
+        self.pool.resume(int(version) if version is not None else None)
+        return JSONResponse({"paused": False, "weight_version": self.pool.weight_version})
 
     async def reload_weights(self, request: Request) -> JSONResponse:
         """Drain, ``reload_weights`` on every engine, resume under the next (or given) weight version."""
@@ -151,11 +149,6 @@ class Gateway:
 
     async def not_relayed(self, request: Request) -> JSONResponse:
         return _error(501, f"{request.url.path}: {NCCL_HELP}", "not_implemented")
-
-    def _dispatcher(self):
-        if self.pool.monitor is None:
-            raise RuntimeError("the pool is not running")
-        return self.pool.monitor.dispatcher
 
     @staticmethod
     async def _optional_body(request: Request) -> dict[str, Any]:

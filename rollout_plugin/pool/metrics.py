@@ -6,12 +6,22 @@ One registry per pool, so several pools in one process (tests, a trainer with tw
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass(frozen=True)
+class EngineSeries:
+    latency: Any
+    output_tokens: Any
+    ok: Any
+    error: Any
 
 
 class PoolMetrics:
@@ -34,9 +44,19 @@ class PoolMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.cap_changes = Counter("rollout_pool_cap_changes", "Controller cap changes", ["engine", "direction"],
                                    registry=r)
+        self._series: dict[str, EngineSeries] = {}
         if port is not None:
             start_http_server(port, addr=host, registry=r)
             log.info("pool metrics on http://%s:%d/metrics", host, port)
+
+    def series(self, engine: str) -> EngineSeries:
+        """One engine's per-result series, looked up once (``labels()`` costs more than the increment)."""
+        cached = self._series.get(engine)
+        if cached is None:
+            cached = self._series[engine] = EngineSeries(
+                self.latency.labels(engine), self.output_tokens.labels(engine),
+                self.results.labels(engine, "ok"), self.results.labels(engine, "error"))
+        return cached
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

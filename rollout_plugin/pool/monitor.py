@@ -62,7 +62,8 @@ class Monitor:
         self.progress[index] = None
 
     async def _scrape(self) -> list[EngineMetrics]:
-        texts = await asyncio.gather(*(c.metrics() for c in self.clients))
+        texts = await asyncio.gather(*(c.metrics() for c in self.clients), return_exceptions=True)
+        texts = [None if isinstance(t, BaseException) else t for t in texts]
         return [parse_vllm_metrics(t) if t else EngineMetrics() for t in texts]
 
     def _start(self, metrics: list[EngineMetrics]) -> list[ControlState]:
@@ -79,9 +80,9 @@ class Monitor:
             states.append(state)
         return states
 
-    def observe(self, metrics: list[EngineMetrics]) -> None:
+    def observe(self, metrics: list[EngineMetrics], now: float | None = None) -> None:
         """One control step for every engine (public so tests can drive it without the loop)."""
-        now = self.clock()
+        now = self.clock() if now is None else now
         self.latest = metrics
         if self.states is None:
             self.states = self._start(metrics)
@@ -89,6 +90,7 @@ class Monitor:
             self.states.append(initial_state(self.dispatcher.engine_state(i)[1], self.cfg, self.group_size))
         self.progress.extend([None] * (len(metrics) - len(self.progress)))
         backlog = self.dispatcher.backlog_samples
+        need = self.dispatcher.largest_pending_n  # no cap may stay below it, or that request waits for ever
         pool_tokens = 0.0
         if self.dispatcher.metrics is not None:
             self.dispatcher.metrics.queued.set(backlog)
@@ -109,7 +111,8 @@ class Monitor:
             tokens = m.generation_tokens_total if m.generation_tokens_total is not None else float(client_tokens)
             pool_tokens += tokens
             obs = Observation(t=now, inflight=inflight, backlog=backlog, tokens_total=tokens, running=m.running,
-                              waiting=m.waiting, kv_usage=m.kv_usage, preemptions_total=m.preemptions_total)
+                              waiting=m.waiting, kv_usage=m.kv_usage, preemptions_total=m.preemptions_total,
+                              need=need)
             self.states[i], decision = step(self.states[i], obs, self.cfg)
             if decision.changed:
                 self.dispatcher.set_cap(i, decision.cap, decision.reason or "")
@@ -147,14 +150,28 @@ class Monitor:
                   if before != EngineMetrics() and now == EngineMetrics() and self.dispatcher.engine_state(i)[3]]
         if not silent:
             return
-        alive = await asyncio.gather(*(self.clients[i].healthy() for i in silent))
+        alive = await asyncio.gather(*(self.clients[i].healthy() for i in silent), return_exceptions=True)
+        alive = [a is True for a in alive]
         for i, ok in zip(silent, alive):
             if not ok:
                 self.dispatcher.mark_dead(i, "no answer to /metrics or /health within engine timeout")
 
     async def run(self) -> None:
+        """Observe every ``interval_s`` until cancelled. A failing round is logged and skipped (caps hold);
+        it never stops the pool."""
+        failing = False
         while True:
-            metrics = await self._scrape()
-            await self._check_silent(metrics)
-            self.observe(metrics)
+            try:
+                metrics = await self._scrape()
+                await self._check_silent(metrics)
+                self.observe(metrics)
+            except Exception as exc:  # a bad scrape or a bug in one round: degrade, keep the caps, try again
+                if not failing:
+                    log.warning("monitor: observing -> degraded (%s: %s); caps hold until it recovers",
+                                type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                failing = True
+            else:
+                if failing:
+                    log.info("monitor: degraded -> observing")
+                failing = False
             await asyncio.sleep(self.cfg.interval_s)  # the poll period itself, not a synchronisation

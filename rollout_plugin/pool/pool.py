@@ -1,40 +1,41 @@
 """The rollout pool: engines (launched or attached) + HTTP clients + the dispatcher.
 
-Async core (``async with RolloutPool(...) as pool``) and a sync facade (:class:`SyncRolloutPool`)
-that runs the same core on a private event loop thread, for trainers that call from sync code.
+Async core (``async with RolloutPool(...) as pool``): lifecycle, engines joining and restarting, and
+generation; its operations beside generation (pause, weight updates, step quotas, control calls) are
+in :mod:`.operations`, the blocking facade :class:`SyncRolloutPool` in :mod:`.sync`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future as ThreadFuture
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import httpx
 
 from rollout_plugin.config.schema import EngineConfig, GroupMode, PoolConfig
 from rollout_plugin.errors import EngineError, PoolError
-from rollout_plugin.pool.client import CallError, EngineClient, HttpEngineClient, split_base_url
+from rollout_plugin.pool.client import HttpEngineClient, split_base_url
 from rollout_plugin.pool.control import ControllerConfig
 from rollout_plugin.pool.dispatch import Dispatcher
-from rollout_plugin.pool.stats import PoolStats
+from rollout_plugin.pool.engine_client import EngineClient
 from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess
 from rollout_plugin.pool.limits import Limits, derive_limits
 from rollout_plugin.pool.metrics import PoolMetrics
 from rollout_plugin.pool.monitor import Monitor
-from rollout_plugin.pool.provider import EngineProvider, LocalEngines, make_provider
+from rollout_plugin.pool.operations import Operations
 from rollout_plugin.pool.prewarm import WarmupReport, prewarm
+from rollout_plugin.pool.provider import EngineProvider, LocalEngines, make_provider
 from rollout_plugin.pool.ratelimit import RateLimits
+from rollout_plugin.pool.server_check import DEV_MODE_ENDPOINTS, check_servers
+from rollout_plugin.pool.stats import PoolStats
+from rollout_plugin.pool.supervisor import Supervisor
 from rollout_plugin.pool.timeline import TimelineRecorder
+from rollout_plugin.pool.weights import WeightSource
 from rollout_plugin.types import Prompt, Request, Result
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def pool_limits(engine: EngineConfig, pool: PoolConfig, engines: int) -> Limits:
@@ -56,7 +57,7 @@ async def _served_model(url: str, api_key: str | None, timeout_s: float) -> str:
                           f"set engine.served_model_name") from None
 
 
-class RolloutPool:
+class RolloutPool(Operations):
     """``async with RolloutPool(engine_cfg, pool_cfg) as pool: results = await pool.generate(requests)``.
 
     Launches ``pool.engines`` vLLM servers (or attaches to ``engine.urls``), and stops what it
@@ -81,16 +82,13 @@ class RolloutPool:
         self.endpoints: list[EngineEndpoint] = []
         self.startup_s: list[float] = []
         self._clients: list[EngineClient] = []
-        self._tg: asyncio.TaskGroup | None = None
+        self._supervisor: Supervisor | None = None  # the pool's helpers: monitor, node watch, restarts, growth
         self._dispatcher: Dispatcher | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._monitor_task: asyncio.Task[None] | None = None
-        self._watch_task: asyncio.Task[None] | None = None
-        self._restarting: set[asyncio.Task[None]] = set()  # cancelled on exit: a replacement may wait for a node
         self._restarts = [0] * n
         self._warm_prompt = warm_prompt  # the dataset's shared prefix, so the prefix cache starts warm
         self._client_factory = client_factory  # HttpEngineClient's signature; the gateway passes its own
         self.warmup: list[WarmupReport] = []
+        self._weight_source: WeightSource | None = None  # the last weights loaded by update_weights: refits use it
 
     def _record_change(self, kind: str, engine: str, old: object, new: object, reason: str) -> None:
         if self._timeline is not None:
@@ -103,33 +101,34 @@ class RolloutPool:
 
     def _will_restart(self, index: int) -> bool:
         """Called when an engine dies: restart it if we launched it and it has restarts left."""
-        if self.provider is None or self._tg is None or self._restarts[index] >= self.pool_cfg.max_restarts:
+        if self.provider is None or self._supervisor is None or self._restarts[index] >= self.pool_cfg.max_restarts:
             return False
         self._restarts[index] += 1
-        task = self._tg.create_task(self._restart(index))
-        self._restarting.add(task)
-        task.add_done_callback(self._restarting.discard)
+        self._supervisor.spawn(f"{self._clients[index].name}-restart", self._restart(index),
+                               on_error=lambda exc: self._restart_failed(index, exc))
         return True
+
+    def _restart_failed(self, index: int, exc: BaseException) -> None:
+        self._given_up.add(index)
+        self._require().give_up(index, f"{self._clients[index].name}: restart failed: {exc}")
 
     async def _restart(self, index: int) -> None:
         name = self._clients[index].name
         log.warning("%s: dead -> restarting (restart %d of %d)", name, self._restarts[index],
                     self.pool_cfg.max_restarts)
-        try:
-            ep = await self.provider.replace(index)  # type: ignore[union-attr]
-        except EngineError as exc:
-            log.error("%s: restart failed: %s", name, exc)
-            self._given_up.add(index)
-            self._require().give_up(index, f"{name}: restart failed")
-            return
+        ep = await self.provider.replace(index)  # type: ignore[union-attr]  # failures: _restart_failed
         client = self._http_client(EngineEndpoint(name, ep.url, ep.api_key), self._clients[index].model)
         self._clients[index] = client
         if not self._given_clients:
             await prewarm([client], self.pool_cfg.prewarm, self._warm_prompt, clock=self._clock)
-        stale = self._require().replace_client(index, client)
+        d = self._require()
+        changed = d.weight_version != 0  # it restarted with the initial weights, the pool has moved on
+        old = d.replace_client(index, client, stale=changed)
         if self.monitor is not None:
             self.monitor.reset_engine(index)
-        await stale.aclose()
+        await old.aclose()
+        if changed:
+            await self._refit([name])
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def __aenter__(self) -> RolloutPool:
@@ -140,52 +139,49 @@ class RolloutPool:
             if not self._given_clients and (self.provider is not None or self.pool_cfg.prewarm.attached):
                 self.warmup = await prewarm(self._clients, self.pool_cfg.prewarm, self._warm_prompt,
                                             clock=self._clock)
-            names = [c.name for c in self._clients]
-            if self.controller_cfg.timeline:
-                self._timeline = TimelineRecorder(self.controller_cfg.timeline, names, self._clock())
-            rl = self.engine_cfg.rate_limit
-            self._dispatcher = Dispatcher(
-                self._clients, self.limits, pack_size=self.pool_cfg.pack_size, max_retries=self.pool_cfg.max_retries,
-                clock=self._clock, on_change=self._record_change,
-                rate_limits=RateLimits(rl.rpm, rl.tpm, rl.burst_s) if (rl.rpm or rl.tpm) else None,
-                backoff=(self.pool_cfg.backoff_base_s, self.pool_cfg.backoff_cap_s),
-                metrics=PoolMetrics(self.pool_cfg.metrics_port), recover=self._will_restart,
-                group_mode=GroupMode(self.pool_cfg.groups.mode).value,
-                split_threshold=self.pool_cfg.groups.split_threshold, pack_timeout_s=self.pool_cfg.pack_timeout_s)
-            self.monitor = Monitor(
-                self._dispatcher, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
-                expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,
-                ratio=self.pool_cfg.over_concurrency_ratio, clock=self._clock, timeline=self._timeline,
-                stall_s=self.pool_cfg.timeouts.stall_s)
-            self._tg = asyncio.TaskGroup()
-            await self._tg.__aenter__()
-            self._runner = self._tg.create_task(self._dispatcher.run(self._tg))
-            self._monitor_task = self._tg.create_task(self.monitor.run())
-            if self.provider is not None:
-                self._watch_task = self._tg.create_task(self.provider.watch(self._engine_lost, self._capacity_grew))
+            self._start_core()
         except BaseException:
             await self._close_clients()
             self._close_provider()
             raise
-        log.info("pool ready: %d engine(s), per-engine cap %d (in flight %d), max_concurrent %d groups of k=%d",
+        log.info("pool ready: %d engine(s), per-engine cap %d (in flight %d), global cap %d samples (k=%d)",
                  len(self._clients), self.limits.per_engine, self.limits.engine_inflight,
-                 self.limits.max_concurrent, self.limits.k)
+                 self.limits.global_samples, self.limits.k)
         return self
+
+    def _start_core(self) -> None:
+        """The dispatcher and its supervised helpers (monitor, node watch); no caller's task is their parent."""
+        names = [c.name for c in self._clients]
+        if self.controller_cfg.timeline:
+            self._timeline = TimelineRecorder(self.controller_cfg.timeline, names, self._clock())
+        rl = self.engine_cfg.rate_limit
+        self._supervisor = sup = Supervisor()
+        self._dispatcher = d = Dispatcher(
+            self._clients, self.limits, pack_size=self.pool_cfg.pack_size, max_retries=self.pool_cfg.max_retries,
+            clock=self._clock, on_change=self._record_change,
+            rate_limits=RateLimits(rl.rpm, rl.tpm, rl.burst_s) if (rl.rpm or rl.tpm) else None,
+            backoff=(self.pool_cfg.backoff_base_s, self.pool_cfg.backoff_cap_s),
+            metrics=PoolMetrics(self.pool_cfg.metrics_port), recover=self._will_restart,
+            group_mode=GroupMode(self.pool_cfg.groups.mode).value,
+            split_threshold=self.pool_cfg.groups.split_threshold, pack_timeout_s=self.pool_cfg.pack_timeout_s,
+            supervisor=sup)
+        self.monitor = Monitor(
+            d, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
+            expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,
+            ratio=self.pool_cfg.over_concurrency_ratio, clock=self._clock, timeline=self._timeline,
+            stall_s=self.pool_cfg.timeouts.stall_s)
+        sup.spawn("dispatcher", d.run(), on_error=lambda exc: d.fail(PoolError(f"the dispatcher failed: {exc}")))
+        sup.spawn("monitor", self.monitor.run())
+        if self.provider is not None:
+            sup.spawn("engine-watch", self.provider.watch(self._engine_lost, self._capacity_grew))
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         failure = self._dispatcher.failure if self._dispatcher else None
         try:
-            if self._monitor_task is not None:
-                self._monitor_task.cancel()
-            if self._watch_task is not None:
-                self._watch_task.cancel()
-            for task in self._restarting:
-                task.cancel()
-            if self._dispatcher:
-                self._dispatcher.close()
-            if self._tg:
-                # The caller's exception is theirs to propagate; the group only collects our tasks.
-                await self._tg.__aexit__(None, None, None)
+            if self._dispatcher is not None:
+                await self._dispatcher.aclose()  # every open request gets its record; calls stop
+            if self._supervisor is not None:
+                await self._supervisor.aclose()  # monitor, watch, probes, restarts, growth
         finally:
             if self._timeline is not None:
                 self._timeline.close()
@@ -200,6 +196,9 @@ class RolloutPool:
             self.endpoints = [EngineEndpoint(f"engine{i}", url, cfg.api_key) for i, url in enumerate(cfg.urls)]
         else:
             self.endpoints = await self._launch()
+        # vLLM's version and, with engine.dev_mode, the control endpoints the pool calls: one line if not.
+        await check_servers([(ep.name, ep.url, ep.api_key) for ep in self.endpoints],
+                            needs=DEV_MODE_ENDPOINTS if cfg.dev_mode else (), timeout_s=t.health_s)
         clients: list[EngineClient] = []
         for ep in self.endpoints:
             model = cfg.served_model_name or await _served_model(ep.url, ep.api_key, t.health_s)
@@ -211,7 +210,8 @@ class RolloutPool:
         return self._client_factory(
             ep.name, ep.url, api_key=ep.api_key, model=model, max_connections=self.limits.http_connections,
             connect_s=t.connect_s, request_s=t.request_s, admission_s=t.admission_s, health_s=t.health_s,
-            stream=self.pool_cfg.stream, extra_body=dict(self.engine_cfg.extra_body))
+            stream=self.pool_cfg.stream, extra_body=dict(self.engine_cfg.extra_body),
+            stream_min_tokens=self.pool_cfg.stream_min_tokens)
 
     async def _launch(self) -> list[EngineEndpoint]:
         self.provider = make_provider(self.engine_cfg, self.pool_cfg)
@@ -235,11 +235,9 @@ class RolloutPool:
         for index in sorted(self._given_up):
             if self._will_restart(index):
                 self._given_up.discard(index)
-        if (not self._given_up and self._tg is not None and self.provider is not None
+        if (not self._given_up and self._supervisor is not None and self.provider is not None
                 and self.provider.can_grow(len(self._clients))):
-            task = self._tg.create_task(self._grow(reason))
-            self._restarting.add(task)  # cancelled on exit like a pending restart
-            task.add_done_callback(self._restarting.discard)
+            self._supervisor.spawn("growth", self._grow(reason))  # a failure is logged; the pool stays as it is
 
     async def _grow(self, reason: str) -> None:
         try:
@@ -263,12 +261,15 @@ class RolloutPool:
         self._clients.append(client)
         self._restarts.append(0)
         self.endpoints.append(endpoint)
-        return dispatcher.add_client(client, self.limits)
+        changed = dispatcher.weight_version != 0  # its weights are unknown: out until refit
+        index = dispatcher.add_client(client, self.limits, stale=changed)
+        if changed:
+            await self._refit([client.name])
+        return index
 
     async def _close_clients(self) -> None:
-        for client in self._clients:
-            await client.aclose()
-        self._clients = []
+        clients, self._clients = self._clients, []
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
 
     # -- work -------------------------------------------------------------------------------------
     def _require(self) -> Dispatcher:
@@ -307,137 +308,43 @@ class RolloutPool:
         metrics = self._require().metrics
         return metrics.text() if metrics is not None else ""
 
-    @contextlib.asynccontextmanager
-    async def weight_update(self, version: int | None = None, *, abort: bool = False) -> AsyncIterator[None]:
-        """Pause admission, drain (or ``abort`` and requeue) in-flight work, yield for the weight load,
-        then resume with the new version; every later result carries it."""
-        d = self._require()
-        d.pause()
-        if abort:
-            d.abort_inflight()
-        await d.wait_idle()
-        try:
-            yield
-        finally:
-            d.resume(version if version is not None else d.weight_version + 1)
-
-    @property
-    def weight_version(self) -> int:
-        return self._require().weight_version
-
-    async def call_engines(self, path: str, body: dict | None = None, *, timeout_s: float | None = None) -> list:
-        """POST a control call (e.g. ``/collective_rpc`` in vLLM dev mode) to every engine at once; the answers
-        in engine order, or the first failure raised as :class:`EngineError`."""
-        self._require()
-        clients = list(self._clients)
-        if not all(hasattr(c, "admin") for c in clients):
-            raise PoolError(f"POST {path}: some engine clients have no control endpoint (only HTTP engines do)")
-        try:
-            async with asyncio.TaskGroup() as tg:
-                calls = [tg.create_task(c.admin(path, body, timeout_s=timeout_s)) for c in clients]  # type: ignore[attr-defined]
-        except* CallError as group:
-            raise EngineError(str(group.exceptions[0])) from None
-        return [c.result() for c in calls]
-
     def reset_stats(self) -> None:
         self._require().reset_stats()
+
+    @property
+    def queued(self) -> int:
+        """Requests (or pieces of split groups) waiting for admission."""
+        return self._require().ledger.queue.size
+
+    @property
+    def cap_changes(self) -> int:
+        return self.monitor.cap_changes if self.monitor is not None else 0
+
+    @property
+    def affinity_moves(self) -> int:
+        """Requests sent away from their affinity key's engine (the imbalance gate opened)."""
+        return self._require().affinity.moved
+
+    def retire_engine(self, name: str, reason: str) -> None:
+        """Take engine ``name`` out of rotation for good; what runs there finishes there."""
+        names = self.engine_names
+        if name not in names:
+            raise PoolError(f"retire_engine: no engine named {name!r} (engines: {', '.join(names)})")
+        self._require().retire(names.index(name), reason)
+
+    def observe_metrics(self, texts: dict[str, str], now: float | None = None) -> None:
+        """One controller step from these engines' /metrics texts (by engine name; others saw nothing)."""
+        from rollout_plugin.pool.telemetry import EngineMetrics, parse_vllm_metrics
+
+        if self.monitor is not None:
+            self.monitor.observe([parse_vllm_metrics(texts[n]) if n in texts else EngineMetrics()
+                                  for n in self.engine_names], now=now)
 
     @property
     def engine_names(self) -> list[str]:
         return [c.name for c in self._clients]
 
 
-class SyncRolloutPool:
-    """Blocking facade: the async pool runs on a private loop thread for the facade's lifetime."""
 
-    def __init__(self, engine: EngineConfig | None = None, pool: PoolConfig | None = None, **kwargs):
-        self._pool = RolloutPool(engine, pool, **kwargs)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stop: asyncio.Event | None = None
-
-    @property
-    def limits(self) -> Limits:
-        return self._pool.limits
-
-    @property
-    def endpoints(self) -> list[EngineEndpoint]:
-        return self._pool.endpoints
-
-    def __enter__(self) -> SyncRolloutPool:
-        ready: ThreadFuture[None] = ThreadFuture()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), name="rollout-pool", daemon=True)
-        self._thread.start()
-        try:
-            ready.result()
-        except BaseException:
-            self._thread.join()
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._loop and self._stop:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread:
-            self._thread.join()
-
-    def _serve(self, ready: ThreadFuture[None]) -> None:
-        async def main() -> None:
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            try:
-                async with self._pool:
-                    ready.set_result(None)
-                    await self._stop.wait()
-            except BaseException as exc:
-                if not ready.done():
-                    ready.set_exception(exc)
-                else:
-                    log.error("pool stopped with an error: %s", exc)
-
-        asyncio.run(main())
-
-    def _run(self, coro):
-        if self._loop is None:
-            raise PoolError("use the pool inside `with SyncRolloutPool(...) as pool`")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def generate(self, requests: Iterable[Request]) -> list[Result]:
-        return self._run(self._pool.generate(list(requests)))
-
-    def stream(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Results as they finish, in this thread."""
-        results: list[Result] = []
-        lock = threading.Condition()
-        requests = list(requests)
-
-        async def feed() -> None:
-            async for result in self._pool.stream(requests):
-                with lock:
-                    results.append(result)
-                    lock.notify()
-
-        done = asyncio.run_coroutine_threadsafe(feed(), self._loop)  # type: ignore[arg-type]
-        given = 0
-        while given < len(requests):
-            with lock:
-                lock.wait_for(lambda: len(results) > given or done.done())
-                batch = results[given:]
-            if not batch:
-                done.result()  # re-raises what stopped the feed
-                return
-            given += len(batch)
-            yield from batch
-
-    def stats(self) -> PoolStats:
-        return self._pool.stats()
-
-    def run(self, fn: Callable[[RolloutPool], Awaitable[T]]) -> T:
-        """``await fn(pool)`` on the pool's loop and return its value (e.g. a weight update)."""
-        async def call() -> T:
-            return await fn(self._pool)
-
-        return self._run(call())
-
-    @property
-    def weight_version(self) -> int:
-        return self._pool.weight_version
+from rollout_plugin.pool.operations import ControlAnswer  # noqa: E402,F401  (re-exported: its home moved)
+from rollout_plugin.pool.sync import SyncRolloutPool  # noqa: E402,F401  (re-exported; sync imports RolloutPool)

@@ -1,107 +1,153 @@
-"""The pool's queue of pending requests: FIFO across pack keys, compatible requests ride together."""
+"""The waiting side of the ledger: units queued for admission, oldest first, O(log N) per admission.
+
+Units that may share one call (same prompt kind, ``n`` and sampling params) share a *pack key*; each
+key keeps a FIFO deque. A heap per ``n`` holds each key's head, ordered retries-first then by submission
+order, so the oldest unit that fits a given room is found in O(B log N) (B: distinct ``n`` values
+waiting, a handful) whatever the number of distinct params — a per-request ``seed`` makes every
+request its own key. Stale heap entries (a head that left) are dropped lazily.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import heapq
 from collections import deque
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from rollout_plugin.types import Request, Result
+if TYPE_CHECKING:
+    from rollout_plugin.pool.ledger import Unit
 
-
-@dataclass
-class Pending:
-    request: Request
-    future: asyncio.Future[Result]
-    seq: int
-    attempts: int = 0
-    avoid: frozenset[int] = frozenset()
-    solo: bool = False  # sent alone after a packed call was rejected
-    join: GroupJoin | None = None  # set on the pieces of a split GRPO group
-    part: int = 0  # this piece's place in its group
-    queued_at: float = 0.0  # when it was submitted (the pack timeout counts from here)
-
-    def piece(self, join: GroupJoin, part: int, n: int) -> Pending:
-        """A piece of this (group) request: same id and waiter, ``n`` of its samples."""
-        return Pending(replace(self.request, n=n), self.future, self.seq, self.attempts, self.avoid,
-                       join=join, part=part, queued_at=self.queued_at)
-
-    @property
-    def key(self) -> tuple:
-        r = self.request
-        # Only requests with one prompt kind, one n and one set of sampling params share a call
-        # (chat requests queue together too, but go one per call: the chat API takes one conversation).
-        return ("solo", self.seq) if self.solo else (r.kind, r.n, r.sampling)
+__all__ = ["UnitQueue"]
 
 
-class GroupJoin:
-    """Collects the pieces of a split group into the one :class:`Result` its id is owed."""
+class UnitQueue:
+    """FIFO across pack keys; compatible units ride together. Counts are kept here, nowhere else."""
 
-    def __init__(self, parent: Pending, parts: int):
-        self.parent = parent
-        self.results: list[Result | None] = [None] * parts
-        self.done = False
+    def __init__(self) -> None:
+        self._by_key: dict[tuple, deque[Unit]] = {}
+        # n -> heap of (rank, seq, token, key); only the entry whose token is _token[key] is live
+        self._heads: dict[int, list[tuple[int, int, int, tuple]]] = {}
+        self._token: dict[tuple, int] = {}
+        self._tokens = 0
+        self._aside: list[tuple[int, tuple[int, int, int, tuple]]] = []  # held out of one admission round
+        self._aside_keys: set[tuple] = set()
+        self.samples_by_key: dict[tuple, int] = {}
+        self.size = 0  # units waiting
+        self.samples = 0  # samples waiting
+        self._n_count: dict[int, int] = {}  # units waiting per n (for the largest pending n)
 
-    def add(self, part: int, result: Result) -> Result | None:
-        """The group's result once every piece is in (or the first error); ``None`` until then."""
-        if self.done:
-            return None
-        self.results[part] = result
-        if not result.ok:
-            self.done = True
-            return replace(result, request=self.parent.request)
-        if any(r is None for r in self.results):
-            return None
-        self.done = True
-        parts = [r for r in self.results if r is not None]
-        engines = list(dict.fromkeys(r.engine for r in parts if r.engine))
-        return Result(id=self.parent.request.id, samples=tuple(s for r in parts for s in r.samples),
-                      prompt_tokens=parts[0].prompt_tokens, engine="+".join(engines),
-                      latency_s=max(r.latency_s for r in parts), attempts=max(r.attempts for r in parts),
-                      # the oldest weights any sample came from: staleness is bounded by the worst piece
-                      weight_version=min(r.weight_version for r in parts), request=self.parent.request)
-
-
-@dataclass
-class PendingQueue:
-    """FIFO across pack keys: the oldest request goes first, compatible ones ride along."""
-
-    by_key: dict[tuple, deque[Pending]] = field(default_factory=dict)
-    samples_by_key: dict[tuple, int] = field(default_factory=dict)
-    size: int = 0
-    samples: int = 0
-
-    def push(self, item: Pending, front: bool = False) -> None:
-        key = item.key
-        q = self.by_key.setdefault(key, deque())
-        q.appendleft(item) if front else q.append(item)
-        self.samples_by_key[key] = self.samples_by_key.get(key, 0) + item.request.n
-        self.size += 1
-        self.samples += item.request.n
-
-    def oldest_key(self, skip: set[tuple] | frozenset[tuple] = frozenset()) -> tuple | None:
-        heads = [(q[0].seq if not q[0].attempts else -1, k) for k, q in self.by_key.items() if q and k not in skip]
-        return min(heads, key=lambda h: h[0])[1] if heads else None
-
-    def pop(self, key: tuple) -> Pending:
-        q = self.by_key[key]
-        item = q.popleft()
-        if q:
-            self.samples_by_key[key] -= item.request.n
+    # -- membership ------------------------------------------------------------------------------
+    def push(self, unit: Unit, front: bool = False) -> None:
+        key = unit.key
+        q = self._by_key.get(key)
+        if q is None:
+            q = self._by_key[key] = deque()
         else:
-            del self.by_key[key]
-            del self.samples_by_key[key]
-        self.size -= 1
-        self.samples -= item.request.n
-        return item
+            unit.share_key(next(iter(q)).key)  # one key object per pack key: dict lookups hit on identity
+        if front:
+            q.appendleft(unit)
+        else:
+            q.append(unit)
+        if q[0] is unit:
+            self._push_head(key, unit)
+        self.samples_by_key[key] = self.samples_by_key.get(key, 0) + unit.n
+        self.size += 1
+        self.samples += unit.n
+        self._n_count[unit.n] = self._n_count.get(unit.n, 0) + 1
 
-    def peek(self, key: tuple) -> Pending | None:
-        q = self.by_key.get(key)
+    def discard(self, unit: Unit) -> None:
+        """A queued unit leaves without being taken (its ticket resolved): counts now, the deque entry lazily."""
+        self._count_out(unit)
+        unit.queued = False
+
+    def take(self, key: tuple) -> Unit:
+        """The head unit of ``key`` (which must be live: :meth:`head` returned it)."""
+        q = self._by_key[key]
+        unit = q.popleft()
+        self._count_out(unit)
+        unit.queued = False
+        self._settle(key, headless=True)
+        return unit
+
+    def head(self, key: tuple) -> Unit | None:
+        self._settle(key)
+        q = self._by_key.get(key)
         return q[0] if q else None
 
-    def drain(self) -> list[Pending]:
-        items = [p for q in self.by_key.values() for p in q]
-        self.by_key.clear()
-        self.samples_by_key.clear()
-        self.size = self.samples = 0
-        return items
+    # -- ordering --------------------------------------------------------------------------------
+    def oldest(self, below_n: int | None = None) -> tuple | None:
+        """The key whose head is oldest (retries first) among units with ``n < below_n`` (any n if None)."""
+        best: tuple[int, int, int, tuple] | None = None
+        for n in list(self._heads):
+            if below_n is not None and n >= below_n:
+                continue
+            top = self._top(n)
+            if top is not None and (best is None or top[:2] < best[:2]):
+                best = top
+        return best[3] if best is not None else None
+
+    def set_aside(self, key: tuple) -> None:
+        """Hold ``key`` out of :meth:`oldest` until :meth:`restore` (it cannot go this round)."""
+        self._aside_keys.add(key)
+
+    def restore(self) -> None:
+        for n, entry in self._aside:
+            heapq.heappush(self._heads[n], entry)
+        self._aside.clear()
+        self._aside_keys.clear()
+
+    def largest_n(self) -> int:
+        return max((n for n, c in self._n_count.items() if c > 0), default=0)
+
+    def units(self) -> Iterator[Unit]:
+        """Every live queued unit (for close and invariant checks)."""
+        for q in self._by_key.values():
+            yield from (u for u in q if u.queued)
+
+    def count(self, predicate: Callable[[Unit], bool]) -> int:
+        return sum(1 for u in self.units() if predicate(u))
+
+    # -- internals -------------------------------------------------------------------------------
+    def _count_out(self, unit: Unit) -> None:
+        key = unit.key
+        self.samples_by_key[key] -= unit.n
+        if not self.samples_by_key[key]:
+            del self.samples_by_key[key]
+        self.size -= 1
+        self.samples -= unit.n
+        self._n_count[unit.n] -= 1
+
+    def _settle(self, key: tuple, headless: bool = False) -> None:
+        """Drop dead heads of ``key``'s deque; give the live head a heap entry if it changed (or has none)."""
+        q = self._by_key.get(key)
+        if q is None:
+            return
+        changed = headless
+        while q and not q[0].queued:
+            q.popleft()
+            changed = True
+        if not q:
+            del self._by_key[key]
+            self._token.pop(key, None)
+        elif changed:
+            self._push_head(key, q[0])
+
+    def _push_head(self, key: tuple, unit: Unit) -> None:
+        self._tokens += 1
+        self._token[key] = self._tokens  # any older entry of this key is stale from now on
+        heapq.heappush(self._heads.setdefault(unit.n, []), (unit.rank, unit.seq, self._tokens, key))
+
+    def _top(self, n: int) -> tuple[int, int, int, tuple] | None:
+        heap = self._heads[n]
+        while heap:
+            entry = heap[0]
+            key = entry[3]
+            if self._token.get(key) != entry[2]:
+                heapq.heappop(heap)  # stale: the key was re-headed or emptied since
+            elif not self._by_key[key][0].queued:
+                self._settle(key)  # its head left: re-head (a new entry) or drop the key
+            elif key in self._aside_keys:
+                self._aside.append((n, heapq.heappop(heap)))
+            else:
+                return entry
+        return None

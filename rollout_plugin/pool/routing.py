@@ -63,6 +63,22 @@ def split_group(loads: Sequence[EngineLoad], n: int, avoid: frozenset[int], thre
     return parts
 
 
+def pick_near(loads: Sequence[EngineLoad], need: int, avoid: frozenset[int], home: int | None, home_own: int,
+              threshold: float) -> int | None:
+    """The engine for a request with affinity: its ``home`` (where the key's last request went: the prefix
+    is cached there), waiting for room there if need be, while ``home`` — filled without the key's own
+    ``home_own`` samples — is no more than ``threshold`` (a share of the cap) above the least-filled engine
+    with room; past that gap, the least-loaded engine (:func:`pick_engine`). ``None``: wait."""
+    least = pick_engine(loads, need, avoid)
+    if home is None or home >= len(loads) or not loads[home].healthy or least is None:
+        return least
+    h = loads[home]
+    base = (h.inflight - home_own) / h.cap if h.cap > 0 else float("inf")
+    if base - loads[least].fill > threshold:
+        return least
+    return home if h.room >= need else None
+
+
 def pack_budget(room: int, pack_size: int) -> int:
     """Samples the next call to an engine may carry: one pack, never above the engine's room."""
     return max(0, min(room, pack_size))

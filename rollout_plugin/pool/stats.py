@@ -26,8 +26,11 @@ class PoolStats:
     engines: list[EngineStats]
     requests_done: int
     requests_failed: int
-    groups_inflight: int
-    queued: int
+    groups_inflight: int  # requests with samples in flight
+    queued: int  # units waiting for admission (a request, or a piece of a split group)
+    samples_inflight: int = 0
+    queued_samples: int = 0
+    backing_off: int = 0  # units waiting out a retry delay
 
     @property
     def samples(self) -> int:

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Sequence
 from functools import cache
 
-from rollout_plugin.pool.client import CallError, Generation
+from rollout_plugin.pool.engine_client import Generation, Unavailable
 from rollout_plugin.pool.telemetry import EngineMetrics
 from rollout_plugin.sim.engine import EngineDied, SimEngine
 from rollout_plugin.types import Request, Sample
@@ -70,7 +70,7 @@ class SimEngineClient:
         try:
             await call.future
         except EngineDied as exc:
-            raise CallError(f"{self.name}: {exc} (connection reset)", retryable=True, suspect=True) from None
+            raise Unavailable(f"{self.name}: {exc} (connection reset)") from None
         except asyncio.CancelledError:
             self.engine.abort(call)
             raise

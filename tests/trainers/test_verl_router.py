@@ -22,33 +22,14 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from rollout_plugin.adapters.verl.admission import ServerLoad, choose, server_cap
+from rollout_plugin.adapters.verl.admission import server_cap
 from rollout_plugin.adapters.verl.router import NO_SERVER, PoolRouter, parse_settings
 from rollout_plugin.errors import ConfigError
 
 MAIN_PYTHON = Path(__file__).parents[2] / ".venv" / "bin" / "python"
 
 
-# --- the policy -----------------------------------------------------------------------------------
-def L(sid: str, inflight: int, cap: int = 8) -> ServerLoad:  # noqa: N802
-    return ServerLoad(sid, inflight, cap)
-
-
-def test_choose_caps_sessions_and_the_group_gate():
-    assert choose([L("a", 8), L("b", 8)]) is None  # every server at its cap: wait
-    assert choose([L("a", 3), L("b", 2)]).server_id == "b"  # least loaded
-    assert choose([L("a", 3), L("b", 2)], session="a") == choose([L("a", 3)], session="a")
-    assert choose([L("a", 8), L("b", 7)], session="a").reason == "session moved"
-    # The group's server, filled 2/8 by others (its own 3 not counted), vs b at 4/8: stay.
-    assert choose([L("a", 5), L("b", 4)], group_home="a", group_on_home=3).reason == "group"
-    # Others fill the home 5/8 while b is empty: the gate (0.25 of the cap) opens.
-    assert choose([L("a", 6), L("b", 0)], group_home="a", group_on_home=1).reason == "group split"
-    assert choose([L("a", 6), L("b", 0)], group_home="a", group_on_home=1, imbalance=1.0).reason == "group"
-    # Home full, servers evenly busy: the sample waits for its group's server rather than split.
-    assert choose([L("a", 8), L("b", 7)], group_home="a", group_on_home=4) is None
-    assert choose([L("a", 8), L("b", 1)], group_home="a", group_on_home=4).server_id == "b"
-
-
+# --- the policy (where a request goes is the pool's pick_near: tests/test_routing.py) -----------------
 def test_server_cap_is_xtuners_cap_times_the_ratio():
     assert server_cap(max_num_seqs=256, max_model_len=4096, group_size=8, servers=4, ratio=1.2) == 308
     assert server_cap(max_num_seqs=None, max_model_len=20000, group_size=8, servers=4, ratio=1.0) == 128
@@ -106,7 +87,7 @@ def test_caps_hold_and_waiters_are_admitted_in_arrival_order():
             rid = f"r{i}"
             tasks[rid] = asyncio.create_task(router.acquire_server(rid, prompt_ids=[i]))
             tasks[rid].add_done_callback(lambda t, rid=rid: admitted.append(rid))
-        await _until(lambda: len(admitted) == 8 and len(router._queue) == 12)
+        await _until(lambda: len(admitted) == 8 and router._pool is not None and router._pool.queued == 12)
         status = await router.get_status()
         assert status["servers"] == {"s0": 4, "s1": 4} and status["caps"] == {"s0": 4, "s1": 4}
         assert status["waiting"] == 12
@@ -141,7 +122,7 @@ def test_beyond_max_waiting_acquire_refuses_at_once():
         router = _router(1, max_num_seqs=1, max_waiting=1)
         await router.acquire_server("r0", prompt_ids=[0])
         waiting = asyncio.create_task(router.acquire_server("r1", prompt_ids=[1]))
-        await _until(lambda: len(router._queue) == 1)
+        await _until(lambda: router._pool.queued == 1)
         with pytest.raises(RuntimeError, match="router.max_waiting=1"):
             await router.acquire_server("r2", prompt_ids=[2])
         waiting.cancel()
@@ -161,7 +142,7 @@ def test_groups_stay_together_and_sessions_stick_until_their_server_is_full():
             homes[group] = {server for server, _ in got}
         assert all(len(servers) == 1 for servers in homes.values()), homes
         assert {next(iter(s)) for s in homes.values()} == {"s0", "s1"}
-        assert router.counters["group split"] == 0
+        assert (await router.get_status())["counters"]["group split"] == 0
 
         sessions = _router(2, max_num_seqs=2)
         first, _ = await sessions.acquire_server("session", prompt_ids=[1, 2])
@@ -173,7 +154,7 @@ def test_groups_stay_together_and_sessions_stick_until_their_server_is_full():
         await sessions.release_server("s0", request_id="session")
         assert (await sessions.acquire_server("c", prompt_ids=[9]))[0] == "s0"  # s0 full again
         moved, _ = await sessions.acquire_server("session", prompt_ids=[1, 2, 3, 4, 5, 6])  # turn 3
-        assert moved == "s1" and sessions.counters["session moved"] == 1
+        assert moved == "s1" and (await sessions.get_status())["counters"]["group split"] == 1
 
     asyncio.run(main())
 
@@ -190,17 +171,19 @@ def _metrics(preemptions: float, tokens: float, kv: float = 0.1) -> str:
 def test_the_pools_controller_cuts_a_cap_on_preemptions_and_admission_follows():
     async def main() -> None:
         router = _router(1, max_num_seqs=10, controller={"mode": "adaptive", "interval_s": 60.0})
-        await router.acquire_server("r0", prompt_ids=[0])  # reads the caps (starts a monitor we close)
-        assert router._caps["s0"] == 10
+        held = [await router.acquire_server(f"r{i}", prompt_ids=[i]) for i in range(10)]
+        assert len(held) == 10 and (await router.get_status())["caps"]["s0"] == 10
+        late = asyncio.create_task(router.acquire_server("r10", prompt_ids=[10]))
+        await _until(lambda: router._pool.queued == 1)  # at its cap: the 11th waits (work waits in the pool)
         router.observe({"s0": _metrics(0, 100)}, now=1.0)
-        router.observe({"s0": _metrics(3, 200)}, now=2.0)
-        assert router._caps["s0"] == 7 and router.counters["cap changes"] == 1
-        held = [await router.acquire_server(f"r{i}", prompt_ids=[i]) for i in range(1, 7)]
-        assert len(held) == 6 and await router.get_total_inflight() == 7
-        late = asyncio.create_task(router.acquire_server("r7", prompt_ids=[7]))
-        await _until(lambda: len(router._queue) == 1)  # 7 in flight = the new cap: the 8th waits
-        await router.release_server("s0", request_id="r0")
-        await late
+        router.observe({"s0": _metrics(3, 200)}, now=2.0)  # preempting while work waits: a cut
+        status = await router.get_status()
+        assert status["caps"]["s0"] == 7 and status["counters"]["cap changes"] == 1
+        for i in range(3):
+            await router.release_server("s0", request_id=f"r{i}")
+        assert router._pool.queued == 1 and not late.done()  # 7 in flight = the new cap: it still waits
+        await router.release_server("s0", request_id="r3")
+        assert (await asyncio.wait_for(late, 5))[0] == "s0"
         await router.close()
 
     asyncio.run(main())
@@ -413,3 +396,15 @@ def test_real_generations_flow_through_the_router(ray_local, tmp_path):
         assert status["counters"]["admitted"] == 16
     finally:
         engine.stop()
+
+
+def test_the_router_refuses_to_start_without_the_servers_rollout_config():
+    def broken():
+        raise RuntimeError("actor died")
+
+    class NoConfig:
+        get_rollout_config = _Remote(broken)
+
+    router = PoolRouter({"s0": NoConfig()}, {"controller": {"mode": "off"}})
+    with pytest.raises(RuntimeError, match=r"server s0 gave no rollout config .*will not guess"):
+        asyncio.run(router.acquire_server("r", prompt_ids=[1]))

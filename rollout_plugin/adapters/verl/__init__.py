@@ -10,7 +10,7 @@
 Nothing here imports verl, ray or torch at import time; :mod:`.actor` and :mod:`.check` do, when used.
 """
 
-from rollout_plugin.adapters.verl.admission import Choice, ServerLoad, choose, server_cap
+from rollout_plugin.adapters.verl.admission import server_cap
 from rollout_plugin.adapters.verl.resolvers import plan_for, register, specs_from_verl
 
-__all__ = ["Choice", "ServerLoad", "choose", "plan_for", "register", "server_cap", "specs_from_verl"]
+__all__ = ["plan_for", "register", "server_cap", "specs_from_verl"]

@@ -1,0 +1,237 @@
+"""How a call ends: samples, a verdict, or a cut — and what becomes of its units (the dispatcher's other half).
+
+Samples resolve their tickets; a sample cut short (an engine died mid-call, the weights changed under
+``continue``) continues from its tokens so far (:mod:`rollout_plugin.pool.continuation`); a verdict
+(:mod:`rollout_plugin.pool.engine_client`) decides between resending alone, backing off, retrying
+elsewhere and an error record. Policy sees verdicts only, never HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from rollout_plugin.errors import PoolError
+from rollout_plugin.pool.continuation import ABORTED, join_prefix, partial_sample, plan, segments
+from rollout_plugin.pool.engine_client import CallError, Generation, RateLimited, Rejected, check_reply
+from rollout_plugin.pool.ledger import Call, Unit
+from rollout_plugin.pool.ratelimit import backoff_delay
+from rollout_plugin.pool.slots import EngineSlot
+from rollout_plugin.types import Request, Result, Sample
+
+log = logging.getLogger("rollout_plugin.pool.dispatch")
+
+__all__ = ["Outcomes"]
+
+CLOSED = "the pool closed before this request finished"
+
+
+class Outcomes:
+    """Mixed into :class:`~rollout_plugin.pool.dispatch.Dispatcher` (its state lives there)."""
+
+    async def _call(self, call: Call) -> list:
+        """One engine call. Bookkeeping lives in :meth:`_call_done`, which runs even if this never starts."""
+        e = self._engines[call.engine]
+        requests = [u.request for u in call.units]
+        reserved = sum(r.n * r.sampling.max_tokens for r in requests)
+        if e.limiter is not None:
+            delay = e.limiter.reserve(self._clock(), 1, reserved)
+            while delay > 0:  # the provider's rate limit, not a synchronisation
+                await asyncio.sleep(delay)
+                delay = e.limiter.hold(self._clock())
+        try:
+            if call.progress is not None:
+                generations = await e.client.generate(requests, progress=call.progress)  # type: ignore[call-arg]
+            else:
+                generations = await e.client.generate(requests)
+            check_reply(e.client.name, requests, generations)
+        except CallError as exc:
+            if e.limiter is not None:
+                e.limiter.settle(self._clock(), reserved, 0)
+                if isinstance(exc, RateLimited):
+                    e.limiter.penalize(self._clock(), exc.retry_after_s)
+            raise
+        if e.limiter is not None:
+            e.limiter.settle(self._clock(), reserved, sum(g.prompt_tokens + g.output_tokens for g in generations))
+        return generations
+
+    def _call_done(self, call: Call, task: asyncio.Task) -> None:
+        try:
+            self._settle(call, task)
+        except Exception as exc:  # a bug here would leave ids unresolved for ever: fail loudly instead
+            log.exception("dispatcher: bookkeeping of a call failed")
+            self.fail(PoolError(f"the dispatcher failed: {type(exc).__name__}: {exc}"))
+
+    def _settle(self, call: Call, task: asyncio.Task) -> None:
+        now = self._clock()
+        e = self._engines[call.engine]
+        before = self.ledger.engine_samples[call.engine]
+        self.ledger.end_call(call)
+        e.account(before, self.ledger.engine_samples[call.engine], now)
+        for u in call.units:
+            if u.request.affinity is not None:
+                self.affinity.left(u.request.affinity, call.engine, u.n)
+        self._wake.set()
+        if task.cancelled():
+            self._after_cancel(call)
+            return
+        exc = task.exception()
+        if exc is None:
+            self._deliver(call, task.result(), now - call.started)
+        elif isinstance(exc, CallError):
+            self._on_failure(call, exc)
+        else:  # a bug in a client: data for these requests, not a dead pool
+            log.error("%s: call failed unexpectedly: %s: %s", e.client.name, type(exc).__name__, exc, exc_info=exc)
+            self._give_up(call, f"{type(exc).__name__}: {exc}")
+
+    def _deliver(self, call: Call, generations: list[Generation], latency: float) -> None:
+        e = self._engines[call.engine]
+        e.delivered(generations)
+        if self.metrics is not None:
+            series = self.metrics.series(e.client.name)
+            series.latency.observe(latency)
+            series.output_tokens.inc(sum(g.output_tokens for g in generations))
+        for i, (unit, gen) in enumerate(zip(call.units, generations)):
+            if unit.done:
+                continue
+            samples = [join_prefix(unit.prefix, s, segments(call.version, call.marks, i, j, s.output_tokens))
+                       for j, s in enumerate(gen.samples)]
+            if any(s.finish_reason == ABORTED for s in samples):  # cut engine-side (weights changing)
+                prompt = unit.prefix.prompt_ids if unit.prefix else gen.prompt_ids or _prompt_ids(unit.request, [])
+                self._continue(unit, samples, prompt)
+                continue
+            self._finish(unit, Result(id=unit.request.id, samples=tuple(samples), prompt_tokens=gen.prompt_tokens,
+                                      engine=e.client.name, latency_s=latency, attempts=unit.attempts,
+                                      request=unit.ticket.request, weight_version=_oldest(samples, call.version)))
+
+    def _after_cancel(self, call: Call) -> None:
+        """A cancelled call's units: requeued under the same ids when the cancel was ours (engine dead,
+        weights changing) — continued from the tokens they had when the client streamed them; already
+        resolved when the pool closed or failed, or the caller left."""
+        units = [u for u in call.units if not u.done]
+        if self._closing or self.failure is not None:  # close()/fail() resolved them; nothing may stay open
+            for u in units:
+                if self.failure is not None:
+                    self._resolve(u.ticket, error=self.failure)
+                else:
+                    self._finish(u, Result(id=u.request.id, error=CLOSED, attempts=u.attempts,
+                                           request=u.ticket.request))
+            return
+        for i, u in reversed(list(enumerate(call.units))):
+            if u.done:
+                continue
+            if call.cancel_reason == "dead":
+                u.avoid = u.avoid | {call.engine}
+            if call.cancel_reason in ("dead", "continue") and self._salvage(call, i, u):
+                continue
+            u.attempts -= 1  # not the request's fault
+            self.ledger.enqueue(u, front=True)
+
+    def _salvage(self, call: Call, i: int, unit: Unit) -> bool:
+        """Continue unit ``i`` of a cut call from what streamed in before the cut; False if nothing did."""
+        if call.progress is None or not any(p.token_ids for p in call.progress[i]):
+            return False
+        parts = call.progress[i]
+        samples: list[Sample | None] = []
+        for j, p in enumerate(parts):
+            got = partial_sample(p, call.version)
+            if got.token_ids:
+                got = join_prefix(unit.prefix, got, segments(call.version, call.marks, i, j, got.output_tokens))
+            samples.append(got if got.token_ids else unit.prefix.sample if unit.prefix else None)
+        self._continue(unit, samples, unit.prefix.prompt_ids if unit.prefix else _prompt_ids(unit.request, parts))
+        return True
+
+    def _continue(self, unit: Unit, samples: list[Sample | None], prompt_ids: Sequence[int] | None) -> None:
+        """Continue a cut unit's samples from the tokens they have: finished ones are kept, each unfinished
+        one goes on alone (prompt + its tokens), those with nothing to continue from start again."""
+        unit.attempts -= 1  # cut by us or by a weight update: not the request's fault
+        p = plan(samples, prompt_ids, unit.ticket.request.sampling.max_tokens, unit.prefix)
+        if (p.trivial and p.fresh == unit.n) or (unit.prefix is not None and p.continued == [unit.prefix]):
+            self.ledger.enqueue(unit, front=True)  # nothing gained since it was sent: send it again as it is
+            return
+        sizes = ([len(p.finished)] if p.finished else []) + [1] * len(p.continued) + ([p.fresh] if p.fresh else [])
+        prefixes = ([None] if p.finished else []) + list(p.continued) + ([None] if p.fresh else [])
+        pieces = self.ledger.split(unit, sizes, prefixes)
+        self.continued += len(p.continued)
+        if p.finished:
+            done, pieces = pieces[0], pieces[1:]
+            self._finish(done, Result(id=unit.request.id, samples=tuple(p.finished), attempts=unit.attempts,
+                                      request=unit.ticket.request,
+                                      weight_version=_oldest(p.finished, self.weight_version)))
+        for piece in reversed(pieces):
+            self.ledger.enqueue(piece, front=True)
+
+    def _on_failure(self, call: Call, exc: CallError) -> None:
+        e = self._engines[call.engine]
+        e.failed_calls += 1
+        units = [u for u in call.units if not u.done]
+        log.warning("%s: call of %d request(s) failed: %s", e.client.name, len(call.units), exc)
+        if isinstance(exc, Rejected) and len(units) > 1:
+            for u in reversed(units):  # one bad member fails a packed call: resend each alone
+                u.make_solo()
+                u.attempts -= 1
+                self.ledger.enqueue(u, front=True)
+            return
+        if exc.suspect and e.healthy and not e.suspect:
+            e.suspect = True
+            self.supervisor.spawn(f"{e.client.name}-probe", self._probe(e, str(exc)),
+                                  on_error=lambda err: self.mark_dead(e.index, f"probe failed: {err}"))
+        elsewhere = any(x.available and x.index != e.index for x in self._engines)
+        for i, u in reversed(list(enumerate(call.units))):
+            if u.done:
+                continue
+            if exc.retryable and u.attempts <= self.max_retries:
+                u.avoid = u.avoid | {e.index}
+                if self._salvage(call, i, u):
+                    continue  # the engine broke mid-call: its samples go on elsewhere from the tokens they had
+            if not exc.retryable or u.attempts > self.max_retries:
+                self._finish(u, Result(id=u.request.id, engine=e.client.name, attempts=u.attempts, error=str(exc),
+                                       request=u.ticket.request))
+                continue
+            u.avoid = u.avoid | {e.index}
+            if isinstance(exc, RateLimited) or not elsewhere:
+                # Nowhere else to go (or the server said when): back off with full jitter, capped.
+                cap = self._backoff[1]
+                delay = min(cap, exc.retry_after_s if exc.retry_after_s is not None else
+                            backoff_delay(u.attempts - 1, self._backoff[0], cap, self._rand()))
+                timer = asyncio.get_running_loop().call_later(delay, self._backoff_done, u)
+                self.ledger.hold(u, timer)
+            else:
+                self.ledger.enqueue(u, front=True)
+
+    def _give_up(self, call: Call, error: str) -> None:
+        name = self._engines[call.engine].client.name
+        for u in call.units:
+            if not u.done:
+                self._finish(u, Result(id=u.request.id, engine=name, attempts=u.attempts, error=error,
+                                       request=u.ticket.request))
+
+    def _backoff_done(self, unit: Unit) -> None:
+        self.ledger.unhold(unit)
+        if not unit.done:
+            self.ledger.enqueue(unit, front=True)
+            self._wake.set()
+
+    async def _probe(self, e: EngineSlot, reason: str) -> None:
+        alive = await e.client.healthy()
+        e.suspect = False
+        if alive:
+            log.info("%s: suspect -> healthy (health check passed)", e.client.name)
+        else:
+            self.mark_dead(e.index, reason)
+        self._wake.set()
+
+
+def _oldest(samples: Sequence[Sample], default: int) -> int:
+    """The oldest weight version any of these samples' tokens came from (the staleness bound)."""
+    return min((seg.version for s in samples for seg in s.segments), default=default)
+
+
+def _prompt_ids(request: Request, parts: Sequence) -> tuple[int, ...] | None:
+    """The prompt's token ids: a token prompt is its own; otherwise what the engine streamed back, if it did."""
+    if request.kind == "tokens":
+        return tuple(request.prompt)  # type: ignore[arg-type]
+    ids = next((p.prompt_token_ids for p in parts if p.prompt_token_ids), None)
+    return tuple(ids) if ids else None
+

@@ -1,0 +1,64 @@
+"""One engine as the dispatcher sees it: its client, cap, health and counters (no policy, no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rollout_plugin.pool.engine_client import EngineClient, Generation
+from rollout_plugin.pool.ratelimit import RateLimiter
+from rollout_plugin.pool.stats import EngineStats
+
+__all__ = ["EngineSlot"]
+
+
+@dataclass(eq=False)
+class EngineSlot:
+    """In-flight samples are the ledger's (one source of truth); these are the engine's own facts."""
+
+    index: int
+    client: EngineClient
+    cap: int  # samples allowed in flight (the controller moves it)
+    healthy: bool = True
+    suspect: bool = False  # a call failed as if the engine were down: a probe decides
+    recovering: bool = False  # dead, but a restart is under way
+    stale: bool = False  # running, but may hold other weights than the pool's: out of rotation until refit
+    limiter: RateLimiter | None = None  # hosted APIs: RPM/TPM token buckets
+    version: int = 0  # the weights it holds (engine-reported when it can say; results carry it)
+    version_unknown: bool = True  # never read back from the engine: follows the pool's version
+    calls: int = 0
+    requests: int = 0
+    samples: int = 0
+    output_tokens: int = 0
+    failed_calls: int = 0
+    output_tokens_all: int = 0  # never reset: the controller's client-side throughput signal
+    area: float = 0.0  # ∫ in-flight dt since the last reset, for the mean
+    since: float = 0.0
+    peak: int = 0
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.suspect
+
+    def account(self, before: int, after: int, now: float) -> None:
+        """In-flight samples changed from ``before`` to ``after`` at ``now``."""
+        self.area += before * (now - self.since)
+        self.since = now
+        self.peak = max(self.peak, after)
+
+    def delivered(self, generations: Sequence[Generation]) -> None:
+        tokens = sum(g.output_tokens for g in generations)
+        self.calls += 1
+        self.requests += len(generations)
+        self.samples += sum(len(g.samples) for g in generations)
+        self.output_tokens += tokens
+        self.output_tokens_all += tokens
+
+    def reset(self, inflight: int, now: float) -> None:
+        self.area, self.since, self.peak = 0.0, now, inflight
+        self.calls = self.requests = self.samples = self.output_tokens = self.failed_calls = 0
+
+    def stats(self, inflight: int, now: float, elapsed: float) -> EngineStats:
+        mean = (self.area + inflight * (now - self.since)) / elapsed
+        return EngineStats(self.client.name, self.healthy, inflight, self.cap, self.calls, self.requests, self.samples,
+                           self.output_tokens, self.failed_calls, mean, self.peak)

@@ -1,0 +1,130 @@
+"""Weight updates: how in-flight work crosses them, and which weights each engine really holds.
+
+Modes (``RolloutPool.weight_update(version, mode=...)``), each measured in ``benchmarks/weight_modes.py``:
+
+- ``drain``: admission pauses, in-flight samples finish under the old weights, then the load. Strictly
+  on-policy; the engines idle while the longest sample finishes.
+- ``keep``: vLLM's ``/pause?mode=keep`` freezes in-flight requests with their KV cache, the weights load,
+  ``/resume`` continues them under the new weights. No token is lost or waited for; a sample spans two
+  versions (its segments say where, when its call streamed).
+- ``continue``: vLLM's ``/pause?mode=abort`` ends in-flight requests at once, answering with the tokens
+  generated so far (finish reason ``abort``); each sample continues as a new request (prompt + its tokens)
+  under the new weights, on any engine (:mod:`rollout_plugin.pool.continuation`).
+- ``restart``: in-flight requests are cancelled and generated again from scratch (the old ``abort=True``).
+
+Identity: after a load the pool sets each engine's version (vLLM's ``/update_weight_version``), reads it
+back (``/weight_info``) and, with ``verify="checksum"``, compares ``/weight_checker`` checksums across
+engines: a mismatch names the engine. Results carry the version their engine reported. An engine that
+(re)starts or joins after the weights changed is *stale* — out of rotation — until it is refit from the
+pool's last :class:`WeightSource`; without one it stays out, and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol
+
+from rollout_plugin.errors import EngineError
+
+if TYPE_CHECKING:
+    from rollout_plugin.pool.pool import ControlAnswer, RolloutPool
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FolderWeights", "UpdateMode", "WeightSource", "check_identity", "engine_pause", "engine_resume"]
+
+
+class UpdateMode(str, Enum):
+    drain = "drain"
+    keep = "keep"
+    continue_ = "continue"
+    restart = "restart"
+
+
+class WeightSource(Protocol):
+    """Where the current weights come from, so the pool can load them into any engine, any time (a
+    restarted engine is refit from the last one)."""
+
+    description: str
+
+    async def load(self, pool: RolloutPool, engines: Sequence[str]) -> None:
+        """Load the weights into the named engines (raise :class:`EngineError` naming a failing one)."""
+
+
+@dataclass(frozen=True)
+class FolderWeights:
+    """Safetensors in a folder every engine can read, reloaded in place (vLLM dev mode's
+    ``reload_weights``); the prefix cache is reset after, its blocks were computed with the old weights."""
+
+    path: str
+    timeout_s: float | None = 600.0
+
+    @property
+    def description(self) -> str:
+        return f"folder {self.path}"
+
+    async def load(self, pool: RolloutPool, engines: Sequence[str]) -> None:
+        body: dict[str, Any] = {"method": "reload_weights", "kwargs": {"weights_path": self.path}}
+        if self.timeout_s is not None:
+            body["timeout"] = self.timeout_s
+        _raise_failed(await pool.control("/collective_rpc", body, timeout_s=self.timeout_s, engines=engines))
+        answers = await pool.control("/reset_prefix_cache", timeout_s=self.timeout_s, engines=engines)
+        if not all(a.ok and (a.body or {}).get("success", True) is not False for a in answers):
+            log.warning("reset_prefix_cache did not succeed on every engine: %s", answers)
+
+
+def _raise_failed(answers: Sequence[ControlAnswer]) -> None:
+    failed = [a for a in answers if not a.ok]
+    if failed:
+        raise EngineError(failed[0].error or f"{failed[0].engine}: HTTP {failed[0].status}")
+
+
+async def engine_pause(pool: RolloutPool, mode: str) -> list[str]:
+    """vLLM's ``/pause?mode=…`` on every engine; the names of those that could not (not in dev mode)."""
+    answers = await pool.control(f"/pause?mode={mode}", timeout_s=pool.pool_cfg.timeouts.request_s)
+    for a in answers:
+        if not a.ok:
+            log.warning("%s: running -> running (could not pause mode=%s: %s)", a.engine, mode, a.error)
+    return [a.engine for a in answers if not a.ok]
+
+
+async def engine_resume(pool: RolloutPool) -> None:
+    for a in await pool.control("/resume", timeout_s=pool.pool_cfg.timeouts.health_s * 6):
+        if not a.ok:
+            log.error("%s: paused -> paused (resume failed: %s)", a.engine, a.error)
+
+
+async def check_identity(pool: RolloutPool, version: int, engines: Sequence[str], *,
+                         checksum: bool) -> dict[str, int | None]:
+    """Set ``version`` on ``engines``, read it back, and (``checksum``) compare weight checksums across them
+    and every other healthy engine. Returns each engine's reported version (None: the engine has no such
+    endpoint, e.g. not vLLM or not in dev mode). A mismatch raises :class:`EngineError` naming the engine."""
+    await pool.control("/update_weight_version", {"new_version": str(version)}, engines=engines)
+    reported: dict[str, int | None] = {}
+    for a in await pool.control("/weight_info", method="GET", engines=engines):
+        text = (a.body or {}).get("weight_version") if a.ok and isinstance(a.body, dict) else None
+        reported[a.engine] = int(text) if text is not None and str(text).lstrip("-").isdigit() else None
+        if a.ok and reported[a.engine] != version:
+            raise EngineError(f"{a.engine}: reports weight version {text!r} after the update to {version}")
+    if checksum:
+        await _compare_checksums(pool)
+    return reported
+
+
+async def _compare_checksums(pool: RolloutPool) -> None:
+    answers = [a for a in await pool.control("/weight_checker", {"action": "checksum"},
+                                             timeout_s=pool.pool_cfg.timeouts.request_s)
+               if a.ok and isinstance(a.body, dict) and a.body.get("checksums")]
+    if len(answers) < 2:
+        return
+    digests = {a.engine: tuple(sorted(a.body["checksums"].items())) for a in answers}
+    common, count = Counter(digests.values()).most_common(1)[0]
+    odd = [name for name, d in digests.items() if d != common]
+    if odd:
+        ref = next(name for name, d in digests.items() if d == common)
+        raise EngineError(f"{', '.join(odd)}: weight checksums differ from {ref}'s "
+                          f"({count} of {len(digests)} engines agree); that engine holds other weights")

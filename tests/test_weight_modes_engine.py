@@ -1,0 +1,101 @@
+"""keep / continue weight updates and prefix-preserving failover on the real vLLM CPU engine.
+
+The weights really change (a perturbed copy of the tiny model), so the test can tell which weights
+produced which tokens: each segment's logprobs must match the model of its version, computed here
+with transformers for the same prompt and tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
+from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.weights import FolderWeights
+from rollout_plugin.types import Request, SamplingParams
+
+pytestmark = pytest.mark.engine
+
+TOKENS = 160
+
+
+@pytest.fixture(scope="module")
+def perturbed(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with its weights scaled: greedy outputs and logprobs differ from the original's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("perturbed")
+    for f in Path(model_dir).iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, folder / f.name)
+    for f in Path(model_dir).glob("*.safetensors"):
+        tensors = load_file(str(f))
+        gen = torch.Generator().manual_seed(1)
+        save_file({k: (v + 0.02 * torch.randn(v.shape, generator=gen, dtype=torch.float32).to(v.dtype)
+                       if v.ndim == 2 else v) for k, v in tensors.items()}, str(folder / f.name))
+    return str(folder)
+
+
+def logprobs_under(model_path: str, prompt: list[int], tokens: list[int]) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+
+
+async def run_update(live_engine, model_dir: str, perturbed: str, mode: str):
+    engine = EngineConfig(urls=[live_engine.url], api_key=live_engine.api_key, max_model_len=1024, dev_mode=True)
+    pool_cfg = PoolConfig(per_engine=16, stream=mode == "keep")  # keep needs streamed tokens for its boundary
+    prompt = [1, 10, 20, 30, 40, 50]
+    reqs = [Request(f"r{i}", prompt, n=2, sampling=SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=i,
+                                                                   ignore_eos=True, logprobs=True))
+            for i in range(4)]
+    async with RolloutPool(engine, pool_cfg, ControllerConfig(mode=ControllerMode.off)) as pool:
+        try:
+            task = asyncio.ensure_future(pool.generate(reqs))
+            async with asyncio.timeout(120):
+                while pool.stats().engines[0].inflight == 0:
+                    await asyncio.sleep(0.05)  # polling the pool: the calls are under way
+            await asyncio.sleep(0.2)  # tokens so far, under the original weights
+            await pool.update_weights(1, FolderWeights(perturbed), mode=mode)
+            results = await asyncio.wait_for(task, 300)
+        finally:
+            await pool.update_weights(2, FolderWeights(model_dir))  # the shared engine gets its weights back
+    return prompt, results
+
+
+@pytest.mark.parametrize("mode", ["continue", "keep"])
+def test_a_weight_update_mid_sample_keeps_every_token_and_labels_its_weights(live_engine, model_dir, perturbed,
+                                                                              mode):
+    prompt, results = asyncio.run(run_update(live_engine, model_dir, perturbed, mode))
+    checked = 0
+    for r in results:
+        assert r.ok, r.error
+        assert len(r.samples) == 2 and r.weight_version == 0
+        for s in r.samples:
+            assert len(s.token_ids) == TOKENS and len(s.logprobs) == TOKENS
+            assert s.segments[0].start == 0 and s.segments[-1].end == TOKENS
+            if len(s.segments) < 2:
+                continue  # finished before the update or started after it
+            old, new = s.segments[0], s.segments[-1]
+            assert (old.version, new.version) == (0, 1) and 0 < old.end < TOKENS
+            under_old = logprobs_under(model_dir, prompt, list(s.token_ids))
+            got = list(s.logprobs)
+            assert max(abs(a - b) for a, b in zip(got[:old.end], under_old[:old.end])) < 0.05  # old weights' tokens
+            if mode == "continue":  # continued from prompt + tokens: exactly the new model's numbers
+                under_new = logprobs_under(perturbed, prompt, list(s.token_ids))
+                assert max(abs(a - b) for a, b in zip(got[new.start:], under_new[new.start:])) < 0.05
+            else:  # keep: new weights over the old KV cache — not the old model's numbers any more
+                tail = [abs(a - b) for a, b in zip(got[new.start:], under_old[new.start:])]
+                assert sum(tail) / len(tail) > 0.1
+            checked += 1
+    assert checked >= 1  # at least one sample really spanned the update
