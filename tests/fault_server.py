@@ -1,7 +1,8 @@
 """A small OpenAI-compatible HTTP server of the tests' own that misbehaves on cue.
 
 Real sockets and real HTTP, for faults a vLLM engine can't be made to produce on demand:
-500s, 429s with Retry-After, garbage bodies, responses slower than the client's timeout.
+500s, 429s with Retry-After, garbage bodies, answers with a choice missing, connections dropped without an
+answer, responses slower than the client's timeout.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FaultServer:
     """``with FaultServer(["500", "ok"]) as srv: srv.url``; script entries are consumed per completion call:
-    ``ok``, ``500``, ``429:<retry-after>``, ``garbage``, ``slow:<seconds>``; when empty, ``ok``."""
+    ``ok``, ``500``, ``429:<retry-after>``, ``garbage``, ``short`` (one choice too few), ``drop`` (close the
+    connection without an answer), ``slow:<seconds>``; when empty, ``ok``."""
 
     def __init__(self, script: list[str] | None = None):
         self.script: deque[str] = deque(script or [])
@@ -32,8 +34,11 @@ class FaultServer:
                 for k, v in (headers or {"Content-Type": "application/json"}).items():
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left ("slow")
+                    self.close_connection = True
 
             def do_GET(self):
                 if self.path in ("/health", "/v1/models"):
@@ -54,6 +59,9 @@ class FaultServer:
                                                                        "Content-Type": "application/json"})
                 if kind == "garbage":
                     return self._send(200, b"\x00not json{{")
+                if kind == "drop":
+                    self.close_connection = True
+                    return None
                 if kind == "slow":
                     time.sleep(float(arg))  # the fault itself: a server slower than the client's timeout
                 prompts = body["prompt"] if isinstance(body.get("prompt"), list) else [body.get("prompt")]
@@ -61,6 +69,8 @@ class FaultServer:
                 choices = [{"index": i * n + j, "text": f"answer {i}.{j}", "token_ids": [1, 2, 3],
                             "prompt_token_ids": [9, 9], "finish_reason": "stop"}
                            for i in range(len(prompts)) for j in range(n)]
+                if kind == "short":
+                    choices.pop()
                 self._send(200, json.dumps({"choices": choices, "usage": {"prompt_tokens": 2}}).encode())
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

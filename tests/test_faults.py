@@ -28,7 +28,7 @@ def pool_cfg(**kw) -> PoolConfig:
     return PoolConfig(per_engine=4, pack_size=1, **kw)
 
 
-@pytest.mark.parametrize("fault", ["500", "garbage", "429:0"])
+@pytest.mark.parametrize("fault", ["500", "garbage", "429:0", "drop", "short"])
 async def test_a_failed_call_is_retried_until_it_succeeds(fault):
     with FaultServer([fault, fault, "ok"]) as srv:
         async with RolloutPool(engine_for(srv), pool_cfg(), OFF) as pool:

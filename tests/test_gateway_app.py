@@ -1,56 +1,62 @@
-"""The gateway's routes in-process, over engines faked at the HTTP layer (httpx.MockTransport): splitting,
-order, error mapping, auth, admin fan-out. The same routes run against real engines in test_gateway.py."""
+"""The gateway's routes in-process, over engines faked at the HTTP layer (small aiohttp servers on this loop):
+splitting, order, error mapping, auth, admin fan-out. The same routes run against real engines in test_gateway.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
 import pytest
+from aiohttp import web
 
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, PoolConfig
 from rollout_plugin.gateway.app import Gateway, build_app
 from rollout_plugin.gateway.relay import PassThroughClient, Relay
 from rollout_plugin.pool.pool import RolloutPool
+from vllm_shaped_server import serve_app
 
 
-def fake_vllm(name: str, seen: list):
+def fake_vllm(name: str, seen: list) -> web.Application:
     """A vLLM-shaped server: echoes prompts; 400 for max_tokens > 100; 404 for /pause (no dev mode)."""
 
-    def handle(request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        body = json.loads(request.content or b"{}")
+    async def handle(request: web.Request) -> web.Response:
+        path = request.path
+        body = json.loads(await request.read() or b"{}")
         seen.append((name, path, body))
         if path == "/v1/completions":
             if body.get("max_tokens", 16) > 100:
-                return httpx.Response(400, json={"error": {"message": "max_tokens is too large"}})
+                return web.json_response({"error": {"message": "max_tokens is too large"}}, status=400)
             n = body.get("n", 1)
-            return httpx.Response(200, json={
+            return web.json_response({
                 "id": f"cmpl-{name}", "object": "text_completion", "model": body["model"],
                 "choices": [{"index": j, "text": f"{body['prompt']}/{j}", "token_ids": [1, 2],
                              "finish_reason": "length"} for j in range(n)],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 2 * n, "total_tokens": 1 + 2 * n}})
         if path == "/v1/chat/completions":
-            return httpx.Response(200, json={"choices": [{"index": 0, "message": {
+            return web.json_response({"choices": [{"index": 0, "message": {
                 "role": "assistant", "content": "hi"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 1}})
         if path in ("/reset_prefix_cache", "/collective_rpc"):
-            return httpx.Response(200, json={"success": True})
-        return httpx.Response(404, json={"detail": "Not Found"})
+            return web.json_response({"success": True})
+        return web.json_response({"detail": "Not Found"}, status=404)
 
-    return handle
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
 
 
 @pytest.fixture
 async def gateway():
     relay, seen = Relay(), []
-    clients = [PassThroughClient(f"engine{i}", f"http://e{i}:8000", api_key=None, model="tiny", max_connections=8,
-                                 connect_s=5, request_s=5, admission_s=5, health_s=5,
-                                 transport=httpx.MockTransport(fake_vllm(f"engine{i}", seen)), relay=relay)
-               for i in range(2)]
-    pool = RolloutPool(pool=PoolConfig(per_engine=8), controller=ControllerConfig(mode=ControllerMode.off),
-                       clients=clients)
-    async with pool:
-        yield pool, relay, seen
+    async with contextlib.AsyncExitStack() as stack:
+        urls = [await stack.enter_async_context(serve_app(fake_vllm(f"engine{i}", seen))) for i in range(2)]
+        clients = [PassThroughClient(f"engine{i}", url, api_key=None, model="tiny", max_connections=8,
+                                     connect_s=5, request_s=5, admission_s=5, health_s=5, relay=relay)
+                   for i, url in enumerate(urls)]
+        pool = RolloutPool(pool=PoolConfig(per_engine=8), controller=ControllerConfig(mode=ControllerMode.off),
+                           clients=clients)
+        async with pool:
+            yield pool, relay, seen
 
 
 def client_for(gw: Gateway) -> httpx.AsyncClient:

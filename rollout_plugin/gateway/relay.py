@@ -9,13 +9,12 @@ the raw JSON answer in the shared :class:`Relay`, where the HTTP handler picks i
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import httpx
 
 from rollout_plugin.pool.client import CallError, Generation, HttpEngineClient
 from rollout_plugin.types import Request, Sample, SamplingParams
@@ -60,6 +59,8 @@ def _samples(data: dict[str, Any]) -> tuple[Sample, ...]:
 class PassThroughClient(HttpEngineClient):
     """An :class:`HttpEngineClient` whose calls carry a caller's OpenAI body instead of a pool prompt."""
 
+    reports_progress = False  # a caller's answer goes back whole or not at all: nothing to continue from
+
     def __init__(self, *args: Any, relay: Relay, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.relay = relay
@@ -84,10 +85,10 @@ class PassThroughClient(HttpEngineClient):
     async def control(self, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
         """POST a server-root control call (``/pause``, ``/collective_rpc`` …): (status, JSON or text)."""
         try:
-            resp = await self._http.post(self.root + path, json=body or {}, timeout=self._health_timeout * 12)
-        except httpx.HTTPError as exc:  # a 502 row for this engine, not a crash
-            return 502, f"{type(exc).__name__}: {exc}"
+            reply = await self.call_root(path, body, timeout_s=self._health_timeout * 12)
+        except CallError as exc:  # a 502 row for this engine, not a crash
+            return 502, str(exc)
         try:
-            return resp.status_code, resp.json() if resp.content else None
+            return reply.status, json.loads(reply.body) if reply.body else None
         except ValueError:
-            return resp.status_code, resp.text[:300]
+            return reply.status, reply.text[:300]

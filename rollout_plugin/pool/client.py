@@ -6,62 +6,51 @@ Transport only: a client sends the call it is given and returns samples or raise
 No HTTP request per sample: a call carries one or more requests that share sampling params and
 ``n``; text and token-id prompts go as one multi-prompt ``/v1/completions`` call with ``n=k``,
 chat prompts as ``/v1/chat/completions`` with ``n=k`` (one group per call).
+
+The transport is aiohttp, on one session per engine for data and control calls alike: its client
+CPU per call stays flat as the pool keeps hundreds of calls in flight, where httpx's connection pool
+scans every connection on every request event (0.6 ms per call at 8 in flight, 10.6 ms at 512;
+``benchmarks/transport.py``). The connector has no connection limit: the pool's ledger is the only
+limit, so no call waits in the client for a connection. This module is the only one that knows
+aiohttp: every failure leaves it as a :class:`CallError` verdict.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import httpx
+import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
+from rollout_plugin.pool.engine_client import (
+    CallError,
+    EngineClient,
+    Generation,
+    Malformed,
+    Partial,
+    Progress,
+    RateLimited,
+    Rejected,
+    TimedOut,
+    Unavailable,
+)
 from rollout_plugin.pool.sse import aiter_events
 from rollout_plugin.types import Request, Sample, SamplingParams
 
+__all__ = ["CallError", "EngineClient", "Generation", "HttpEngineClient", "Reply", "sampling_body", "split_base_url"]
+
 log = logging.getLogger(__name__)
 
-
-class CallError(Exception):
-    """One call failed. ``retryable``: another try may work; ``suspect``: the engine may be down."""
-
-    def __init__(self, message: str, *, retryable: bool, suspect: bool = False, status: int | None = None,
-                 retry_after_s: float | None = None):
-        super().__init__(message)
-        self.retryable = retryable
-        self.suspect = suspect
-        self.status = status
-        self.retry_after_s = retry_after_s
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What an engine returned for one request of a call."""
-
-    samples: tuple[Sample, ...]
-    prompt_tokens: int
-
-    @property
-    def output_tokens(self) -> int:
-        return sum(s.output_tokens for s in self.samples)
-
-
-class EngineClient(Protocol):
-    """All engine I/O goes through this; tests of policy may implement it in memory."""
-
-    name: str
-
-    async def generate(self, requests: Sequence[Request]) -> list[Generation]: ...
-
-    async def healthy(self) -> bool: ...
-
-    async def metrics(self) -> str | None:
-        """The engine's Prometheus text, or None when it has none (hosted APIs) or did not answer."""
-        ...
-
-    async def aclose(self) -> None: ...
+# Idle connections close before vLLM's own keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s) closes them:
+# a POST sent on a connection the server is closing fails, and aiohttp retries only idempotent methods.
+KEEPALIVE_S = 4.0
+_JSON = {"Content-Type": "application/json"}
 
 
 def split_base_url(url: str) -> tuple[str, str]:
@@ -95,70 +84,154 @@ def sampling_body(sp: SamplingParams, n: int) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A whole answer, read off the wire: what control calls and the gateway's relay look at."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+def _phases(connect_s: float, read_s: float) -> aiohttp.ClientTimeout:
+    """Per-phase limits as httpx had them: connecting, then each read (not the whole call: a streamed or
+    long packed call may take as long as it keeps sending)."""
+    return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s, sock_read=read_s)
+
+
+def _env_proxy(url: str) -> dict[str, Any]:
+    """HTTP(S)_PROXY / NO_PROXY as httpx honoured them, resolved once per client (aiohttp's ``trust_env``
+    would read the environment on every call)."""
+    try:
+        proxy, auth = get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return {}
+    return {"proxy": proxy, "proxy_auth": auth}
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 class HttpEngineClient:
-    """An OpenAI-compatible server (vLLM, launched or attached) reached with one pooled httpx client."""
+    """An OpenAI-compatible server (vLLM, launched or attached) reached over one aiohttp session.
+
+    Timeouts: ``connect_s`` to open a connection, ``request_s`` for each read of an answer (httpx's read
+    timeout; there is no separate write timeout), ``health_s`` for /health, /metrics and control calls
+    without their own. ``max_connections`` and ``admission_s`` are accepted for compatibility and unused:
+    the connector has no limit, so a call never waits for a connection (the pool's ledger decides what
+    is in flight) and there is no admission wait to time out.
+
+    The session is opened on first use (aiohttp sessions belong to a running loop) and closed by
+    :meth:`aclose`; a closed client answers every call with :class:`Unavailable`.
+    """
+
+    # The pool hands each call a progress sink; streamed calls fill it (what a cut sample continues from).
+    reports_progress = True
 
     def __init__(self, name: str, url: str, *, api_key: str | None, model: str, max_connections: int,
                  connect_s: float, request_s: float, admission_s: float, health_s: float,
                  stream: bool = False, extra_body: dict[str, Any] | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 stream_min_tokens: int | None = None):
+        del max_connections, admission_s  # see the class docstring: the ledger is the limit
         self.name = name
         self.root, self.api_base = split_base_url(url)
         self.model = model
         self.stream = stream
+        # Calls this long stream even without ``stream``: an engine dying mid-call then costs only what
+        # was in transit, not the whole sample (pool.stream_min_tokens).
+        self.stream_min_tokens = stream_min_tokens
         self.extra_body = dict(extra_body or {})
         self._health_timeout = health_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # Connection limit = the engine's in-flight cap: the client never queues work the pool admitted.
-        self._http = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(connect=connect_s, read=request_s, write=request_s, pool=admission_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-        )
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = _phases(connect_s, request_s)
+        self._health = _phases(health_s, health_s)
+        self._proxy = _env_proxy(self.root)
+        self._http: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            if self._closed:
+                raise Unavailable(f"{self.name}: client closed")
+            # limit=0: no per-host queue in the client; keep-alive reuse on; no cookies (engines set none; a
+            # hosted API's load-balancer cookie would only pin every call to one backend).
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
+            self._http = aiohttp.ClientSession(connector=connector, headers=self._headers, timeout=self._timeout,
+                                               cookie_jar=aiohttp.DummyCookieJar())
+        return self._http
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        self._closed = True
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.close()
+
+    async def _send(self, method: str, url: str, body: dict[str, Any] | None = None, *,
+                    timeout: aiohttp.ClientTimeout | None = None) -> Reply:
+        """One whole exchange; transport failures become :class:`TimedOut` / :class:`Unavailable`."""
+        kwargs: dict[str, Any] = {**self._proxy}
+        if body is not None:
+            kwargs["data"], kwargs["headers"] = _dumps(body), _JSON
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        try:
+            async with self._session().request(method, url, **kwargs) as resp:
+                return Reply(resp.status, await resp.read(), resp.headers)
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            raise TimedOut(f"{self.name}: {method} {url}: {type(exc).__name__}: {exc}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Unavailable(f"{self.name}: {method} {url}: {type(exc).__name__}: {exc}") from exc
 
     async def healthy(self) -> bool:
         for path in (f"{self.root}/health", f"{self.api_base}/models"):
             try:
-                resp = await self._http.get(path, timeout=self._health_timeout)
-            except httpx.HTTPError:
+                reply = await self._send("GET", path, timeout=self._health)
+            except CallError:
                 return False
-            if resp.status_code == 200:
+            if reply.status == 200:
                 return True
-            if resp.status_code != 404:  # hosted APIs have no /health: fall back to /v1/models
+            if reply.status != 404:  # hosted APIs have no /health: fall back to /v1/models
                 return False
         return False
 
     async def metrics(self) -> str | None:
         try:
-            resp = await self._http.get(f"{self.root}/metrics", timeout=self._health_timeout)
-        except httpx.HTTPError:
+            reply = await self._send("GET", f"{self.root}/metrics", timeout=self._health)
+        except CallError:
             return None
-        return resp.text if resp.status_code == 200 else None
+        return reply.text if reply.status == 200 else None
 
-    async def admin(self, path: str, body: dict[str, Any] | None = None, *,
-                    timeout_s: float | None = None) -> Any:
-        """POST to a server-root control endpoint (vLLM dev mode: ``/collective_rpc``, ``/reset_prefix_cache``).
+    async def call_root(self, path: str, body: dict[str, Any] | None = None, *, method: str = "POST",
+                        timeout_s: float | None = None) -> Reply:
+        """A server-root control call; the answer whatever its status. Raises only for transport failures
+        (:class:`TimedOut` / :class:`Unavailable`). ``timeout_s``: to connect and for each read (default: the
+        client's connect and request timeouts). A GET carries no body."""
+        timeout = _phases(timeout_s, timeout_s) if timeout_s is not None else None
+        payload = (body or {}) if method != "GET" else None
+        return await self._send(method, self.root + path, payload, timeout=timeout)
+
+    async def admin(self, path: str, body: dict[str, Any] | None = None, *, timeout_s: float | None = None,
+                    method: str = "POST") -> Any:
+        """A server-root control endpoint (vLLM dev mode: ``/collective_rpc``, ``/reset_prefix_cache``).
 
         Returns the JSON answer (None when empty); raises :class:`CallError` on any failure.
         """
+        reply = await self.call_root(path, body, method=method, timeout_s=timeout_s)
+        if reply.status == 404:
+            raise Rejected(f"{self.name}: {method} {path}: 404; the server lacks this endpoint "
+                           f"(vLLM needs engine.dev_mode=true, i.e. VLLM_SERVER_DEV_MODE=1)", status=404)
+        _raise_for_status(self.name, reply.status, reply.text, reply.headers)
         try:
-            resp = await self._http.post(self.root + path, json=body or {},
-                                         timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT)
-        except (httpx.TransportError, httpx.TimeoutException) as exc:
-            raise CallError(f"{self.name}: POST {path}: {type(exc).__name__}: {exc}", retryable=False,
-                            suspect=True) from exc
-        if resp.status_code == 404:
-            raise CallError(f"{self.name}: POST {path}: 404; the server lacks this endpoint "
-                            f"(vLLM needs engine.dev_mode=true, i.e. VLLM_SERVER_DEV_MODE=1)", retryable=False,
-                            status=404)
-        _raise_for_status(self.name, resp.status_code, resp.text, resp.headers)
-        return resp.json() if resp.content else None
+            return json.loads(reply.body) if reply.body else None
+        except ValueError as exc:
+            raise Malformed(f"{self.name}: {method} {path}: answer is not JSON") from exc
 
-    async def generate(self, requests: Sequence[Request]) -> list[Generation]:
+    async def generate(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Generation]:
         first = requests[0]
         n, sp = first.n, first.sampling
         body = {"model": self.model, **sampling_body(sp, n), **self.extra_body}
@@ -174,62 +247,78 @@ class HttpEngineClient:
             body["prompt"] = [r.prompt for r in requests]
             if sp.logprobs:
                 body["logprobs"] = 1
-        if self.stream:
-            choices, usage = await self._post_stream(path, body)
+        long = self.stream_min_tokens is not None and sp.max_tokens >= self.stream_min_tokens
+        if self.stream or long:
+            choices, usage = await self._post_stream(path, body, progress, n)
         else:
             data = await self._post(path, body)
             choices, usage = data.get("choices", []), data.get("usage") or {}
         return _group_choices(choices, usage, len(requests), n, chat=first.kind == "chat")
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        reply = await self._send("POST", self.api_base + path, body)
+        _raise_for_status(self.name, reply.status, reply.text, reply.headers)
         try:
-            resp = await self._http.post(self.api_base + path, json=body)
-        except httpx.PoolTimeout as exc:
-            raise CallError(f"{self.name}: no free connection within the admission timeout", retryable=True) from exc
-        except (httpx.TransportError, httpx.TimeoutException) as exc:
-            raise CallError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True, suspect=True) from exc
-        _raise_for_status(self.name, resp.status_code, resp.text, resp.headers)
-        try:
-            return resp.json()
+            data = json.loads(reply.body)
         except ValueError as exc:  # not JSON, or not even text (UnicodeDecodeError)
-            raise CallError(f"{self.name}: response is not JSON", retryable=True, suspect=True) from exc
+            raise Malformed(f"{self.name}: response is not JSON") from exc
+        if not isinstance(data, dict):
+            raise Malformed(f"{self.name}: response is JSON but not an object")
+        return data
 
-    async def _post_stream(self, path: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    async def _post_stream(self, path: str, body: dict[str, Any], progress: Progress | None = None,
+                           n: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         merged: dict[int, dict[str, Any]] = {}
         usage: dict[str, Any] = {}
         try:
-            async with self._http.stream("POST", self.api_base + path, json=body) as resp:
-                if resp.status_code != 200:
-                    text = (await resp.aread()).decode("utf-8", "replace")
-                    _raise_for_status(self.name, resp.status_code, text, resp.headers)
-                async for data in aiter_events(resp.aiter_bytes()):
+            async with self._session().post(self.api_base + path, data=_dumps(body), headers=_JSON,
+                                            **self._proxy) as resp:
+                if resp.status != 200:
+                    text = (await resp.read()).decode("utf-8", "replace")
+                    _raise_for_status(self.name, resp.status, text, resp.headers)
+                # Raw chunks, not lines: sampled text holds separators a line splitter breaks on (pool/sse.py).
+                # Read to the end, past [DONE], so the connection goes back for reuse instead of closing.
+                async for data in aiter_events(resp.content.iter_any()):
                     if data.strip() == "[DONE]":
-                        break
+                        continue
                     event = json.loads(data)
                     usage = event.get("usage") or usage
                     for choice in event.get("choices", []):
-                        _merge_delta(merged.setdefault(choice["index"], {"index": choice["index"]}), choice)
-        except httpx.PoolTimeout as exc:
-            raise CallError(f"{self.name}: no free connection within the admission timeout", retryable=True) from exc
-        except (httpx.TransportError, httpx.TimeoutException) as exc:
-            raise CallError(f"{self.name}: {type(exc).__name__}: {exc}", retryable=True, suspect=True) from exc
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise CallError(f"{self.name}: malformed event in stream", retryable=True, suspect=True) from exc
+                        acc = merged.setdefault(choice["index"], {"index": choice["index"]})
+                        _merge_delta(acc, choice)
+                        if progress is not None:
+                            _report(progress[acc["index"] // n][acc["index"] % n], acc)
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            raise TimedOut(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Unavailable(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError, UnicodeDecodeError, shape
+            raise Malformed(f"{self.name}: malformed event in stream") from exc
         return [merged[i] for i in sorted(merged)], usage
 
 
-def _raise_for_status(name: str, status: int, text: str, headers: httpx.Headers) -> None:
+def _report(p: Partial, acc: dict[str, Any]) -> None:
+    """Mirror a streamed choice into the pool's progress sink (the lists are shared, not copied)."""
+    p.token_ids = acc.setdefault("token_ids", p.token_ids)
+    p.text = acc.get("text", "")
+    p.finish_reason = acc.get("finish_reason")
+    if "prompt_token_ids" in acc:
+        p.prompt_token_ids = acc["prompt_token_ids"]
+    if "_logprobs" in acc:
+        p.logprobs = acc["_logprobs"]
+
+
+def _raise_for_status(name: str, status: int, text: str, headers: Mapping[str, str]) -> None:
     if status == 200:
         return
     detail = " ".join(text.split())[:300]
     if status == 429:
         retry_after = headers.get("retry-after")
-        raise CallError(f"{name}: rate limited (429)", retryable=True, status=status,
-                        retry_after_s=_seconds(retry_after))
+        raise RateLimited(f"{name}: rate limited (429)", status=status, retry_after_s=_seconds(retry_after))
     if status >= 500:
-        raise CallError(f"{name}: HTTP {status}: {detail}", retryable=True, suspect=True, status=status)
-    raise CallError(f"{name}: HTTP {status}: {detail}", retryable=False, status=status)
+        raise Unavailable(f"{name}: HTTP {status}: {detail}", status=status)
+    raise Rejected(f"{name}: HTTP {status}: {detail}", status=status)
 
 
 def _seconds(value: str | None) -> float | None:
@@ -257,7 +346,8 @@ def _merge_delta(acc: dict[str, Any], choice: dict[str, Any]) -> None:
 def _logprob_values(lp: dict[str, Any]) -> list[float]:
     if "content" in lp:  # chat: [{"token", "logprob", ...}]
         return [float(item["logprob"]) for item in lp.get("content") or []]
-    return [float(x) if x is not None else 0.0 for x in lp.get("token_logprobs") or []]
+    # A token without a logprob stays visible (NaN): never a plausible 0.0 an IS correction would trust.
+    return [float(x) if x is not None else math.nan for x in lp.get("token_logprobs") or []]
 
 
 def _sample_of(choice: dict[str, Any], chat: bool) -> Sample:
@@ -279,14 +369,16 @@ def _group_choices(choices: list[dict[str, Any]], usage: dict[str, Any], n_reque
                    chat: bool) -> list[Generation]:
     """Choices of a multi-prompt call come back indexed ``prompt_index × n + sample_index``."""
     if len(choices) != n_requests * n:
-        raise CallError(f"expected {n_requests * n} choices, got {len(choices)}", retryable=True)
+        raise Malformed(f"expected {n_requests * n} choices, got {len(choices)}")
     samples: list[list[Sample]] = [[] for _ in range(n_requests)]
     prompt_tokens = [0] * n_requests
+    prompt_ids: list[tuple[int, ...] | None] = [None] * n_requests
     for choice in sorted(choices, key=lambda c: c.get("index", 0)):
         i = int(choice.get("index", 0)) // n
         samples[i].append(_sample_of(choice, chat))
         if choice.get("prompt_token_ids") is not None:
             prompt_tokens[i] = len(choice["prompt_token_ids"])
+            prompt_ids[i] = tuple(choice["prompt_token_ids"])  # what a sample cut short continues from
     if n_requests == 1 and not prompt_tokens[0]:
         prompt_tokens[0] = int(usage.get("prompt_tokens") or 0)
-    return [Generation(tuple(s), p) for s, p in zip(samples, prompt_tokens)]
+    return [Generation(tuple(s), p, ids) for s, p, ids in zip(samples, prompt_tokens, prompt_ids)]
