@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 from fakes import FakeEngine
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, PoolConfig
@@ -27,36 +28,216 @@ def busy(t, tokens, inflight=100, backlog=500, **kw):
     return Observation(t=t, inflight=inflight, backlog=backlog, tokens_total=tokens, **kw)
 
 
-def test_raises_while_throughput_rises_then_holds_at_the_plateau():
+class ToyEngine:
+    """One observation a second of an engine whose tokens/s is a function of the cap: a fake clock and a
+    fake engine for the controller alone. Work always waits in the pool; the cap binds at once."""
+
+    def __init__(self, rate, preempts_above=None, slots=10**9):
+        self.rate, self.preempts_above, self.slots = rate, preempts_above, slots
+        self.t, self.tokens, self.preemptions = 0.0, 0.0, 0.0
+
+    def drive(self, state, seconds, cfg=CFG):
+        decisions = []
+        for _ in range(seconds):
+            state, d = step(state, self.observe(state.cap), cfg)
+            decisions.append(d)
+            self.t += 1.0
+            self.tokens += self.rate(state.cap)
+            if self.preempts_above is not None and state.cap > self.preempts_above:
+                self.preemptions += 1
+        return state, decisions
+
+    def observe(self, cap):
+        return Observation(t=self.t, inflight=cap, backlog=10_000, tokens_total=self.tokens,
+                           running=min(cap, self.slots), waiting=max(0, cap - self.slots),
+                           preemptions_total=self.preemptions)
+
+
+# -- raising: slow start, plateau, undo, re-probe -----------------------------------------------------
+def test_slow_start_doubles_while_raises_pay_then_settles_where_they_stop():
+    state = initial_state(25, ControllerConfig(max_cap=1000), group_size=1)
+    engine = ToyEngine(lambda cap: 10.0 * min(cap, 150))  # tokens/s grow with the batch up to 150 sequences
+    state, d = engine.drive(state, 30, ControllerConfig(max_cap=1000))
+    raises = [(x.old, x.cap) for x in d if x.changed]
+    # Doubled while each raise paid (judged on a record of trial_s each); 400 bought nothing over 200 but
+    # cost nothing either: it stays (never worse than sending more), and raising stops.
+    assert raises == [(25, 50), (50, 100), (100, 200), (200, 400)]
+    assert state.cap == 400 and state.plateau and not state.slow_start
+    assert "1000 tok/s at 100 (up from 500 with the last raise)" in [x.reason for x in d if x.changed][2]
+
+
+def test_a_raise_that_costs_throughput_is_undone():
     state = initial_state(100, CFG, group_size=1)
-    # tokens/s: 1000, 1500 (rose: raise), 1520 (+1.3 %: plateau, hold), then flat
-    obs = [busy(0, 0), busy(1, 1000), busy(2, 2500, inflight=125), busy(3, 4020, inflight=156),
-           busy(4, 5540, inflight=156), busy(5, 7060, inflight=156)]
-    state, decisions = run(state, obs)
-    caps = [d.cap for d in decisions]
-    assert caps == [100, 125, 157, 157, 157, 157]
-    assert "rising" in decisions[1].reason and state.plateau
+    engine = ToyEngine(lambda cap: 1000.0 if cap <= 100 else 700.0)
+    state, d = engine.drive(state, 10)
+    moves = [(x.old, x.cap) for x in d if x.changed]
+    assert moves == [(100, 200), (200, 100)] and state.cap == 100 and state.plateau
+    assert [x.reason for x in d if x.changed][1] == "the raise to 200 cost tokens/s (1000 -> 700): back to 100"
+
+
+def test_a_plateau_is_probed_again_after_reprobe_s():
+    cfg = ControllerConfig(reprobe_s=20.0)
+    state = initial_state(100, cfg, group_size=1)
+    more = [1010.0]  # what a cap above 200 buys: 1 % more than 200 does, so raising stops at 400
+    engine = ToyEngine(lambda cap: 1000.0 if cap <= 200 else more[0])
+    state = replace(state, cap=200, ceiling=1000)
+    state, d = engine.drive(state, 10, cfg)
+    assert state.cap == 400 and state.plateau
+    more[0] = 3000.0  # the workload changed: more would pay now
+    state, d = engine.drive(state, 25, cfg)
+    assert state.cap >= 500 and any(x.changed and (x.old, x.cap) == (400, 500) and "probing" in x.reason for x in d)
 
 
 def test_never_raises_when_the_engine_queues_or_the_pool_is_empty():
-    state = initial_state(100, CFG, group_size=1)
+    state = replace(initial_state(100, CFG, group_size=1), slow_start=False)
     _, d = run(state, [busy(0, 0), busy(1, 1000, waiting=5)])
     assert [x.cap for x in d] == [100, 100]
+    _, d = run(replace(state, slow_start=True), [busy(0, 0), busy(1, 1000, waiting=5)])
+    assert [x.cap for x in d] == [100, 200]  # (slow start measures instead: the first cap is only an estimate)
     _, d = run(state, [busy(0, 0), busy(1, 1000, backlog=0)])
     assert [x.cap for x in d] == [100, 100]
     _, d = run(state, [busy(0, 0), busy(1, 1000, inflight=10)])  # not cap-bound
     assert [x.cap for x in d] == [100, 100]
 
 
-def test_cuts_on_preemptions_and_on_kv_pressure_but_not_below_a_group():
+# -- cuts on trial: undone where preemption is cheap, kept where it costs ----------------------------
+def trial_cut(after_rate, cfg=CFG):
+    """Cap 100 at 1000 tok/s meets preemptions at t=2 (cut on trial to 70, binds at once); then after_rate."""
+    state = replace(initial_state(100, cfg, group_size=1), slow_start=False)
+    # (The engine's own queue is not empty, so there is no probing raise on the way.)
+    obs = [busy(0, 0, preemptions_total=0, waiting=2), busy(1, 1000, preemptions_total=0, waiting=2),
+           busy(2, 2000, preemptions_total=5, waiting=2)]
+    state, d = run(state, obs, cfg)
+    assert (d[2].old, d[2].cap) == (100, 70) and d[2].reason.startswith("preemptions +5: cut on trial (1000 tok/s")
+    tokens = 2000.0
+    for t in range(3, 7):
+        tokens += after_rate
+        state, dec = step(state, busy(t, tokens, inflight=70, preemptions_total=5), cfg)
+        d.append(dec)
+    return state, d, tokens
+
+
+def test_a_cut_that_costs_throughput_is_undone_and_preemption_then_counts_as_cheap():
+    state, d, tokens = trial_cut(after_rate=600.0)
+    assert [x.cap for x in d[3:]] == [70, 70, 70, 100]  # judged trial_s (3 s) after the cut bit (t=3)
+    assert d[-1].reason.startswith("the cut to 70 cost tokens/s (1000 -> 600): back to 100; preemption is cheap here")
+    # Preemptions and KV pressure alone no longer cut; and raises may go on while the engine queues.
+    state, later = run(state, [busy(7, tokens + 1000, preemptions_total=50, kv_usage=0.99, waiting=20)])
+    assert later[0].cap == 125 and "20 queued in the engine" in later[0].reason
+
+
+def test_a_cut_that_holds_throughput_stands_and_protection_continues():
+    state, d, tokens = trial_cut(after_rate=1000.0)
+    assert all(x.cap == 70 for x in d[3:]) and "the cut to 70 stands (1000 -> 1000 tok/s)" == d[-1].reason
+    state, d = run(state, [busy(7, tokens + 1000, inflight=70, preemptions_total=9)])
+    assert d[0].cap == 49 and d[0].reason.startswith("preemptions +4: cut on trial")
+
+
+def test_cheap_verdicts_expire_and_each_new_one_holds_twice_as_long():
+    cfg = ControllerConfig(cheap_s=10.0)
+    engine = ToyEngine(lambda cap: 10.0 * cap, preempts_above=50)  # preemptions, but every cut costs tokens/s
+    state = initial_state(100, cfg, group_size=1)
+    state, d = engine.drive(state, 90, cfg)
+    verdicts = [(t, x.reason) for t, x in enumerate(d) if x.reason and "cheap here" in x.reason]
+    assert [r.split("for ")[-1] for _, r in verdicts][:3] == ["10 s", "20 s", "40 s"]
+    gaps = [b[0] - a[0] for a, b in zip(verdicts, verdicts[1:])]
+    assert gaps[0] >= 10 and gaps[1] >= 20  # each new trial came only once the last verdict had expired
+
+
+def test_pressure_at_a_cap_that_beat_a_lower_one_is_not_cut():
+    # Past slow start, with a record of cap 100 (1000 tok/s) from earlier: cap 200 buys 1800, preemptions and all.
+    state = replace(initial_state(200, CFG, group_size=1), slow_start=False, records=((100, 1000.0),))
+    state, d = run(state, [busy(0, 0, inflight=200, preemptions_total=0, waiting=1),
+                           busy(1, 1800, inflight=200, preemptions_total=0, waiting=1),
+                           busy(2, 3600, inflight=200, preemptions_total=4, waiting=1)])
+    assert not any(x.changed for x in d) and state.trial is None and state.cheap_until == 2 + 300
+    assert d[2].reason == ("preemptions +4, but 200 buys 1800 tok/s vs 1000 at 100: preemption is cheap here, "
+                           "no cut on it alone for 300 s")
+
+
+def test_slow_start_probes_through_pressure_until_a_raise_does_not_pay():
+    # The first cap is only an estimate (KV-based): pressure there does not stop slow start. Here tokens/s grow
+    # up to 100 sequences and then fall (recompute wastes real work): the cut comes once raising stops paying.
+    engine = ToyEngine(lambda cap: 10.0 * cap if cap <= 100 else max(100.0, 1000.0 - 4.0 * (cap - 100)),
+                       preempts_above=30)
+    state, d = engine.drive(initial_state(25, ControllerConfig(max_cap=1000), group_size=1), 40,
+                            ControllerConfig(max_cap=1000))
+    changed = [x for x in d if x.changed]
+    assert [(x.old, x.cap) for x in changed][:4] == [(25, 50), (50, 100), (100, 200), (200, 100)]
+    assert "; preemptions +" in changed[1].reason and changed[3].reason.startswith("the raise to 200 cost tokens/s")
+    assert state.cap <= 100
+
+
+def test_no_cut_while_nothing_waits_in_the_pool_and_a_trial_waits_for_the_cut_to_bite():
+    state = initial_state(100, CFG, group_size=1)
+    _, d = run(state, [busy(0, 0, backlog=0, preemptions_total=0), busy(1, 900, backlog=0, preemptions_total=9)])
+    assert not d[1].changed  # everything is dispatched: a cut would act on nothing and could not be judged
+    state = replace(state, slow_start=False)
+    state, d = run(state, [busy(0, 0, preemptions_total=0, waiting=1), busy(1, 1000, preemptions_total=0, waiting=1),
+                           busy(2, 2000, preemptions_total=3)])
+    assert d[2].cap == 70
+    tokens = 2000.0
+    for t in range(3, 10):  # in flight stays above the new cap (long samples draining): no verdict yet
+        tokens += 400
+        state, dec = step(state, busy(t, tokens, inflight=90, preemptions_total=3), CFG)
+        assert not dec.changed and state.trial is not None and state.trial.t is None
+    state, dec = step(state, busy(10, tokens, inflight=60, backlog=0), CFG)
+    assert state.trial is None and state.cap == 70  # the pool ran dry before a verdict: the cut stands
+
+
+def test_no_cut_when_what_is_left_fits_in_the_cap():
+    # The end of a step: 50 samples left, cap 100. A cut would hold them back and stretch the tail.
+    state = replace(initial_state(100, CFG, group_size=1), slow_start=False)
+    state, d = run(state, [busy(0, 0, backlog=50, waiting=1, preemptions_total=0),
+                           busy(1, 1000, backlog=50, waiting=1, preemptions_total=0),
+                           busy(2, 2000, backlog=50, waiting=1, preemptions_total=7)])
+    assert not any(x.changed for x in d) and state.trial is None
+
+
+def test_in_the_costly_world_the_cap_settles_below_where_preemption_starts():
+    # Past 60 sequences the engine preempts and each one more costs tokens/s (recompute wastes real work).
+    engine = ToyEngine(lambda cap: 10.0 * cap if cap <= 60 else max(100.0, 600.0 - 5.0 * (cap - 60)),
+                       preempts_above=60, slots=60)
+    state = initial_state(200, CFG, group_size=1)
+    state, d = engine.drive(state, 120)
+    assert 40 <= state.cap <= 70, [(x.old, x.cap, x.reason) for x in d if x.changed]
+
+
+def test_in_the_cheap_world_the_cap_stays_high():
+    # Preemptions past 60 sequences, but tokens/s keep growing with the batch (recompute is cheap here).
+    engine = ToyEngine(lambda cap: 10.0 * min(cap, 400), preempts_above=60, slots=300)
+    state = initial_state(200, CFG, group_size=1)
+    state, d = engine.drive(state, 120)
+    assert state.cap >= 200, [(x.old, x.cap, x.reason) for x in d if x.changed]
+
+
+def test_cuts_stop_at_the_floor_of_one_group():
     state = initial_state(100, CFG, group_size=8)
-    state, d = run(state, [busy(0, 0, preemptions_total=0), busy(1, 900, preemptions_total=3)])
-    assert d[1].cap == 70 and d[1].reason == "preemptions +3"
-    state, d = run(state, [busy(2, 1800, preemptions_total=3, kv_usage=0.99)])
-    assert d[0].cap == 49 and "KV usage 99%" in d[0].reason
-    for t in range(3, 20):
-        state, _ = step(state, busy(t, 900 * t, preemptions_total=float(t)), CFG)
-    assert state.cap == 8  # the floor: one GRPO group always fits
+    engine = ToyEngine(lambda cap: 900.0, preempts_above=0)  # pressure at any cap, cutting costs nothing
+    state, d = engine.drive(state, 80)
+    assert state.cap == 8 and all(x.cap >= 8 for x in d)
+
+
+# -- need: the floor follows the largest waiting request ---------------------------------------------
+def test_a_waiting_request_larger_than_the_cap_lifts_it_even_with_nothing_in_flight():
+    state = replace(initial_state(16, CFG, group_size=1), cap=4)  # cut to 4 under KV pressure earlier
+    state, d = run(state, [busy(0, 0, inflight=0, backlog=9, need=8)])
+    assert d[0].cap == 8 and d[0].reason == "a waiting request needs 8 samples"
+    state, d = run(state, [busy(1, 100, inflight=8, backlog=9, need=8, preemptions_total=0),
+                           busy(2, 200, inflight=8, backlog=9, need=8, preemptions_total=5)])
+    assert all(x.cap >= 8 for x in d)  # a cut never goes below it either
+    off = ControllerConfig(mode=ControllerMode.off)
+    _, d = run(replace(initial_state(4, off, group_size=1)), [busy(0, 0, inflight=0, need=8)], off)
+    assert d[0].cap == 8  # fixed caps too: otherwise the request waits forever
+    _, d = run(initial_state(4, ControllerConfig(max_cap=4), group_size=1), [busy(0, 0, inflight=0, need=6)])
+    assert d[0].cap == 6  # even above the ceiling
+
+
+def test_observations_without_need_still_work():
+    # The verl router builds Observation without need (it passes none yet): the default changes nothing.
+    state = initial_state(100, CFG, group_size=1)
+    _, d = run(state, [Observation(t=0, inflight=0, backlog=5, tokens_total=0)])
+    assert not d[0].changed
 
 
 def test_caps_respect_the_configured_ceiling():
@@ -142,13 +323,13 @@ async def test_pool_exports_namespaced_prometheus_metrics():
 
 
 def test_after_kv_pressure_raises_stop_below_the_cap_that_met_it():
-    state = initial_state(100, ControllerConfig(max_cap=1000), group_size=1)
+    state = replace(initial_state(100, ControllerConfig(max_cap=1000), group_size=1), slow_start=False)
     cfg = ControllerConfig(max_cap=1000)
     state, d = run(state, [busy(0, 0), busy(1, 1000, inflight=100, kv_usage=0.99)], cfg)
     assert d[1].cap == 70
-    tokens, t, caps = 1000, 1, []
-    for rate in (1100, 1300, 1600, 2000, 2500, 3100):  # throughput keeps rising: the controller wants more
-        t, tokens = t + 1, tokens + rate
+    tokens, caps = 1000, []
+    for t in range(2, 30):  # the cut stands, then tokens/s grow with every raise: the controller wants more
+        tokens += 20 * state.cap
         state, dec = step(state, busy(t, tokens, inflight=state.cap), cfg)
         caps.append(dec.cap)
     assert max(caps) == 99 and caps[-1] == 99  # probes back up, never to 100 again

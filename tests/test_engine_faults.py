@@ -125,30 +125,36 @@ async def test_hung_engine_is_detected_within_the_stall_timeout_and_its_work_mov
     assert detect_s < STALL_S + 15, f"the hang took {detect_s:.1f} s to detect"
 
 
-async def test_kv_starved_engine_cap_goes_down_and_preemptions_stop(live_engine, tmp_path):
-    starved = start_engine(live_engine, tmp_path, "--num-gpu-blocks-override", "64")  # 64 × 16 = 1024 tokens
+async def test_kv_starved_engine_pressure_is_weighed_by_what_a_cut_buys(live_engine, tmp_path):
+    # The CPU backend's blocks are 128 tokens: 64 blocks hold 8,192 tokens. vLLM admits ~64 of these sequences
+    # (one block each) and preempts as they grow into their second block.
+    starved = start_engine(live_engine, tmp_path, "--num-gpu-blocks-override", "64")
     try:
         await starved.wait_ready()
         engine = EngineConfig(urls=[starved.url], api_key=live_engine.api_key, served_model_name=live_engine.model_dir,
                               max_model_len=1024)
-        # expected_tokens small on purpose: the first cap is far above what 512 KV tokens hold.
-        ctl = ControllerConfig(interval_s=0.5, expected_tokens=8, timeline=str(tmp_path / "kv.jsonl"))
-        reqs = [Request(f"r{i}", f"Tell me about {i}", sampling=SamplingParams(max_tokens=96, ignore_eos=True))
-                for i in range(256)]
-        async with RolloutPool(engine, PoolConfig(per_engine=64, pack_size=4), ctl) as pool:
+        # expected_tokens small on purpose: the first cap (77) and its ceiling (154) are above what KV holds.
+        # Short trials, so that verdicts come while work still waits.
+        ctl = ControllerConfig(interval_s=0.5, trial_s=1.5, expected_tokens=8, timeline=str(tmp_path / "kv.jsonl"))
+        reqs = [Request(f"r{i}", f"Tell me about {i}", sampling=SamplingParams(max_tokens=192, ignore_eos=True))
+                for i in range(384)]
+        # max_concurrent high: the engine's own cap, not the pool's global one, is what limits it.
+        async with RolloutPool(engine, PoolConfig(per_engine=64, pack_size=4, max_concurrent=1024), ctl) as pool:
             results = await pool.generate(reqs)
+            state = pool.monitor.states[0]
     finally:
         starved.stop()
     assert all(r.ok for r in results)
     events = [json.loads(line) for line in (tmp_path / "kv.jsonl").read_text().splitlines()]
-    cuts = [e for e in events if e["kind"] == "cap" and e["new"] < e["old"]
-            and e["reason"].startswith(("preemptions", "KV usage"))]
-    assert cuts and min(e["new"] for e in cuts) < 77, "the controller never cut below the first (too high) cap"
     samples = [e for e in events if e["kind"] == "sample" and e["preemptions"] is not None]
-    third = len(samples) // 3
-    early = samples[third]["preemptions"] - samples[0]["preemptions"]
-    late = samples[-1]["preemptions"] - samples[-third]["preemptions"]
-    assert late == 0 or late < early, f"preemptions kept climbing: first third +{early}, last third +{late}"
+    assert samples and samples[-1]["preemptions"] > samples[0]["preemptions"], "the engine never preempted"
+    # Preemption is no longer cut on by rule (issue 13): the controller puts a cut on trial and keeps it only if
+    # tokens/s held, or finds from its records that the cap with preemptions buys more than a lower one did.
+    # Which verdict this engine gets depends on the machine; that it is weighed at all does not.
+    trials = [e for e in events if e["kind"] == "cap" and "cut on trial" in e["reason"]]
+    assert trials or state.cheap_found, [(e["old"], e["new"], e["reason"]) for e in events if e["kind"] == "cap"]
+    undone = [e for e in events if e["kind"] == "cap" and e["reason"].startswith("the cut to")]
+    assert all(e["new"] > e["old"] for e in undone)  # a cut that cost tokens/s went back up
 
 
 async def test_a_killed_launched_engine_is_restarted_and_the_run_completes(model_dir, tmp_path):

@@ -27,12 +27,12 @@ class WorkloadConfig:
 
     prompts: int = 4096  # groups per step; prompts_per_engine wins when set
     prompts_per_engine: Optional[int] = 32  # weak scaling: prompts = this × engines
-    k: int = 8
-    prompt_tokens_median: int = 256
-    prompt_tokens_sigma: float = 0.5
-    output_tokens_median: int = 400
+    k: int = 8  # samples per prompt (GRPO group size)
+    prompt_tokens_median: int = 256  # lengths are lognormal around these medians
+    prompt_tokens_sigma: float = 0.5  # lognormal sigma of prompt lengths
+    output_tokens_median: int = 400  # completion tokens, median
     output_tokens_sigma: float = 0.8  # GRPO's long tail: a few samples run to max_tokens
-    max_tokens: int = 2048
+    max_tokens: int = 2048  # completions are cut here
     turns: int = 1  # >1: each sample is a session of this many turns (n=1 calls, prompt grows)
     tool_latency_s: float = 0.5  # between turns
     tool_tokens: int = 64  # tool output appended to the prompt each turn
@@ -40,25 +40,25 @@ class WorkloadConfig:
     # prompts, which the pool packs up to pool.pack_size per call — and a packed call returns when its slowest
     # member does, so every session's next turn waits for the others (see benchmarks/RESULTS.md).
     chat: bool = True
-    seed: int = 0
+    seed: int = 0  # the lengths drawn; every policy gets the same ones
 
 
 @dataclass
 class FleetConfig:
-    engines: list[int] = field(default_factory=lambda: [8, 64, 256, 1024])
+    engines: list[int] = field(default_factory=lambda: [8, 64, 256, 1024])  # fleet sizes, each simulated in turn
     profile: str = "h100_llama8b"  # built-in profile name or a JSON path
     max_model_len: int = 4096  # sets the pool's per-engine cap preset, as for real engines
     straggler_fraction: float = 0.0  # share of engines that run slower
     straggler_slowdown: float = 3.0  # their step time × this
     failure_fraction: float = 0.0  # share of engines that die mid-run
     failure_at_s: float = 30.0  # when (simulated seconds)
-    seed: int = 0
+    seed: int = 0  # which engines straggle or die
 
 
 @dataclass
 class BaselineConfig:
     distllm_batch: int = 16  # groups per batch, per engine (distllm's batch of 16, scaled to the fleet)
-    distllm_timeout_s: float = 0.5
+    distllm_timeout_s: float = 0.5  # distllm's batch timeout: a short batch goes after this long
     retries: int = 3  # a failed call goes to the next engine, as a client-side retry would
 
 

@@ -4,8 +4,12 @@ State: a FIFO of waiting sequences and a set of running ones. At each step bound
 admits waiting sequences while it has a free sequence slot (``max_num_seqs``), KV room for their
 context, and prefill budget (``max_num_batched_tokens``); then every running sequence decodes one
 token per step, the first step also prefilling what was just admitted. When KV runs out the most
-recently admitted sequence is preempted (recompute: its KV is dropped and it re-prefills later),
-as vLLM does.
+recently admitted sequence is preempted as vLLM V1 does (recompute): its KV is dropped, it goes back
+to the head of the queue, and when it is admitted again its whole context — prompt and every token
+generated so far — is prefilled again, taking prefill budget and step time as a new prompt would.
+The tokens it generated are kept (vLLM keeps the output, not its KV); only the per-request cost
+outside the model (``per_admit_s``: HTTP, tokenizing) is not paid again. Not modelled: prefix-cache
+hits on the freed blocks (vLLM may find some still cached), so re-prefill here is an upper bound.
 
 Nothing is stepped per token: between events (a completion, KV exhaustion, an arrival) the batch
 is constant, so the engine jumps over ``m`` steps at once — step time grows linearly with the
@@ -42,6 +46,7 @@ class Seq:
     prompt: float  # this sequence's share of prompt KV (prompt / k)
     target: int  # tokens to generate in all
     done: int = 0  # generated before the current admission (kept across preemptions)
+    preempted: int = 0  # times preempted: a re-admission re-prefills prompt + done
     admit_step: int = -1
     running: bool = False
     finished: bool = False
@@ -98,6 +103,7 @@ class SimEngine:
         self.generation_tokens = 0.0
         self.prompt_tokens = 0.0
         self.preemptions = 0
+        self.recomputed_tokens = 0.0  # prefilled again after a preemption (included in prompt_tokens)
         self.busy_s = 0.0
 
     # -- the calls' side ---------------------------------------------------------------------------
@@ -291,6 +297,7 @@ class SimEngine:
             self._k -= victim.context_at_admit - victim.admit_step
             victim.done += steps - victim.admit_step  # kept: recompute re-prefills them, it doesn't redo them
             victim.running = False
+            victim.preempted += 1
             self.preemptions += 1
             self._waiting.appendleft(victim)
         # Admit: FIFO, while a slot, KV room and prefill budget remain.
@@ -312,7 +319,10 @@ class SimEngine:
             self._admitted.append(s)
             heapq.heappush(self._heap, (steps + s.target - s.done, next(self._tie), s))
             prefill += ctx
-            admitted += 1
+            if s.preempted:
+                self.recomputed_tokens += ctx
+            else:
+                admitted += 1  # (a re-admission is the scheduler's own work: no HTTP, no tokenizing)
             budget -= ctx + 1
         if len(self._admitted) > 2 * self._running + 64:
             self._admitted = [s for s in self._admitted if s.running]

@@ -52,6 +52,7 @@ class RunResult:
     cap_changes: int
     wall_s: float  # real seconds the simulation took
     cpu_s: float = 0.0  # CPU seconds of this process (on a shared machine, wall time overstates)
+    recomputed_tokens: float = 0.0  # prefilled again after preemptions (vLLM's recompute)
 
     def row(self) -> dict:
         return asdict(self)
@@ -181,7 +182,8 @@ def simulate(policy: Policy, n_engines: int, profile: EngineProfile, cfg: Simula
         return RunResult(policy.value, n_engines, sum(len(s.turns) for s in sessions),
                          sum(len(r.metadata[OUTPUT_KEY]) for s in sessions for r in s.turns), tokens, failed,
                          makespan, tokens / makespan if makespan else 0.0, busy,
-                         sum(e.preemptions for e in engines), cap_changes, 0.0)
+                         sum(e.preemptions for e in engines), cap_changes, 0.0,
+                         recomputed_tokens=sum(e.recomputed_tokens for e in engines))
 
     with parsed_metrics(not cfg.exact_metrics):
         result = run_virtual(main())
