@@ -27,6 +27,7 @@ from rollout_plugin.tuning import (
     verl_overrides,
     vllm_args,
 )
+from rollout_plugin.tuning.memory import forward_token_budget
 from rollout_plugin.tuning.spec import GIB, estimate_params
 
 Q7 = MODEL_PRESETS["qwen2.5-7b"]
@@ -146,9 +147,12 @@ def test_verl_normalization_and_micro_batches():
     v = plan.verl
     assert v.mini_batch_per_gpu == 64 * 8 // 8
     assert v.mini_batch_per_gpu % v.micro_batch_per_gpu == 0
-    assert v.log_prob_micro_batch_per_gpu == 2 * v.micro_batch_per_gpu
     assert v.ppo_max_token_len_per_gpu >= 2 * 2048
-    assert v.log_prob_max_token_len_per_gpu == 2 * v.ppo_max_token_len_per_gpu
+    # Forward-only log-probs: sized by the memory model's forward budget, not 2× the training values.
+    fwd = forward_token_budget(Q7, H100, 8, offload=False)
+    assert v.log_prob_token_budget == fwd
+    assert v.log_prob_micro_batch_per_gpu == min(2 * v.micro_batch_per_gpu, fwd // 2048)
+    assert v.log_prob_max_token_len_per_gpu == min(65536, fwd) // 1024 * 1024
 
 
 def test_critic_gets_a_larger_micro_batch_than_the_actor():

@@ -63,9 +63,13 @@ def test_grid_invariants(model, hardware, n, lengths, placement):
     # verl normalization
     assert v.mini_batch_per_gpu * (v.world_size // v.ulysses_sp) == w.ppo_mini_batch_size * w.n
     assert v.mini_batch_per_gpu % v.micro_batch_per_gpu == 0
-    assert v.log_prob_micro_batch_per_gpu == 2 * v.micro_batch_per_gpu
     assert v.ppo_max_token_len_per_gpu * v.ulysses_sp >= 2 * e.max_model_len
-    assert v.log_prob_max_token_len_per_gpu == 2 * v.ppo_max_token_len_per_gpu
+    # Log-probs (forward-only) within the memory model's forward budget, beyond it only at the floors.
+    seq = -(-e.max_model_len // v.ulysses_sp)
+    assert 1 <= v.log_prob_micro_batch_per_gpu <= 2 * v.micro_batch_per_gpu
+    assert v.log_prob_micro_batch_per_gpu == 1 or v.log_prob_micro_batch_per_gpu * seq <= v.log_prob_token_budget
+    assert v.log_prob_max_token_len_per_gpu * v.ulysses_sp >= 2 * e.max_model_len
+    assert v.log_prob_max_token_len_per_gpu <= max(v.log_prob_token_budget, 2 * seq)
     assert (w.train_batch_size * w.n) % v.world_size == 0
     # TRL
     t = plan.trl

@@ -56,8 +56,8 @@ class Progress(str, Enum):
 class RateLimitConfig:
     """Hosted APIs: the provider's per-minute limits, honoured with token buckets (unset: unlimited)."""
 
-    rpm: Optional[float] = None
-    tpm: Optional[float] = None
+    rpm: Optional[float] = None  # requests per minute
+    tpm: Optional[float] = None  # tokens per minute (prompt + completion)
     burst_s: float = 60.0  # seconds of allowance that may go at once
 
 
@@ -76,31 +76,43 @@ class EngineConfig:
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     # Extra request fields passed through as they are, e.g. {service_tier: scale} for hosted APIs.
     extra_body: dict[str, str] = field(default_factory=dict)
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # launched engines bind here; 0.0.0.0 on multi-node clusters
     port: int = 0  # 0: a free port per engine; otherwise engine i gets port + i
-    dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int = 2048
+    dtype: str = "auto"  # vLLM --dtype (auto: the model's own)
+    # Unset: 0.9 on GPUs the engine has to itself; with engine.colocate the planner's colocated fraction
+    # (what the trainer's resident state leaves; tuning.colocated_utilization).
+    gpu_memory_utilization: Optional[float] = None
+    max_model_len: int = 2048  # prompt + completion tokens per sequence; sizes the per-engine cap preset
     max_num_seqs: Optional[int] = None  # default: the pool's per-engine cap
-    max_num_batched_tokens: Optional[int] = None
-    tensor_parallel_size: int = 1
-    enable_prefix_caching: bool = True
-    extra_args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
+    max_num_batched_tokens: Optional[int] = None  # vLLM's prefill budget per step; >= max_model_len
+    tensor_parallel_size: int = 1  # GPUs per engine
+    # GPU placement of launched engines (pool.backend=local): each engine gets its own
+    # tensor_parallel_size GPUs through CUDA_VISIBLE_DEVICES. Ids as nvidia-smi / CUDA_VISIBLE_DEVICES
+    # name them. Unset: every visible GPU (CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`); none: CPU engines.
+    devices: list[str] = field(default_factory=list)
+    # The trainer's GPUs (TRL: the training ranks'): never given to an engine unless engine.colocate.
+    trainer_devices: list[str] = field(default_factory=list)
+    # Share the trainer's GPUs (engines on engine.trainer_devices, or engine.devices); only when asked.
+    colocate: bool = False
+    enable_prefix_caching: bool = True  # a group's k samples share one prompt's KV
+    extra_args: list[str] = field(default_factory=list)  # more `vllm serve` arguments, passed as they are
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of each launched engine
     # CPU engines: KV cache size and core binding (each engine gets its own cores).
     cpu_kvcache_gb: int = 2  # VLLM_CPU_KVCACHE_SPACE (whole GiB)
-    cpu_bind: CpuBind = CpuBind.auto
+    cpu_bind: CpuBind = CpuBind.auto  # auto: VLLM_CPU_OMP_THREADS_BIND splits the cores; off: vLLM's own
     dev_mode: bool = False  # VLLM_SERVER_DEV_MODE=1: /pause, /resume, /collective_rpc …
-    startup_timeout_s: float = 300.0
-    log_dir: str = "logs/engines"
+    startup_timeout_s: float = 300.0  # a launched engine not healthy by then failed to start
+    log_dir: str = "logs/engines"  # each launched engine's output: <log_dir>/engine<i>-port<port>.log
 
 
 @dataclass
 class TimeoutConfig:
-    connect_s: float = 10.0
+    connect_s: float = 10.0  # opening a connection to an engine
     request_s: float = 1800.0  # one HTTP call (a pack may hold hundreds of long samples)
-    admission_s: float = 60.0  # waiting for a free connection in the client's pool
-    health_s: float = 5.0
+    # Unused since the client has no connection pool to wait in (the ledger is the only limit); kept so
+    # configs that set it still load.
+    admission_s: float = 60.0
+    health_s: float = 5.0  # one /health or /metrics probe
     # An engine with samples in flight whose token counters (from /metrics) stay frozen this long is
     # hung (its API process may still answer /health): it leaves rotation and its work moves.
     stall_s: float = 60.0
@@ -113,7 +125,7 @@ class RayConfig:
     # Cluster to join: "auto", "host:port", "ray://…"; unset: the one this process is already connected to
     # (verl's driver), else a new local one.
     address: Optional[str] = None
-    namespace: str = "rollout_plugin"
+    namespace: str = "rollout_plugin"  # Ray namespace of the engine actors
     placement: RayPlacement = RayPlacement.pack
     num_cpus: float = 1.0  # per replica (the vLLM server's own CPU work)
     # Per replica; unset: engine.tensor_parallel_size when the cluster has GPUs, else 0 (CPU engines).
@@ -142,6 +154,12 @@ class PrewarmConfig:
     attached: bool = False  # also warm engines given by engine.urls (they may be warm already, or billed per call)
 
 
+class WeightVerify(str, Enum):
+    checksum = "checksum"  # set and read back each engine's version, and compare weight checksums across engines
+    version = "version"  # set and read back each engine's version only
+    off = "off"  # trust the load
+
+
 class GroupMode(str, Enum):
     auto = "auto"  # n=k on one engine; split across engines when the load gap passes split_threshold
     together = "together"  # always one n=k request on one engine
@@ -160,11 +178,11 @@ class GroupConfig:
 
 @dataclass
 class PoolConfig:
-    engines: int = 1
+    engines: int = 1  # engines to launch; with engine.urls: one per URL
     k: int = 1  # samples per prompt (GRPO group size)
     # Xtuner's rollout_max_batch_size_per_instance; unset: 1024/512/128/64 by max_model_len.
     per_engine: Optional[int] = None
-    over_concurrency_ratio: float = 1.2
+    over_concurrency_ratio: float = 1.2  # cap × this in flight per engine, so its queue never runs dry
     # Global in-flight cap in groups; unset: per_engine × engines / k × ratio.
     max_concurrent: Optional[int] = None
     # Samples per HTTP call: groups go as n=k, independent prompts pack into one multi-prompt call.
@@ -174,30 +192,37 @@ class PoolConfig:
     # small pack up to this long for more to join; 0 sends at once (a trainer's batch fills packs anyway).
     pack_timeout_s: float = 0.0
     stream: bool = False  # SSE per call (lower throughput, per-token progress)
-    max_retries: int = 3
+    # Calls asking at least this many tokens stream even without pool.stream: the pool then sees their
+    # tokens as they come, and a sample whose engine dies or hangs mid-call continues elsewhere from
+    # them instead of starting over. Unset: only pool.stream streams.
+    stream_min_tokens: Optional[int] = None
+    max_retries: int = 3  # per request, each on another engine while one is left
     # Retries go to another healthy engine at once; when none is left, they back off exponentially
     # with full jitter (connection errors, 5xx, 429 without Retry-After).
     backoff_base_s: float = 0.5
-    backoff_cap_s: float = 30.0
+    backoff_cap_s: float = 30.0  # the longest wait between retries
     metrics_port: Optional[int] = None  # serve rollout_pool_* Prometheus metrics on 127.0.0.1:<port>
     max_restarts: int = 2  # per launched engine that dies; 0: a dead engine stays out
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     prewarm: PrewarmConfig = field(default_factory=PrewarmConfig)
     backend: PoolBackend = PoolBackend.local  # where launched engines run (engine.urls attaches instead)
+    # After each weight update: how sure to be that every engine holds the new weights (vLLM dev mode's
+    # /update_weight_version, /weight_info, /weight_checker; engines without them are trusted).
+    verify_weights: WeightVerify = WeightVerify.checksum
     ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass
 class SamplingConfig:
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_tokens: int = 0
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: bool = False
+    max_tokens: int = 128  # completion tokens per sample at most
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus sampling mass; 1: off
+    top_k: int = -1  # -1: off
+    min_tokens: int = 0  # completion tokens before EOS or a stop string may end a sample
+    seed: Optional[int] = None  # per-request sampling seed; unset: random
+    stop: list[str] = field(default_factory=list)  # strings that end a sample
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
+    logprobs: bool = False  # return each sampled token's logprob
 
 
 @dataclass
@@ -234,15 +259,26 @@ class PackControlConfig:
 class ControllerConfig:
     """``controller=adaptive`` (default) or ``controller=off`` (fixed caps from the Xtuner presets)."""
 
-    mode: ControllerMode = ControllerMode.adaptive
+    mode: ControllerMode = ControllerMode.adaptive  # adaptive: caps follow each engine's /metrics; off: fixed
     interval_s: float = 1.0  # how often each engine is observed
     min_cap: int = 1  # samples; raised to the group size k
     max_cap: Optional[int] = None  # samples; unset: 2 × the initial cap
     kv_high: float = 0.95  # cut above this KV-cache usage
-    raise_factor: float = 1.25
-    cut_factor: float = 0.7
+    raise_factor: float = 1.25  # cap × this on a raise
+    cut_factor: float = 0.7  # cap × this on a cut (preemptions, KV above kv_high)
     min_gain: float = 0.03  # a raise must buy ≥3 % more tokens/s, or the cap stops rising
     at_cap_fraction: float = 0.9  # the engine counts as cap-bound above this share of its cap
+    # Caps are judged by the tokens/s they buy (pool/control.py). A protective cut (preemptions, KV above
+    # kv_high) is on trial for trial_s once it bites: if tokens/s fell by more than cut_tolerance it is undone
+    # and preemption counts as cheap on that engine (no cut on it alone) for cheap_s, doubled each time it is
+    # found again. A raise is judged on trial_s too, and undone only if it cost more than raise_tolerance:
+    # both lean upward, as short windows are noisy and an engine held below what it runs is the error to avoid.
+    trial_s: float = 3.0
+    cut_tolerance: float = 0.05
+    raise_tolerance: float = 0.1
+    cheap_s: float = 300.0
+    probe_factor: float = 2.0  # raise factor from the start until the first raise that doesn't pay (slow start)
+    reprobe_s: float = 30.0  # a cap whose last raise bought nothing is raised again after this long
     expected_tokens: Optional[int] = None  # per sample, for the KV-based first estimate; unset: max_model_len
     timeline: Optional[str] = None  # JSONL timeline path (`rollout-plugin plot` draws it)
     pack: PackControlConfig = field(default_factory=PackControlConfig)
@@ -256,12 +292,12 @@ class CollectConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     input: Optional[str] = None  # JSONL of prompts; unset: the arithmetic set shipped in the package
-    output: str = "rollouts.jsonl"
-    overwrite: bool = False
-    resume: bool = False
+    output: str = "rollouts.jsonl"  # one line per sample; .summary.json, .timeline.jsonl, .errors.jsonl beside it
+    overwrite: bool = False  # replace an existing output (else refused)
+    resume: bool = False  # keep an existing output's whole lines; generate only the prompts not done
     limit: Optional[int] = None  # use only the first N prompts
-    progress: Progress = Progress.auto
-    log_level: str = "INFO"
+    progress: Progress = Progress.auto  # a progress bar on stderr; auto: when stderr is a terminal
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
 
 
 def register_configs() -> None:

@@ -71,7 +71,7 @@ def dotted_keys(schema: type, prefix: str = "") -> list[str]:
     return out
 
 
-def check_engine(cfg: EngineConfig, p: Problems, prefix: str = "engine") -> None:
+def check_engine(cfg: EngineConfig, p: Problems, prefix: str = "engine", engines: int | None = None) -> None:
     p.in_range(f"{prefix}.gpu_memory_utilization", cfg.gpu_memory_utilization, 0.0, 1.0, low_open=True)
     p.at_least(f"{prefix}.max_model_len", cfg.max_model_len, 16)
     p.at_least(f"{prefix}.max_num_seqs", cfg.max_num_seqs, 1)
@@ -100,6 +100,40 @@ def check_engine(cfg: EngineConfig, p: Problems, prefix: str = "engine") -> None
             p.add(f"{prefix}.model", model, "no such model directory", EMBEDDED_MODEL)
         elif not (path / "config.json").is_file():
             p.add(f"{prefix}.model", model, "not a Hugging Face model directory (no config.json)", EMBEDDED_MODEL)
+    check_placement(cfg, p, engines, prefix)
+
+
+def check_placement(cfg: EngineConfig, p: Problems, engines: int | None = None, prefix: str = "engine") -> None:
+    """What is wrong with a GPU layout before any GPU is counted (the inventory checks are in pool.placement)."""
+    devices, trainer = [str(d) for d in cfg.devices], [str(d) for d in cfg.trainer_devices]
+    for key, ids in (("devices", devices), ("trainer_devices", trainer)):
+        twice = sorted({d for d in ids if ids.count(d) > 1})
+        if twice:
+            p.add(f"{prefix}.{key}", ids, f"lists GPU {','.join(twice)} more than once",
+                  f"[{','.join(dict.fromkeys(ids))}]")
+    tp, listed = cfg.tensor_parallel_size, list(dict.fromkeys(devices))
+    if listed and tp > len(listed):
+        p.add(f"{prefix}.tensor_parallel_size", tp, f"one engine needs {tp} GPUs; {prefix}.devices lists "
+              f"{len(listed)}", len(listed))
+    elif listed and tp >= 1 and len(listed) % tp:
+        p.add(f"{prefix}.devices", devices, f"{len(listed)} GPUs do not split into engines of "
+              f"engine.tensor_parallel_size={tp} GPUs each", f"[{','.join(listed[:len(listed) // tp * tp])}]")
+    elif listed and engines is not None and tp >= 1 and engines * tp > len(listed):
+        p.add("pool.engines", engines, f"{engines} engines × engine.tensor_parallel_size {tp} need "
+              f"{engines * tp} GPUs; {prefix}.devices lists {len(listed)}", len(listed) // tp)
+    shared = [d for d in dict.fromkeys(devices) if d in trainer]
+    if shared and not cfg.colocate:
+        rest = [d for d in dict.fromkeys(devices) if d not in trainer]
+        p.add(f"{prefix}.devices", devices, f"GPU {','.join(shared)} also in {prefix}.trainer_devices: engines "
+              f"never share the trainer's GPUs unless {prefix}.colocate=true", f"[{','.join(rest)}]")
+    if "CUDA_VISIBLE_DEVICES" in cfg.env:
+        value = cfg.env["CUDA_VISIBLE_DEVICES"]
+        p.items.append(ConfigProblem(f"{prefix}.env.CUDA_VISIBLE_DEVICES", value, "the pool sets each engine's "
+                                     "devices itself", f"{prefix}.devices=[{value}] without it in {prefix}.env"))
+    if cfg.urls and (devices or trainer or cfg.colocate):
+        key = "devices" if devices else ("trainer_devices" if trainer else "colocate")
+        p.add(f"{prefix}.{key}", getattr(cfg, key), "engines attached by engine.urls run where they were "
+              "started; placement applies to launched engines only", "[]" if key != "colocate" else False)
 
 
 def _looks_like_path(model: str) -> bool:
@@ -177,6 +211,12 @@ def check_controller(cfg: CollectConfig, p: Problems, prefix: str = "controller"
     p.at_least(f"{prefix}.raise_factor", c.raise_factor, 1.01)
     p.in_range(f"{prefix}.cut_factor", c.cut_factor, 0.05, 0.99)
     p.in_range(f"{prefix}.at_cap_fraction", c.at_cap_fraction, 0.1, 1.0)
+    p.at_least(f"{prefix}.trial_s", c.trial_s, c.interval_s)  # a trial spans at least one observation
+    p.in_range(f"{prefix}.cut_tolerance", c.cut_tolerance, 0.0, 0.9)
+    p.in_range(f"{prefix}.raise_tolerance", c.raise_tolerance, 0.0, 0.9)
+    p.at_least(f"{prefix}.cheap_s", c.cheap_s, 0.0)
+    p.at_least(f"{prefix}.probe_factor", c.probe_factor, 1.01)
+    p.at_least(f"{prefix}.reprobe_s", c.reprobe_s, 0.0)
     p.at_least(f"{prefix}.expected_tokens", c.expected_tokens, 1)
     p.at_least(f"{prefix}.pack.window_s", c.pack.window_s, 0.1)
     p.at_least(f"{prefix}.pack.min_gain", c.pack.min_gain, 0.0)
@@ -187,8 +227,12 @@ def check_controller(cfg: CollectConfig, p: Problems, prefix: str = "controller"
 def validate_collect(cfg: CollectConfig) -> None:
     """Raise one :class:`ConfigError` listing every problem in a collect config."""
     p = Problems()
-    check_engine(cfg.engine, p)
+    check_engine(cfg.engine, p, engines=cfg.pool.engines)
     check_pool(cfg.pool, p)
+    if cfg.pool.backend == PoolBackend.ray and (cfg.engine.devices or cfg.engine.trainer_devices):
+        p.add("engine.devices" if cfg.engine.devices else "engine.trainer_devices",
+              cfg.engine.devices or cfg.engine.trainer_devices, "pool.backend=ray: Ray gives each replica its "
+              "GPUs (pool.ray.num_gpus, pool.ray.resources)", "[]")
     if cfg.pool.backend == PoolBackend.ray and cfg.engine.urls:
         p.add("pool.backend", "ray", "launches engines, but engine.urls attaches to running ones; unset one",
               "local")

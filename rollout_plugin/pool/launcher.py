@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import httpx
 
 from rollout_plugin.config.schema import EngineConfig
 from rollout_plugin.errors import EngineError, EngineStartError
+from rollout_plugin.pool.placement import DEDICATED_UTILIZATION
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def server_command(cfg: EngineConfig, *, model: str, python: str, port: int, api
         f"--api-key={api_key}",
         "--dtype", cfg.dtype,
         "--max-model-len", str(cfg.max_model_len),
-        "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
+        "--gpu-memory-utilization", str(cfg.gpu_memory_utilization or DEDICATED_UTILIZATION),
         "--max-num-seqs", str(cfg.max_num_seqs or max_num_seqs),
         "--tensor-parallel-size", str(cfg.tensor_parallel_size),
         "--enable-prefix-caching" if cfg.enable_prefix_caching else "--no-enable-prefix-caching",
@@ -106,7 +108,7 @@ class EngineProcess:
     """One vLLM server child process. Start with :meth:`start`, then ``await wait_ready()``; always :meth:`stop`."""
 
     def __init__(self, index: int, cfg: EngineConfig, *, model: str, port: int, max_num_seqs: int,
-                 cpu_bind: str | None, log_dir: Path):
+                 cpu_bind: str | None, log_dir: Path, devices: tuple[str, ...] | None = None):
         self.index = index
         self.name = f"engine{index}"
         self.cfg = cfg
@@ -116,6 +118,9 @@ class EngineProcess:
         self.command = server_command(cfg, model=model, python=self.python, port=port, api_key=self.api_key,
                                       max_num_seqs=max_num_seqs)
         self.cpu_bind = cpu_bind
+        # Its own GPUs (pool.placement); None leaves CUDA_VISIBLE_DEVICES as inherited (CPU engines, or a
+        # Ray actor, whose visibility Ray set).
+        self.devices = devices
         self.log_path = log_dir / f"{self.name}-port{port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
@@ -133,6 +138,8 @@ class EngineProcess:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cpu_bind)
         if self.cfg.dev_mode:
             env["VLLM_SERVER_DEV_MODE"] = "1"
+        if self.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
@@ -141,8 +148,9 @@ class EngineProcess:
             )
         self.started_at = time.monotonic()
         _LIVE.add(self)
-        log.info("%s: stopped -> starting (pid=%d port=%d cores=%s log=%s)", self.name, self.proc.pid, self.port,
-                 self.cpu_bind or "all", self.log_path)
+        log.info("%s: stopped -> starting (pid=%d port=%d cores=%s CUDA_VISIBLE_DEVICES=%s log=%s)", self.name,
+                 self.proc.pid, self.port, self.cpu_bind or "all", env.get("CUDA_VISIBLE_DEVICES", "unset"),
+                 self.log_path)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -202,11 +210,23 @@ class EngineProcess:
 
 
 def stop_all(processes: list[EngineProcess]) -> None:
-    for proc in processes:
+    """Stop every engine at once: closing takes the slowest engine's grace period, not their sum."""
+    def stop(proc: EngineProcess) -> None:
         try:
             proc.stop()
         except Exception:  # keep stopping the others; the failure is logged
             log.exception("%s: failed to stop", proc.name)
+
+    live = [p for p in processes if p.proc is not None]
+    if len(live) <= 1:
+        for proc in live:
+            stop(proc)
+        return
+    threads = [threading.Thread(target=stop, args=(p,), name=f"stop-{p.name}") for p in live]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 @atexit.register

@@ -8,14 +8,17 @@ same for every backend. :func:`make_provider` picks one by ``pool.backend``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
 
 from rollout_plugin.config.schema import EngineConfig, PoolBackend, PoolConfig
-from rollout_plugin.errors import EngineError
+from rollout_plugin.errors import ConfigError, EngineError
 from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess, cpu_binding, engine_cores, reserve_ports, stop_all
+from rollout_plugin.pool.placement import GpuInventory, Placement, gpu_inventory, place_engines
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +66,38 @@ async def first_engine_error(waits: list[Coroutine[object, object, float]]) -> l
 
 
 class LocalEngines:
-    """``pool.backend=local``: vLLM server child processes on this machine, each on its own cores."""
+    """``pool.backend=local``: vLLM server child processes on this machine, each on its own cores and GPUs."""
 
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, inventory: Optional[GpuInventory] = None):
         self.cfg = cfg
         self.processes: list[EngineProcess] = []
         self.startup_s: list[float] = []
+        self.placement: Optional[Placement] = None
+        self._inventory = inventory  # None: read this machine's (tests pass a fake one)
         self._model = cfg.model
         self._max_num_seqs = 0
 
     async def start(self, count: int, max_num_seqs: int) -> list[EngineEndpoint]:
         from rollout_plugin.model.embedded import resolve_model
 
-        cfg = self.cfg
-        self._model = await asyncio.to_thread(resolve_model, cfg.model, cfg.python)
+        self._model = await asyncio.to_thread(resolve_model, self.cfg.model, self.cfg.python)
+        inventory = self._inventory or await asyncio.to_thread(gpu_inventory)
+        # Refused here, before any engine starts: too few GPUs, overlap with the trainer's, TP not dividing.
+        self.placement = place_engines(inventory, self.cfg, count,
+                                       colocated_utilization=_colocated_utilization(self.cfg, self._model, inventory))
+        log.info("placement: %s", self.placement.summary)
+        if _trainer_here_undeclared(self.cfg, inventory):
+            log.warning("this process already uses CUDA (a trainer?) but engine.trainer_devices is unset: engines "
+                        "may land on its GPU; list the trainer's GPUs in engine.trainer_devices (or set "
+                        "engine.colocate=true to share them on purpose)")
+        cfg = self.cfg = dataclasses.replace(self.cfg, gpu_memory_utilization=self.placement.gpu_memory_utilization)
         self._max_num_seqs = max_num_seqs
         ports = reserve_ports(cfg.host, cfg.port, count)
         cores = engine_cores()
         self.processes = [
             EngineProcess(i, cfg, model=self._model, port=ports[i], max_num_seqs=max_num_seqs,
-                          cpu_bind=cpu_binding(i, count, cores), log_dir=Path(cfg.log_dir))
+                          cpu_bind=cpu_binding(i, count, cores), log_dir=Path(cfg.log_dir),
+                          devices=self.placement.devices[i])
             for i in range(count)
         ]
         for proc in self.processes:
@@ -95,7 +110,8 @@ class LocalEngines:
         await asyncio.to_thread(old.stop)
         cfg = self.cfg
         fresh = EngineProcess(index, cfg, model=self._model, port=reserve_ports(cfg.host, 0, 1)[0],
-                              max_num_seqs=self._max_num_seqs, cpu_bind=old.cpu_bind, log_dir=Path(cfg.log_dir))
+                              max_num_seqs=self._max_num_seqs, cpu_bind=old.cpu_bind, log_dir=Path(cfg.log_dir),
+                              devices=old.devices)  # the same GPUs: the dead engine's are free again
         self.processes[index] = fresh
         try:
             fresh.start()  # on the loop's thread, like the first launch (PR_SET_PDEATHSIG)
@@ -116,6 +132,36 @@ class LocalEngines:
 
     def close(self) -> None:
         stop_all(self.processes)
+
+
+def _trainer_here_undeclared(cfg: EngineConfig, inventory: GpuInventory) -> bool:
+    """CUDA is already initialized in this process (torch imported by the caller, never by us) and no
+    trainer GPUs were declared: the usual way engines end up next to the trainer on cuda:0."""
+    torch = sys.modules.get("torch")
+    if cfg.trainer_devices or cfg.colocate or not inventory.devices or torch is None:
+        return False
+    try:
+        return bool(torch.cuda.is_initialized())
+    except Exception:  # a torch without CUDA support, or a stub
+        return False
+
+
+def _colocated_utilization(cfg: EngineConfig, model: str, inventory: GpuInventory) -> Optional[float]:
+    """The planner's share of each GPU for an engine next to the trainer (engine.colocate, utilization unset)."""
+    if not (cfg.colocate and cfg.gpu_memory_utilization is None and inventory.devices and inventory.memory_gib):
+        return None
+    from rollout_plugin.tuning import HardwareSpec, colocated_utilization, load_hf_config
+
+    try:
+        spec = load_hf_config(model)
+    except ConfigError:  # a hub id with no local config.json: place_engines asks for the value instead
+        return None
+    hardware = HardwareSpec("local", inventory.memory_gib, gpus_per_node=len(inventory.devices))
+    train_gpus = len(cfg.trainer_devices) or len(inventory.devices)
+    # Offload unknown here: plan as if the training state stays on the GPU (the smaller, safe fraction).
+    util, why = colocated_utilization(spec, hardware, train_gpus, offload=False)
+    log.info("engine.gpu_memory_utilization unset, colocated: %s (%s)", util, why)
+    return util
 
 
 def make_provider(engine: EngineConfig, pool: PoolConfig) -> EngineProvider:

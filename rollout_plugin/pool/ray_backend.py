@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,25 @@ def spread_target(bundle: dict[str, float], nodes: list[dict[str, Any]], ours: d
     return min(fits, key=lambda n: (ours.get(n["NodeID"], 0), n["NodeID"]))["NodeID"]
 
 
+def check_ray_gpus(name: str, gpu_ids: list[Any], visible: str | None, tp: int) -> None:
+    """Log the GPUs Ray gave a replica; refuse one whose engine would not see exactly its own.
+
+    Ray sets the actor's ``CUDA_VISIBLE_DEVICES`` to the GPUs of its bundle; the engine inherits it (the
+    launcher sets no devices for Ray actors). CPU replicas (no GPU asked for) pass untouched.
+    """
+    log.info("%s (ray): GPUs %s, CUDA_VISIBLE_DEVICES=%s", name, list(gpu_ids) or "none",
+             "unset" if visible is None else repr(visible))
+    if not gpu_ids:
+        return
+    seen = [d.strip() for d in (visible or "").split(",") if d.strip()]
+    if len(gpu_ids) != tp:
+        raise EngineError(f"{name} (ray): Ray gave this replica {len(gpu_ids)} GPU(s) {list(gpu_ids)} but "
+                          f"engine.tensor_parallel_size={tp} needs {tp} (pool.ray.num_gpus)")
+    if sorted(seen) != sorted(str(g) for g in gpu_ids):
+        raise EngineError(f"{name} (ray): CUDA_VISIBLE_DEVICES={visible!r} is not this replica's GPUs "
+                          f"{list(gpu_ids)}; something overrode Ray's (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES?)")
+
+
 @functools.cache
 def _remote_actor() -> Any:
     """The Ray actor class, made once per process (each ``ray.remote`` exports the class anew)."""
@@ -89,7 +109,9 @@ class EngineActor:
         cfg = self.cfg
         model = await asyncio.to_thread(resolve_model, cfg.model, cfg.python)  # this node's copy
         port = reserve_ports(cfg.host, cfg.port + self.index if cfg.port else 0, 1)[0]
-        # Ray already set this worker's GPU visibility (the child inherits it). CPU engines: vLLM's "auto"
+        check_ray_gpus(f"engine{self.index}", ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                       cfg.tensor_parallel_size)
+        # Ray already set this worker's GPU visibility (devices=None: the child inherits it). CPU engines: vLLM's "auto"
         # binding pins every engine on a machine to the same cores, and two engines' spinning OMP threads
         # on one core starve one of them (seen: 3 tok/s next to 4.9k); "nobind" leaves placement to the
         # OS, with Ray's OMP_NUM_THREADS (the replica's num_cpus). engine.env may still set a binding.

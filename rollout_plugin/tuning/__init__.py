@@ -21,7 +21,15 @@ from rollout_plugin.tuning.emit import (
 from rollout_plugin.tuning.loader import load_hf_config
 from rollout_plugin.tuning.memory import KVEstimate, kv_bytes_per_token, kv_estimate, weight_bytes
 from rollout_plugin.tuning.normalize import TrlBatch, VerlBatch
-from rollout_plugin.tuning.planner import ConcurrencyPlan, EnginePlan, Plan, Setting, make_plan, per_engine_preset
+from rollout_plugin.tuning.planner import (
+    ConcurrencyPlan,
+    EnginePlan,
+    Plan,
+    Setting,
+    colocated_utilization,
+    make_plan,
+    per_engine_preset,
+)
 from rollout_plugin.tuning.spec import (
     HARDWARE_PRESETS,
     MODEL_PRESETS,
@@ -47,6 +55,7 @@ __all__ = [
     "TrlBatch",
     "VerlBatch",
     "WorkloadSpec",
+    "colocated_utilization",
     "kv_bytes_per_token",
     "kv_estimate",
     "load_hf_config",

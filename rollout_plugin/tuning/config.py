@@ -44,47 +44,47 @@ class AdvEstimator(str, Enum):
 class ModelConfig:
     preset: Optional[str] = None  # a name in MODEL_PRESETS (set by model=<name>)
     path: Optional[str] = None  # HF model directory or config.json; wins over the preset
-    dtype: Optional[str] = None
-    num_layers: Optional[int] = None
-    hidden_size: Optional[int] = None
-    num_heads: Optional[int] = None
-    num_kv_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    intermediate_size: Optional[int] = None
-    vocab_size: Optional[int] = None
-    num_params: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
+    dtype: Optional[str] = None  # bfloat16, float16, float32 or fp8; unset: the preset's or config.json's
+    num_layers: Optional[int] = None  # decoder layers; this and each figure below, set, win over the preset's
+    hidden_size: Optional[int] = None  # model width
+    num_heads: Optional[int] = None  # attention (query) heads
+    num_kv_heads: Optional[int] = None  # key/value heads (GQA): sets the KV cache's bytes per token
+    head_dim: Optional[int] = None  # per head
+    intermediate_size: Optional[int] = None  # MLP width
+    vocab_size: Optional[int] = None  # tokenizer vocabulary (embedding and logits memory)
+    num_params: Optional[int] = None  # parameter count; unset: the preset's, or estimated from the shape
+    max_position_embeddings: Optional[int] = None  # the model's context; prompt + response must fit it
 
 
 @dataclass
 class HardwareConfig:
     preset: Optional[str] = None  # a name in HARDWARE_PRESETS (set by hardware=<name>)
-    gpu_memory_gib: Optional[float] = None
-    gpus_per_node: Optional[int] = None
-    nodes: Optional[int] = None
+    gpu_memory_gib: Optional[float] = None  # per GPU, as nvidia-smi reports it; unset: the preset's
+    gpus_per_node: Optional[int] = None  # unset: the preset's
+    nodes: Optional[int] = None  # unset: the preset's (1)
     kind: Optional[str] = None  # gpu | cpu
 
 
 @dataclass
 class WorkloadConfig:
-    max_prompt_length: int = 1024
-    max_response_length: int = 1024
-    n: int = 8
-    train_batch_size: int = 256
-    ppo_mini_batch_size: int = 64
-    placement: Placement = Placement.colocated
-    rollout_gpus: Optional[int] = None
-    offload: bool = False
-    adv_estimator: AdvEstimator = AdvEstimator.grpo
+    max_prompt_length: int = 1024  # tokens (verl's data.max_prompt_length)
+    max_response_length: int = 1024  # tokens (verl's data.max_response_length)
+    n: int = 8  # samples per prompt (GRPO group size)
+    train_batch_size: int = 256  # prompts per step, as verl's data.train_batch_size
+    ppo_mini_batch_size: int = 64  # prompts per optimizer step; divides train_batch_size
+    placement: Placement = Placement.colocated  # colocated: rollout and training share every GPU; dedicated: split
+    rollout_gpus: Optional[int] = None  # dedicated: GPUs for the engines, the rest train; unset: half
+    offload: bool = False  # FSDP parameter and optimizer offload to CPU
+    adv_estimator: AdvEstimator = AdvEstimator.grpo  # gae trains a critic too
 
 
 @dataclass
 class PinConfig:
-    gpu_memory_utilization: Optional[float] = None
-    tensor_parallel_size: Optional[int] = None
-    max_num_seqs: Optional[int] = None
-    ulysses_sp: Optional[int] = None
-    over_concurrency_ratio: float = 1.2
+    gpu_memory_utilization: Optional[float] = None  # each pin, when set, is kept; the rest is planned around it
+    tensor_parallel_size: Optional[int] = None  # GPUs per engine
+    max_num_seqs: Optional[int] = None  # the engine's scheduler cap (= the pool's per-engine cap)
+    ulysses_sp: Optional[int] = None  # the actor's Ulysses sequence parallelism
+    over_concurrency_ratio: float = 1.2  # Xtuner's: samples in flight per engine = cap × this
 
 
 @dataclass
@@ -93,8 +93,8 @@ class PlanConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     pin: PinConfig = field(default_factory=PinConfig)
-    emit: Emit = Emit.table
-    log_level: str = "WARNING"
+    emit: Emit = Emit.table  # table, verl (overrides), trl (GRPOConfig), vllm (serve args), pool (config) or all
+    log_level: str = "WARNING"  # DEBUG, INFO, WARNING or ERROR
 
 
 def register_plan_configs() -> None:

@@ -89,9 +89,12 @@ def _train_topology(plan: Plan) -> tuple[int, int]:
 
 
 def verl_command(plan: Plan) -> str:
-    """The overrides as a paste-able shell continuation, with the Ray environment on the first line."""
-    lines = [f"# paste after `{VERL_COMMAND}`; first: export "
-             f"RAY_MAX_CONCURRENCY={plan.concurrency.ray_max_concurrency}"]
+    """The overrides as a paste-able shell continuation.
+
+    No environment to export: verl 0.9 never reads RAY_MAX_CONCURRENCY (it sizes each server actor's
+    concurrency from max_num_seqs itself); the planner's table keeps the value for Xtuner.
+    """
+    lines = [f"# paste after `{VERL_COMMAND}`"]
     overrides = verl_overrides(plan)
     lines += [f"    {o} \\" for o in overrides[:-1]] + [f"    {overrides[-1]}"]
     return "\n".join(lines)
@@ -163,7 +166,6 @@ def pool_config(plan: Plan) -> tuple[EngineConfig, PoolConfig]:
         model=plan.model.path or plan.model.name, dtype=e.dtype, gpu_memory_utilization=e.gpu_memory_utilization,
         max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
         tensor_parallel_size=e.tensor_parallel_size, enable_prefix_caching=e.enable_prefix_caching,
-        env={"RAY_MAX_CONCURRENCY": str(c.ray_max_concurrency)},
     )
     if plan.hardware.kind == "cpu":
         engine.cpu_kvcache_gb = max(0.1, plan.engine.kv_cache_gib)
@@ -180,7 +182,6 @@ def pool_yaml(plan: Plan) -> str:
                                                                    else [])
     p_keys = ["engines", "k", "per_engine", "over_concurrency_ratio", "max_concurrent"]
     lines = ["engine:"] + [f"  {k}: {_yaml_scalar(getattr(engine, k))}" for k in e_keys]
-    lines += ["  env:", f"    RAY_MAX_CONCURRENCY: \"{plan.concurrency.ray_max_concurrency}\""]
     lines += ["pool:"] + [f"  {k}: {_yaml_scalar(getattr(pool, k))}" for k in p_keys]
     return "\n".join(lines) + "\n"
 

@@ -114,3 +114,28 @@ def train_token_budget(model: ModelSpec, hardware: HardwareSpec, world_size: int
     free = hardware.gpu_memory_gib * GIB - state
     free -= TRAIN_MARGIN
     return max(0, int(free)) // train_bytes_per_token(model, with_lm_head=with_lm_head)
+
+
+def forward_bytes_per_token(model: ModelSpec, *, with_lm_head: bool = True) -> int:
+    """Activation bytes one token costs in a forward-only pass (ref / old log-probs, critic values).
+
+    Nothing is kept for a backward: one layer's activations at a time, and at the head the bf16 logits,
+    their fp32 copy and the log-softmax over the vocabulary (a critic's head is one scalar).
+    """
+    one_layer = (16 * model.hidden_size + 3 * model.intermediate_size) * model.dtype_bytes
+    logits = model.vocab_size * (model.dtype_bytes + 4 + 4) if with_lm_head else 0
+    return one_layer + logits
+
+
+def forward_token_budget(model: ModelSpec, hardware: HardwareSpec, world_size: int, *, offload: bool,
+                         with_lm_head: bool = True, resident_models: int = 1) -> int:
+    """Tokens one training GPU can push through a forward-only pass next to everything resident then.
+
+    Resident: the sharded training state (``resident_models`` of them: actor, and a critic under GAE) and
+    the reference policy's sharded bf16 weights (offloaded with ``offload``), plus the same margin as training.
+    """
+    state = resident_models * train_state_bytes_per_gpu(model, world_size, offload=offload)
+    reference = 0 if offload else weight_bytes(model) // max(1, world_size)
+    free = hardware.gpu_memory_gib * GIB - state - reference - TRAIN_MARGIN
+    return max(0, int(free)) // forward_bytes_per_token(model, with_lm_head=with_lm_head)
+

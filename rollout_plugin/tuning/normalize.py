@@ -32,6 +32,7 @@ class VerlBatch:
     critic_forward_micro_batch_per_gpu: Optional[int] = None
     critic_ppo_max_token_len_per_gpu: Optional[int] = None
     critic_forward_max_token_len_per_gpu: Optional[int] = None
+    log_prob_token_budget: int = 0  # tokens a forward-only pass fits per GPU (memory model)
 
 
 @dataclass(frozen=True)
@@ -71,23 +72,43 @@ def check_divisibility(w: WorkloadSpec, world_size: int, sp: int, p: Problems) -
 
 
 def verl_batch(w: WorkloadSpec, *, world_size: int, sp: int, token_budget: int,
-               critic_token_budget: Optional[int] = None) -> VerlBatch:
-    """Per-GPU verl values; call :func:`check_divisibility` first (this assumes the batch divides)."""
+               critic_token_budget: Optional[int] = None, forward_token_budget: Optional[int] = None,
+               critic_forward_token_budget: Optional[int] = None) -> VerlBatch:
+    """Per-GPU verl values; call :func:`check_divisibility` first (this assumes the batch divides).
+
+    ``forward_token_budget``: tokens a forward-only pass fits per GPU (memory.forward_token_budget); the
+    log-prob micro-batches and token budgets are sized by it, not by doubling the training ones (which
+    are already sized to fill the GPU). Unset: the training budget.
+    """
     mini = w.ppo_mini_batch_size * w.n // (world_size // sp)
     seq_per_gpu = -(-w.max_seq_len // sp)
     micro = _largest_divisor_fitting(mini, seq_per_gpu, token_budget)
-    # The guide's floor is 2 × (prompt + response) per micro-batch; with SP each GPU holds 1/sp of it.
-    floor = 2 * seq_per_gpu
-    max_tokens = max(floor, min(MAX_TOKEN_LEN_CAP, token_budget) // 1024 * 1024)
+    forward = token_budget if forward_token_budget is None else forward_token_budget
     critic = {}
     if critic_token_budget is not None:
         c_micro = max(micro, _largest_divisor_fitting(mini, seq_per_gpu, critic_token_budget))
-        c_tokens = max(max_tokens, min(MAX_TOKEN_LEN_CAP, critic_token_budget) // 1024 * 1024)
-        critic = dict(critic_micro_batch_per_gpu=c_micro, critic_forward_micro_batch_per_gpu=2 * c_micro,
-                      critic_ppo_max_token_len_per_gpu=c_tokens, critic_forward_max_token_len_per_gpu=2 * c_tokens)
+        c_forward = critic_token_budget if critic_forward_token_budget is None else critic_forward_token_budget
+        critic = dict(critic_micro_batch_per_gpu=c_micro,
+                      critic_forward_micro_batch_per_gpu=log_prob_micro(c_micro, c_forward, seq_per_gpu),
+                      critic_ppo_max_token_len_per_gpu=max(token_len(token_budget, seq_per_gpu),
+                                                           token_len(critic_token_budget, seq_per_gpu)),
+                      critic_forward_max_token_len_per_gpu=token_len(c_forward, seq_per_gpu))
     return VerlBatch(world_size=world_size, ulysses_sp=sp, mini_batch_per_gpu=mini, micro_batch_per_gpu=micro,
-                     log_prob_micro_batch_per_gpu=2 * micro, ppo_max_token_len_per_gpu=max_tokens,
-                     log_prob_max_token_len_per_gpu=2 * max_tokens, **critic)
+                     log_prob_micro_batch_per_gpu=log_prob_micro(micro, forward, seq_per_gpu),
+                     ppo_max_token_len_per_gpu=token_len(token_budget, seq_per_gpu),
+                     log_prob_max_token_len_per_gpu=token_len(forward, seq_per_gpu),
+                     log_prob_token_budget=forward, **critic)
+
+
+def token_len(budget: int, seq_per_gpu: int) -> int:
+    """A dynamic-batch token budget: what fits, in whole K, capped; never below 2 × (prompt + response) ÷ sp."""
+    # The guide's floor is 2 × (prompt + response) per micro-batch; with SP each GPU holds 1/sp of it.
+    return max(2 * seq_per_gpu, min(MAX_TOKEN_LEN_CAP, budget) // 1024 * 1024)
+
+
+def log_prob_micro(train_micro: int, forward_budget: int, seq_per_gpu: int) -> int:
+    """Forward-only micro-batch: twice the training one (no backward), as far as the forward budget holds it."""
+    return max(1, min(2 * train_micro, forward_budget // max(1, seq_per_gpu)))
 
 
 def trl_batch(w: WorkloadSpec, *, world_size: int, token_budget: int) -> TrlBatch:

@@ -4,7 +4,8 @@ Pure: frozen dataclasses in, a frozen :class:`Plan` out, no I/O. Inconsistent in
 :class:`~rollout_plugin.errors.ConfigError` listing every problem, each with the key, the value and
 the nearest valid value. Rules come from the veRL perf-tuning guide (utilization, batch sizes, dynamic
 batching, Ulysses), NeMo Gym (max_model_len, max_num_batched_tokens, dedicated utilization) and Xtuner
-(per-engine caps, over-concurrency, max_concurrent, RAY_MAX_CONCURRENCY, HTTP connections).
+(per-engine caps, over-concurrency, max_concurrent, HTTP connections; RAY_MAX_CONCURRENCY, which only
+Xtuner reads).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from rollout_plugin.config.validate import Problems
 from rollout_plugin.errors import ConfigError, ConfigProblem
 from rollout_plugin.tuning.memory import (
     KVEstimate,
+    forward_bytes_per_token,
+    forward_token_budget,
     kv_estimate,
     train_bytes_per_token,
     train_state_bytes_per_gpu,
@@ -144,12 +147,17 @@ def make_plan(model: ModelSpec, hardware: HardwareSpec, workload: WorkloadSpec, 
     conc = ConcurrencyPlan(per_engine=per_engine, over_concurrency_ratio=ratio, max_concurrent=max_concurrent,
                            ray_max_concurrency=ray, http_max_connections=http)
 
-    critic_budget = None
+    critic_budget = critic_forward = None
+    resident = 2 if w.adv_estimator == "gae" else 1  # a critic of the same size shares the GPUs
     if w.adv_estimator == "gae":
         critic_budget = train_token_budget(model, hw, train_gpus, offload=w.offload, with_lm_head=False,
                                            resident_models=2)
+        critic_forward = forward_token_budget(model, hw, train_gpus, offload=w.offload, with_lm_head=False,
+                                              resident_models=2)
         budget = train_token_budget(model, hw, train_gpus, offload=w.offload, resident_models=2)
-    verl = verl_batch(w, world_size=train_gpus, sp=sp, token_budget=budget, critic_token_budget=critic_budget)
+    forward = forward_token_budget(model, hw, train_gpus, offload=w.offload, resident_models=resident)
+    verl = verl_batch(w, world_size=train_gpus, sp=sp, token_budget=budget, critic_token_budget=critic_budget,
+                      forward_token_budget=forward, critic_forward_token_budget=critic_forward)
     trl = _trl(w, train_gpus, budget, notes)
 
     gib = lambda b: f"{b / GIB:.1f} GiB"  # noqa: E731
@@ -178,8 +186,10 @@ def make_plan(model: ModelSpec, hardware: HardwareSpec, workload: WorkloadSpec, 
     S(Setting("pool.over_concurrency_ratio", ratio, "Xtuner: keep each engine's queue non-empty"))
     S(Setting("pool.max_concurrent", max_concurrent,
               f"per_engine {per_engine} × engines {engines} ÷ n {w.n} × ratio {ratio} (groups in flight)"))
-    S(Setting("RAY_MAX_CONCURRENCY", ray, f"≥ per_engine × engines = {per_engine * engines} "
-              f"(never below Ray's default {RAY_DEFAULT_MAX_CONCURRENCY})"))
+    S(Setting("RAY_MAX_CONCURRENCY (Xtuner only)", ray,
+              f"≥ per_engine × engines = {per_engine * engines} (never below Ray's default "
+              f"{RAY_DEFAULT_MAX_CONCURRENCY}); Xtuner reads it when it defines its rollout actors. verl 0.9 never "
+              f"reads it (each server actor gets max(1000, max_num_seqs + 16) from verl itself), nor does TRL"))
     S(Setting("http_max_connections", http, f"per engine: per_engine {per_engine} × ratio {ratio}"))
     S(Setting("trainer.world_size", train_gpus,
               "colocated: rollout and training share every GPU" if w.placement == "colocated" else
@@ -191,20 +201,24 @@ def make_plan(model: ModelSpec, hardware: HardwareSpec, workload: WorkloadSpec, 
               f"as large as fits (≤ the per-GPU mini-batch {verl.mini_batch_per_gpu}, dividing it): "
               f"~{budget:,} activation tokens fit per GPU next to the sharded training state"))
     S(Setting("log_prob_micro_batch_size_per_gpu", verl.log_prob_micro_batch_per_gpu,
-              "ref and rollout log-probs are forward-only: 2× the training micro-batch"))
+              f"ref and rollout log-probs are forward-only: 2× the training micro-batch, at most what the "
+              f"forward budget holds (~{verl.log_prob_token_budget:,} tokens ÷ {-(-w.max_seq_len // sp)} per "
+              f"sequence)"))
     S(Setting("actor.use_dynamic_bsz", True, "pack micro-batches by tokens, not sequences (veRL guide)"))
     S(Setting("actor.ppo_max_token_len_per_gpu", verl.ppo_max_token_len_per_gpu,
               f"≥ 2 × (prompt + response) ÷ sp = {2 * -(-w.max_seq_len // sp)}; raised to what fits, "
               f"capped at 64K"))
     S(Setting("log_prob_max_token_len_per_gpu", verl.log_prob_max_token_len_per_gpu,
-              "forward-only: 2× the training token budget"))
+              f"forward-only, from the memory model: ~{verl.log_prob_token_budget:,} tokens of "
+              f"{forward_bytes_per_token(model) / 1024**2:.2f} MiB each fit next to the sharded state and the "
+              f"reference weights (not 2× the training budget, which already fills the GPU); capped at 64K"))
     if verl.critic_micro_batch_per_gpu is not None:
         S(Setting("critic.ppo_micro_batch_size_per_gpu", verl.critic_micro_batch_per_gpu,
                   "a scalar head instead of the vocabulary: the critic fits more per GPU than the actor"
                   + (" (already the whole per-GPU mini-batch)"
                      if verl.critic_micro_batch_per_gpu == verl.mini_batch_per_gpu else "")))
         S(Setting("critic.forward_micro_batch_size_per_gpu", verl.critic_forward_micro_batch_per_gpu,
-                  "forward-only: 2× the critic's training micro-batch"))
+                  "forward-only: 2× the critic's training micro-batch, at most what its forward budget holds"))
     S(Setting("model.enable_gradient_checkpointing", True, "trades recompute for a larger micro-batch"))
     S(Setting("fsdp_config.param_offload/optimizer_offload", w.offload,
               "workload.offload" + (": frees GPU memory for the KV cache" if w.offload else "")))
@@ -296,15 +310,24 @@ def _utilization(model: ModelSpec, hw: HardwareSpec, w: WorkloadSpec, pins: Pins
     if w.placement == "dedicated":
         return UTIL_DEDICATED, ("dedicated engines: nothing else on the GPU (NeMo Gym: up to 0.95; 0.9 leaves "
                                 "room for fragmentation)")
-    if w.offload:
+    return colocated_utilization(model, hw, train_gpus, offload=w.offload, notes=notes)
+
+
+def colocated_utilization(model: ModelSpec, hw: HardwareSpec, train_gpus: int, *, offload: bool,
+                          notes: Optional[list[str]] = None) -> tuple[float, str]:
+    """The share of each GPU an engine may take next to a trainer on the same GPUs, and why.
+
+    Also what the pool launches colocated engines with when ``engine.gpu_memory_utilization`` is unset.
+    """
+    if offload:
         return UTIL_COLOCATED_OFFLOAD, ("colocated with parameter/optimizer offload: the trainer's state is on "
                                         "the CPU during rollout")
     # Without offload the sharded fp32 parameters and Adam moments stay on the GPU during rollout.
-    resident = 12 * model.num_params / train_gpus + 4 * GIB
+    resident = 12 * model.num_params / max(1, train_gpus) + 4 * GIB
     free = math.floor((1 - resident / (hw.gpu_memory_gib * GIB)) * 20) / 20
     low, high = UTIL_COLOCATED_RANGE
     util = round(min(high, max(low, free)), 2)
-    if free < low:
+    if free < low and notes is not None:
         notes.append(f"colocated without offload: the training state (~{resident / GIB:.0f} GiB/GPU) leaves only "
                      f"{max(free, 0):.2f} of GPU memory for vLLM; set workload.offload=true or use more GPUs")
     return util, (f"colocated without offload: veRL's 0.5–0.7; the sharded training state keeps "

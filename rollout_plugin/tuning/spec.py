@@ -50,6 +50,9 @@ class HardwareSpec:
     gpus_per_node: int
     nodes: int = 1
     kind: Literal["gpu", "cpu"] = "gpu"
+    # Datasheet peaks per device, for the throughput estimate (tuning.throughput); unset: no estimate.
+    memory_bandwidth_gbs: Optional[float] = None  # GB/s (10^9 B/s)
+    bf16_tflops: Optional[float] = None  # dense
 
     @property
     def world_size(self) -> int:
@@ -127,13 +130,15 @@ MODEL_PRESETS: dict[str, ModelSpec] = {m.name: m for m in (
 )}
 
 # Usable memory per device as nvidia-smi reports it (MiB / 1024); the CPU preset is a KV/weights budget in RAM.
+# Bandwidth and dense bf16 TFLOP/s from NVIDIA's datasheets (SXM parts; L40S: PCIe); the CPU's are a
+# typical dual-channel DDR5 desktop's and AVX-512 cores', rough.
 HARDWARE_PRESETS: dict[str, HardwareSpec] = {h.name: h for h in (
-    HardwareSpec("a100-40", 40.0, 8),
-    HardwareSpec("a100-80", 80.0, 8),
-    HardwareSpec("h100-80", 79.6, 8),
-    HardwareSpec("h200-141", 140.4, 8),
-    HardwareSpec("l40s-48", 45.0, 8),
-    HardwareSpec("cpu", 32.0, 1, kind="cpu"),
+    HardwareSpec("a100-40", 40.0, 8, memory_bandwidth_gbs=1555, bf16_tflops=312),
+    HardwareSpec("a100-80", 80.0, 8, memory_bandwidth_gbs=2039, bf16_tflops=312),
+    HardwareSpec("h100-80", 79.6, 8, memory_bandwidth_gbs=3350, bf16_tflops=989),
+    HardwareSpec("h200-141", 140.4, 8, memory_bandwidth_gbs=4800, bf16_tflops=989),
+    HardwareSpec("l40s-48", 45.0, 8, memory_bandwidth_gbs=864, bf16_tflops=362),
+    HardwareSpec("cpu", 32.0, 1, kind="cpu", memory_bandwidth_gbs=60, bf16_tflops=1.0),
 )}
 
 

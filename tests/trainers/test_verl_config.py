@@ -21,7 +21,7 @@ verl = pytest.importorskip("verl")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from rollout_plugin.adapters.verl.check import check, compose_verl  # noqa: E402
+from rollout_plugin.adapters.verl.check import check, compose_verl, summary  # noqa: E402
 from rollout_plugin.adapters.verl.router import parse_settings  # noqa: E402
 from rollout_plugin.cli.main import main as cli_main  # noqa: E402
 from rollout_plugin.errors import ConfigError  # noqa: E402
@@ -127,9 +127,11 @@ def test_group_composes_validates_and_matches_the_plan(group, workload, tmp_path
     assert actor.use_dynamic_bsz and actor.ppo_max_token_len_per_gpu == plan.verl.ppo_max_token_len_per_gpu
     assert actor.ulysses_sequence_parallel_size == plan.verl.ulysses_sp
     ref = cfg.actor_rollout_ref.ref
-    assert ref.log_prob_micro_batch_size_per_gpu == 2 * plan.verl.micro_batch_per_gpu
-    assert rollout.log_prob_micro_batch_size_per_gpu == 2 * plan.verl.micro_batch_per_gpu
-    assert ref.log_prob_max_token_len_per_gpu == 2 * plan.verl.ppo_max_token_len_per_gpu
+    # Forward-only log-probs: the memory model's forward budget, not 2× the training values.
+    assert ref.log_prob_micro_batch_size_per_gpu == plan.verl.log_prob_micro_batch_per_gpu
+    assert rollout.log_prob_micro_batch_size_per_gpu == plan.verl.log_prob_micro_batch_per_gpu
+    assert ref.log_prob_max_token_len_per_gpu == plan.verl.log_prob_max_token_len_per_gpu
+    assert rollout.log_prob_max_token_len_per_gpu == plan.verl.log_prob_max_token_len_per_gpu
     assert rollout.tensor_model_parallel_size == plan.engine.tensor_parallel_size
     assert rollout.gpu_memory_utilization == plan.engine.gpu_memory_utilization
     assert rollout.max_model_len == plan.engine.max_model_len == workload[2] + workload[3]
@@ -162,7 +164,7 @@ def test_user_values_win_and_derived_values_follow_them(tmp_path):
     _validate(cfg)
     r = cfg.actor_rollout_ref
     assert r.actor.ppo_micro_batch_size_per_gpu == 2
-    assert r.ref.log_prob_micro_batch_size_per_gpu == r.rollout.log_prob_micro_batch_size_per_gpu == 4
+    assert r.ref.log_prob_micro_batch_size_per_gpu == r.rollout.log_prob_micro_batch_size_per_gpu == 4  # 2 × 2 fits
     assert r.rollout.gpu_memory_utilization == 0.55
     assert r.rollout.max_model_len == 20000 and r.rollout.max_num_batched_tokens >= 20000
     # The pin is planned around: the KV cache (and so the cap) is what 0.55 of the GPU holds.
@@ -180,7 +182,9 @@ def test_a_global_micro_batch_is_normalized_per_gpu(tmp_path):
     OmegaConf.resolve(cfg)
     _validate(cfg)
     assert cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu is None
-    assert cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu == 2 * 64 // 8
+    # 2 × (64 ÷ 8 GPUs) = 16 sequences of 5120 tokens would not fit the forward budget: what does.
+    budget = _expected_plan(WORKLOADS[1], "tuned", path).verl.log_prob_token_budget
+    assert cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu == min(2 * 64 // 8, budget // 5120) < 16
 
 
 def test_a_broken_batch_fails_with_our_message(tmp_path):
@@ -268,3 +272,21 @@ def test_entry_point_is_loaded_by_a_plain_import_verl():
                           cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resolver True" in proc.stdout and "module True" in proc.stdout
+
+
+def test_verl_check_warns_when_the_admission_wait_approaches_the_timeout(tmp_path):
+    """The planner's throughput model against the router's admission_timeout_s: a warning, not a refusal."""
+    path = _hf_dir("qwen2.5-7b", tmp_path)
+    long = _overrides(WORKLOADS[2], path)  # 128 prompts × 16 samples of 1K + 15K tokens on 16 GPUs
+    calm = check(long)
+    assert calm.ok and calm.warnings == [] and calm.rollout is not None
+    assert 0 < calm.rollout.wait_s < 0.5 * 1800
+    tight = check([*long, "rollout_pool.router.admission_timeout_s=600"])
+    assert tight.ok and len(tight.warnings) == 1
+    (warning,) = tight.warnings
+    assert warning.startswith("rollout_pool.router.admission_timeout_s=600: a request may wait ~")
+    assert "verl fails the step" in warning and "set rollout_pool.router.admission_timeout_s=" in warning
+    assert "warning: rollout_pool.router.admission_timeout_s=600" in summary(tight)
+    # verl's own router (the `tuned` group) has no admission queue to wait in.
+    assert check(["+rollout_pool=tuned", *long]).rollout is None
+

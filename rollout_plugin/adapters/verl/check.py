@@ -8,7 +8,10 @@ unless they chose one), then runs, collecting every problem instead of stopping 
 3. resolving every value (our resolvers, verl's interpolations);
 4. our cross-checks of the final values (what verl skips under dynamic batching, engine limits,
    router settings);
-5. verl's own ``validate_config`` and its actor/rollout/critic dataclass checks.
+5. verl's own ``validate_config`` and its actor/rollout/critic dataclass checks;
+6. a warning when a request may wait in our router's admission queue for half of
+   ``admission_timeout_s`` or more (the planner's throughput model, every response at full length):
+   verl 0.9.1's client does not retry a refused acquire, so a timeout fails the step.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from rollout_plugin.adapters.verl.admission import server_cap
 from rollout_plugin.adapters.verl.resolvers import ACTOR, NAMESPACE, ROLLOUT, plan_for
 from rollout_plugin.adapters.verl.router import parse_settings
 from rollout_plugin.errors import ConfigError, ConfigProblem
 from rollout_plugin.tuning.planner import Plan
+from rollout_plugin.tuning.throughput import RolloutEstimate, rollout_estimate
 
 DEFAULT_GROUP = f"+{NAMESPACE}=pool"
+# Warn when the longest expected admission wait reaches this share of the router's admission_timeout_s.
+WAIT_WARN_FRACTION = 0.5
 # Shown after a successful check: what the job will run with.
 SUMMARY_KEYS = (
     "data.train_batch_size", f"{ROLLOUT}.n", f"{ACTOR}.ppo_mini_batch_size", f"{ACTOR}.ppo_micro_batch_size_per_gpu",
@@ -43,6 +50,8 @@ class CheckReport:
     problems: list[ConfigProblem] = field(default_factory=list)
     config: Any = None  # the composed, resolved DictConfig (None if composition failed)
     plan: Optional[Plan] = None
+    warnings: list[str] = field(default_factory=list)  # what may go wrong at run time; not refused
+    rollout: Optional[RolloutEstimate] = None  # the throughput model's step, where it applies
 
     @property
     def ok(self) -> bool:
@@ -98,6 +107,8 @@ def check(overrides: list[str]) -> CheckReport:
         return report
     _our_checks(cfg, report)
     _verl_checks(cfg, report)
+    if report.ok:
+        _queue_wait(cfg, report)
     return report
 
 
@@ -141,6 +152,39 @@ def _our_checks(cfg: Any, report: CheckReport) -> None:
         report.add(f"{ROLLOUT}.gpu_memory_utilization", util, "must be in (0, 1]", 0.6)
     if cfg.algorithm.adv_estimator == "grpo" and n < 2:
         report.add(f"{ROLLOUT}.n", n, "GRPO's advantage compares samples of one prompt: it needs n ≥ 2", 8)
+
+
+def _queue_wait(cfg: Any, report: CheckReport) -> None:
+    """Our router's admission queue: samples beyond what the servers hold wait; a wait past the timeout fails."""
+    r, plan = cfg.actor_rollout_ref.rollout, report.plan
+    if plan is None or not r.get("router_config_path"):
+        return  # verl's own router queues nothing (and has no timeout)
+    try:
+        settings = parse_settings(OmegaConf.to_container(r.custom.get(NAMESPACE), resolve=True)
+                                  if r.get("custom") else None)
+    except ConfigError:
+        return  # already reported
+    tp = int(r.tensor_model_parallel_size)
+    engines, n = max(1, plan.rollout_gpus // tp), int(r.n)
+    running = int(r.max_num_seqs or plan.engine.max_num_seqs)
+    cap = server_cap(max_num_seqs=running, max_model_len=int(r.max_model_len), group_size=settings.group_size or n,
+                     servers=engines, ratio=settings.over_concurrency_ratio, per_engine=settings.per_engine)
+    est = rollout_estimate(plan.model, plan.hardware, engines=engines, tp=tp, running=min(running, cap),
+                           samples=int(cfg.data.train_batch_size) * n, admitted=engines * cap,
+                           prompt_tokens=int(cfg.data.max_prompt_length),
+                           response_tokens=int(cfg.data.max_response_length))
+    report.rollout = est
+    timeout = settings.admission_timeout_s
+    if est is None or est.wait_s < WAIT_WARN_FRACTION * timeout:
+        return
+    need = int(est.wait_s * 1.5 // 60 + 1) * 60  # the estimate plus half again, in whole minutes
+    report.warnings.append(
+        f"{NAMESPACE}.router.admission_timeout_s={timeout:g}: a request may wait ~{_secs(est.wait_s)} "
+        f"({est.wait_s / timeout:.0%} of it) for a free server if responses run to data.max_response_length="
+        f"{est.response_tokens} ({est.samples} samples per step, {est.engines} servers × {cap} admitted, "
+        f"~{est.samples_per_s:.1f} samples/s by the planner's throughput model for {plan.model.name} on "
+        f"{plan.hardware.name}); past the timeout the acquire fails and verl fails the step: set "
+        f"{NAMESPACE}.router.admission_timeout_s={need}, or fewer samples per step (data.train_batch_size)")
 
 
 def _verl_checks(cfg: Any, report: CheckReport) -> None:
@@ -188,4 +232,15 @@ def summary(report: CheckReport) -> str:
         lines.append(f"  {key} = {OmegaConf.select(report.config, key)}")
     if report.plan is not None:
         lines += [f"  note: {note}" for note in report.plan.notes]
+    if report.rollout is not None:
+        e = report.rollout
+        lines.append(f"  rollout estimate: {e.samples} samples on {e.engines} servers × {e.running} running, "
+                     f"~{_secs(e.rollout_s)} per step at full-length responses ({e.samples_per_s:.1f} samples/s); "
+                     f"longest admission wait ~{_secs(e.wait_s)}")
+    lines += [f"  warning: {w}" for w in report.warnings]
     return "\n".join(lines)
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+

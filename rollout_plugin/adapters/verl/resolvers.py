@@ -7,8 +7,9 @@ advantage estimator, ``hybrid_engine``) plus ``rollout_pool.hardware``, calls th
 (:func:`rollout_plugin.tuning.make_plan`, cached) and returns one value. A key the user sets on the
 command line replaces our interpolation (user-set values win); four of them — TP, memory utilization,
 max_num_seqs, Ulysses SP — are also passed to the planner as pins so the rest is planned around them.
-Values derived from other values (log-prob micro-batches = 2 × the training micro-batch, …) read the
-*final* value of their source, so they follow a user's override too.
+Values derived from other values (log-prob micro-batches = 2 × the training micro-batch, as far as the
+memory model's forward budget holds, …) read the *final* value of their source, so they follow a user's
+override too.
 
 Registered by the ``verl.plugins`` entry point (:mod:`.plugin`), which ``import verl`` loads in the
 driver and in every Ray worker.
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rollout_plugin.errors import ConfigError, ConfigProblem
 from rollout_plugin.tuning import HARDWARE_PRESETS, MODEL_PRESETS, Pins, WorkloadSpec, load_hf_config, make_plan
+from rollout_plugin.tuning.normalize import log_prob_micro
 from rollout_plugin.tuning.planner import Plan
 from rollout_plugin.tuning.spec import HardwareSpec, ModelSpec
 
@@ -226,7 +228,12 @@ def _log_prob_micro(root: DictConfig, section: str) -> Optional[int]:
     if _get(root, f"{section}.log_prob_micro_batch_size") is not None:
         return None  # the user set the global form; verl refuses both
     micro = _train_micro_per_gpu(root)
-    return None if micro is None else 2 * micro  # forward-only: twice the training micro-batch
+    if micro is None:
+        return None
+    # Forward-only: twice the final training micro-batch, as far as the memory model's forward budget holds.
+    sp = max(1, int(_get(root, f"{ACTOR}.ulysses_sequence_parallel_size", 1) or 1))
+    seq = int(_get(root, "data.max_prompt_length", 1024)) + int(_get(root, "data.max_response_length", 1024))
+    return log_prob_micro(micro, plan_for(root).verl.log_prob_token_budget, -(-seq // sp))
 
 
 def _critic(field: str) -> Callable[[DictConfig, Optional[str]], Any]:
@@ -242,7 +249,8 @@ TUNED: dict[str, Callable[[DictConfig, Optional[str]], Any]] = {
     "ppo_max_token_len_per_gpu": lambda r, _: plan_for(r).verl.ppo_max_token_len_per_gpu,
     "ulysses_sp": lambda r, _: plan_for(r).verl.ulysses_sp,
     "log_prob_micro_batch_per_gpu": lambda r, section: _log_prob_micro(r, section or ROLLOUT),
-    "log_prob_max_token_len_per_gpu": lambda r, _: 2 * int(_get(r, f"{ACTOR}.ppo_max_token_len_per_gpu")),
+    # From the memory model's forward budget, not 2× the training budget (which already fills the GPU).
+    "log_prob_max_token_len_per_gpu": lambda r, _: plan_for(r).verl.log_prob_max_token_len_per_gpu,
     "tensor_parallel_size": lambda r, _: plan_for(r).engine.tensor_parallel_size,
     "gpu_memory_utilization": lambda r, _: plan_for(r).engine.gpu_memory_utilization,
     "max_model_len": lambda r, _: plan_for(r).engine.max_model_len,
