@@ -1,4 +1,6 @@
-"""TRL adapter logic that needs no engine: version pin, sampling mapping, weight naming, recipes, plan, attention shim."""
+"""TRL adapter logic that needs no engine: version pin, sampling mapping, weight naming, recipes, plan, attention
+shim, the rank collectives (fake ranks on threads), logprob checks, and the weight-sync call sequences (folder and
+NCCL) against recording servers."""
 
 from __future__ import annotations
 
@@ -189,3 +191,406 @@ def test_importing_the_adapter_does_not_import_trl():
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+# -- ranks: TRL's gather → group → broadcast → slice, on fake ranks ----------------------------------------------
+
+class _Hub:
+    """In-memory collectives for ``world`` ranks on threads: each call is a rendezvous (a barrier per step)."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=30)
+        self.slots: list = [None] * world
+
+    def collectives(self, rank: int):
+        from rollout_plugin.adapters.trl.ranks import Collectives
+
+        def exchange(value):
+            self.slots[rank] = value
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()  # nobody overwrites a slot before every rank has read it
+            return out
+
+        return Collectives(gather=lambda items: [x for part in exchange(items) for x in part],
+                           broadcast=lambda obj: exchange(obj)[0])
+
+
+def _on_ranks(world: int, fn):
+    """``fn(accelerator, collectives)`` on ``world`` fake ranks at once; each rank's return value or exception."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hub = _Hub(world)
+    accs = [SimpleNamespace(is_main_process=r == 0, process_index=r, num_processes=world) for r in range(world)]
+    with ThreadPoolExecutor(world) as ex:
+        futures = [ex.submit(fn, accs[r], hub.collectives(r)) for r in range(world)]
+    out = []
+    for f in futures:
+        try:
+            out.append(f.result())
+        except Exception as exc:  # noqa: BLE001 - the test looks at each rank's failure
+            out.append(exc)
+    return out
+
+
+def test_share_groups_generates_each_distinct_prompt_once_and_slices_per_rank():
+    from rollout_plugin.adapters.trl.ranks import share_groups
+
+    k, calls = 2, []
+
+    def generate(unique):
+        calls.append(list(unique))
+        ids = [[p[0], j] for p in unique for j in range(k)]  # completion j of prompt p
+        return ids, [[-0.5] * 2 for _ in ids], [7] * len(ids)
+
+    def rank(acc, coll):
+        prompts = [[10 * acc.process_index + i] for i in range(2) for _ in range(k)]  # 2 prompts × k on each rank
+        return share_groups(acc, prompts, k, generate, coll)
+
+    out = _on_ranks(3, rank)
+    assert calls == [[[0], [1], [10], [11], [20], [21]]]  # once, on the main process, rank order
+    for r, (prompt_ids, (completion_ids, logprobs, versions)) in enumerate(out):
+        assert prompt_ids == [[10 * r], [10 * r], [10 * r + 1], [10 * r + 1]]
+        assert completion_ids == [[10 * r, 0], [10 * r, 1], [10 * r + 1, 0], [10 * r + 1, 1]]
+        assert len(logprobs) == 4 and versions == [7] * 4
+
+
+def test_a_group_may_span_ranks():
+    from rollout_plugin.adapters.trl.ranks import share_groups
+
+    def generate(unique):
+        assert unique == [[9]]
+        return ([[j] for j in range(4)],)
+
+    out = _on_ranks(2, lambda acc, coll: share_groups(acc, [[9]] * 2, 4, generate, coll))
+    assert [cols[0] for _, cols in out] == [[[0], [1]], [[2], [3]]]
+
+
+def test_a_failure_on_the_main_process_fails_every_rank_instead_of_hanging_them():
+    from rollout_plugin.adapters.trl.ranks import share_groups
+
+    def generate(unique):
+        raise TrainerAdapterError("engine0 is on fire")
+
+    out = _on_ranks(3, lambda acc, coll: share_groups(acc, [[acc.process_index]] * 2, 2, generate, coll))
+    assert isinstance(out[0], TrainerAdapterError) and str(out[0]) == "engine0 is on fire"
+    for exc in out[1:]:
+        assert isinstance(exc, TrainerAdapterError)
+        assert "the main process (rank 0) failed: TrainerAdapterError: engine0 is on fire" in str(exc)
+
+
+def test_a_failure_on_another_rank_fails_the_main_process_too():
+    from rollout_plugin.adapters.trl.ranks import everyone
+
+    def work(acc):
+        if acc.process_index == 2:
+            raise OSError("disk full")
+        return "done"
+
+    out = _on_ranks(3, lambda acc, coll: everyone(acc, lambda: work(acc), coll))
+    assert isinstance(out[2], OSError)
+    assert all(isinstance(e, TrainerAdapterError) and str(e) == "rank 2 failed: OSError: disk full" for e in out[:2])
+    assert _on_ranks(2, lambda acc, coll: everyone(acc, lambda: acc.process_index + 10, coll)) == [10, 10]
+
+
+def test_a_short_answer_from_the_pool_is_refused_on_every_rank():
+    from rollout_plugin.adapters.trl.ranks import share_groups
+
+    out = _on_ranks(2, lambda acc, coll: share_groups(acc, [[1]] * 2, 2, lambda u: ([[5]],), coll))
+    assert all(isinstance(e, TrainerAdapterError) and "1 completions for 2 prompts × num_generations=2" in str(e)
+               for e in out)
+
+
+def test_a_pool_on_another_rank_is_refused_with_the_fix():
+    from rollout_plugin.adapters.trl.backend import check_one_pool
+
+    check_one_pool(SimpleNamespace(is_main_process=True, process_index=0, num_processes=2), object())
+    check_one_pool(SimpleNamespace(is_main_process=False, process_index=1, num_processes=2), None)
+    with pytest.raises(TrainerAdapterError, match=r"rank 1 of 2.*rollout_plugin\.trl\.make_pool"):
+        check_one_pool(SimpleNamespace(is_main_process=False, process_index=1, num_processes=2), object())
+
+
+# -- logprobs: missing ones fail loudly; TRL's warning for biased ones ------------------------------------------------
+
+@pytest.mark.parametrize("logprobs, got", [(None, "got none"), ((-0.1,), "got 1 for 2 tokens")])
+def test_missing_logprobs_fail_the_step_naming_the_engine_and_the_fix(logprobs, got):
+    from rollout_plugin.adapters.trl.backend import unpack
+
+    bad = Result("q7", samples=(Sample("x", (5, 6), (-0.1, -0.2)), Sample("y", (7, 8), logprobs)), engine="engine1")
+    with pytest.raises(TrainerAdapterError) as err:
+        unpack([bad])
+    text = str(err.value)
+    assert text.startswith("engine1: no logprob per sampled token for q7 sample 1") and got in text
+    assert "--logprobs-mode processed_logprobs" in text and "engine.extra_args" in text
+
+
+def test_the_async_worker_refuses_missing_logprobs_too():
+    from rollout_plugin.adapters.trl.async_worker import PoolRolloutWorker
+
+    tok = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: ["t"] * len(ids))
+    worker = PoolRolloutWorker(None, [], [lambda prompts, completions, completion_ids, **kw: [1.0, 0.0]], tok,
+                               num_generations=2, sampling=SamplingParams(max_tokens=2))
+    result = Result("g", samples=(Sample("a", (1,), (-0.2,)), Sample("b", (2,), None)), engine="engine0")
+    with pytest.raises(TrainerAdapterError, match="engine0: no logprob per sampled token for g sample 1"):
+        worker._score({"prompt": "p"}, [3], result)
+
+
+def test_the_logprobs_mode_warning_is_trls_own():
+    import inspect
+    import re
+
+    from trl.trainer import grpo_trainer
+
+    from rollout_plugin.adapters.trl.backend import logprobs_mode_warnings
+
+    def info(mode):
+        return {"vllm_config": {"model_config": {"logprobs_mode": mode}}}
+
+    (line,) = logprobs_mode_warnings({"engine0": info("processed_logprobs"), "engine1": info("raw_logprobs")})
+    assert line.startswith("engine1: The vLLM server runs with `--logprobs-mode raw_logprobs`, which biases")
+    trl_source = re.sub(r'"\s+f?"', "", inspect.getsource(grpo_trainer))  # TRL's message, its pieces joined
+    tail = ("which biases the importance sampling correction. Restart it with `--logprobs-mode processed_logprobs`, "
+            "or set `vllm_importance_sampling_correction=False`.")
+    assert tail in trl_source and tail in line
+
+
+# -- weight sync call sequences, against recording servers (real HTTP, real pool) ----------------------------------
+
+ADAPTER_PATHS = ("/collective_rpc", "/reset_prefix_cache", "/server_info", "/get_world_size",
+                 "/init_weight_transfer_engine", "/start_weight_update", "/update_weights", "/finish_weight_update")
+
+
+class RecordingEngine:
+    """A vLLM server as far as the TRL adapter's control calls go: answers them and records each one.
+
+    ``hold``: path -> threading.Event; a call to that path waits (up to 30 s) until the event is set, as vLLM's
+    blocks in an NCCL rendezvous or receive until the trainer side joins."""
+
+    QUIET = ("/health", "/v1/models", "/metrics")
+
+    def __init__(self, world_size: int = 1, logprobs_mode: str = "processed_logprobs", transfer: bool = True):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.calls: list[tuple[str, str, dict | None]] = []
+        self.hold: dict[str, threading.Event] = {}
+        self.arrived: dict[str, threading.Event] = {}
+        info = {"vllm_config": {"model_config": {"logprobs_mode": logprobs_mode},
+                                "weight_transfer_config": {"backend": "nccl"} if transfer else None}}
+        answers = {"/v1/models": {"data": [{"id": "rec"}]}, "/health": {},
+                   "/get_world_size": {"world_size": world_size}, "/server_info": info,
+                   "/version": {"version": "0.32.0"}, "/weight_info": {"weight_version": "0"},
+                   "/weight_checker": {"checksums": {"w": "same"}}}
+        engine = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, method: str, body: dict | None) -> None:
+                path = self.path.split("?")[0]
+                if path not in engine.QUIET:
+                    engine.calls.append((method, path, body))
+                    engine.arrived.setdefault(path, threading.Event()).set()
+                if path in engine.hold and not engine.hold[path].wait(30):
+                    return self._send(500, {"error": f"{path}: the trainer side never joined"})
+                if path == "/update_weight_version":  # the pool's engine identity: read back from /weight_info
+                    answers["/weight_info"] = {"weight_version": body["new_version"]}
+                if method == "GET" and path not in answers:
+                    return self._send(405, {})  # a POST route, probed with GET (as FastAPI answers)
+                self._send(200, answers.get(path, {"success": True}))
+
+            def _send(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._answer("GET", None)
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                self._answer("POST", json.loads(self.rfile.read(n)) if n else None)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        for event in self.hold.values():
+            event.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def paths(self) -> list[str]:
+        """The calls the TRL adapter is responsible for (not the pool's start-up probes and identity checks)."""
+        return [f"{m} {p}" for m, p, _ in self.calls if p in ADAPTER_PATHS]
+
+
+def _pool_over(*engines):
+    from rollout_plugin import EngineConfig, PoolConfig, SyncRolloutPool
+
+    return SyncRolloutPool(EngineConfig(urls=[e.url for e in engines], api_key="k"), PoolConfig())
+
+
+def _one_process():
+    return SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, device=torch.device("cpu"),
+                           state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=None))
+
+
+def test_folder_sync_writes_then_reloads_every_engine_then_resets_caches(tmp_path):
+    from safetensors.torch import load_file
+
+    from rollout_plugin.adapters.trl.weights import WeightSync
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with RecordingEngine() as a, RecordingEngine() as b, _pool_over(a, b) as pool:
+        sync = WeightSync(pool, tmp_path, accelerator=_one_process())
+        record = sync.sync(model, 1)
+        assert sync.sync(model, 1) is None  # once per version
+        assert pool.weight_version == 1
+    for engine in (a, b):
+        assert engine.paths() == ["POST /collective_rpc", "POST /reset_prefix_cache"]
+        reload = next(body for _, p, body in engine.calls if p == "/collective_rpc")
+        assert reload["kwargs"] == {"weights_path": str(tmp_path.resolve())}
+    written = load_file(str(tmp_path / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in written.items()} == {"0.weight": (2, 3), "0.bias": (2,)}
+    assert record.version == 1 and record.transport == "folder" and record.sharding == "single"
+    assert record.gather_s >= 0 and record.total_s >= record.load_s
+
+
+def test_attach_warns_as_trl_does_about_engines_without_processed_logprobs():
+    from rollout_plugin.adapters.trl.backend import warn_biased_logprobs
+
+    with RecordingEngine(logprobs_mode="raw_logprobs") as a, RecordingEngine() as b, _pool_over(a, b) as pool:
+        grpo = SimpleNamespace(args=SimpleNamespace(vllm_importance_sampling_correction=True))
+        (line,) = warn_biased_logprobs(grpo, pool)
+        rloo = SimpleNamespace(args=SimpleNamespace())  # no importance-sampling correction to bias
+        assert warn_biased_logprobs(rloo, pool) == []
+    assert line.startswith("engine0: The vLLM server runs with `--logprobs-mode raw_logprobs`")
+    assert a.paths() == ["GET /server_info"]
+
+
+def _mock_nccl(monkeypatch, engines, sent: list):
+    """vLLM's trainer-side NCCL seam: the rendezvous waits until every engine's init call is in flight, the
+    broadcast until every engine's /update_weights is, then lets them answer (as the NCCL calls would)."""
+    import threading
+
+    from vllm.distributed.weight_transfer import nccl_engine
+
+    for e in engines:
+        for path in ("/init_weight_transfer_engine", "/update_weights"):
+            e.hold[path] = threading.Event()
+
+    def join(path):
+        for e in engines:
+            assert e.arrived.setdefault(path, threading.Event()).wait(30), f"{path} never reached {e.url}"
+        for e in engines:
+            e.hold[path].set()
+
+    def open_endpoint(init_info):
+        join("/init_weight_transfer_engine")
+        return SimpleNamespace(world_size=init_info.world_size)
+
+    def broadcast(iterator, group, src, post_iter_func, **kwargs):
+        sent.append([(name, tuple(post_iter_func((name, t)).shape)) for name, t in iterator])
+        join("/update_weights")
+
+    monkeypatch.setattr(nccl_engine, "open_trainer_endpoint", open_endpoint)
+    monkeypatch.setattr(nccl_engine, "packed_nccl_broadcast_producer", broadcast)
+
+
+def test_nccl_transport_drives_vllms_weight_transfer_calls_on_every_engine(monkeypatch):
+    pytest.importorskip("vllm.distributed.weight_transfer.nccl_engine")
+    from rollout_plugin.adapters.trl.nccl import NcclOptions
+    from rollout_plugin.adapters.trl.weights import WeightSync
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    sent: list = []
+    with RecordingEngine(world_size=1) as a, RecordingEngine(world_size=2) as b, _pool_over(a, b) as pool:
+        _mock_nccl(monkeypatch, [a, b], sent)
+        sync = WeightSync(pool, "unused", accelerator=_one_process(), transport="nccl",
+                          nccl=NcclOptions(host="10.0.0.1", port=51300))
+        first = sync.sync(model, 1)
+        assert pool.weight_version == 1
+        sync.sync(model, 2)  # the group stays open: no second rendezvous
+        assert pool.weight_version == 2
+    round_ = ["POST /start_weight_update", "POST /update_weights", "POST /finish_weight_update",
+              "POST /reset_prefix_cache"]
+    for e in (a, b):
+        assert e.paths() == ["GET /server_info", "GET /get_world_size", "POST /init_weight_transfer_engine",
+                             *round_, *round_]
+    inits = [body["init_info"] for e in (a, b) for _, p, body in e.calls if p == "/init_weight_transfer_engine"]
+    # One group: trainer rank 0, engine a's worker at 1, engine b's two workers at 2 and 3.
+    assert [i["rank_offset"] for i in inits] == [1, 2]
+    assert all(i["world_size"] == 4 and i["master_address"] == "10.0.0.1" and i["master_port"] == 51300
+               and i["packed"] is True for i in inits)
+    update = next(body["update_info"] for _, p, body in a.calls if p == "/update_weights")
+    assert update == {"names": ["0.weight", "0.bias"], "dtype_names": ["float32", "float32"], "shapes": [[2, 3], [2]]}
+    # The engines hold each version the pool tagged them with (its weight identity, read back on resume).
+    assert [c[2] for c in a.calls if c[1] == "/update_weight_version"] == [{"new_version": "1"}, {"new_version": "2"}]
+    assert sent == [[("0.weight", (2, 3)), ("0.bias", (2,))]] * 2
+    assert first.transport == "nccl" and first.write_s == 0.0
+
+
+def test_nccl_transport_refuses_engines_without_a_weight_transfer_engine(monkeypatch):
+    pytest.importorskip("vllm.distributed.weight_transfer.nccl_engine")
+    from rollout_plugin.adapters.trl.weights import WeightSync
+
+    with RecordingEngine(transfer=False) as a, _pool_over(a) as pool:
+        sync = WeightSync(pool, "unused", accelerator=_one_process(), transport="nccl")
+        with pytest.raises(TrainerAdapterError, match=r"engine0: the vLLM server has no weight-transfer engine.*"
+                                                      r"--weight-transfer-config"):
+            sync.sync(torch.nn.Linear(2, 2), 1)
+        assert pool.weight_version == 0  # nothing was paused or published
+    assert a.paths() == ["GET /server_info"]
+
+
+def test_nccl_needs_cuda_and_launched_engines_with_a_transfer_engine():
+    from rollout_plugin.adapters.trl.entry import engine_problems
+
+    cfg = _compose(["weights.transport=nccl"])
+    keys = [p.key for p in engine_problems(cfg, cuda=False)]
+    assert keys == ["weights.transport", "engine.extra_args"]
+    cfg.engine.extra_args = ["--weight-transfer-config", '{"backend": "nccl"}']
+    assert engine_problems(cfg, cuda=True) == []
+
+
+def test_make_pool_in_one_process_is_a_started_pool():
+    from rollout_plugin import EngineConfig, PoolConfig
+    from rollout_plugin.trl import make_pool
+
+    with RecordingEngine() as a, make_pool(EngineConfig(urls=[a.url], api_key="k"), PoolConfig()) as pool:
+        assert pool is not None and [ep.url for ep in pool.endpoints] == [a.url]
+        assert pool.weight_version == 0
+
+
+def test_a_held_weight_update_pauses_around_its_body_and_keeps_the_old_version_when_it_fails():
+    pytest.importorskip("vllm.distributed.weight_transfer.nccl_engine")
+    from rollout_plugin.adapters.trl.nccl import held_update
+
+    def paused(pool):
+        async def ask(p):
+            return p.paused
+
+        return pool.run(ask)
+
+    with RecordingEngine() as a, _pool_over(a) as pool:
+        with pytest.raises(RuntimeError, match="transfer broke"):
+            with held_update(pool, 3):
+                assert paused(pool)
+                raise RuntimeError("transfer broke")
+        assert not paused(pool) and pool.weight_version == 0
+        with held_update(pool, 4):
+            assert paused(pool)
+        assert not paused(pool) and pool.weight_version == 4

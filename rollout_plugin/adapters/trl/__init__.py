@@ -11,6 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "attach": "rollout_plugin.adapters.trl.backend",
+    "make_pool": "rollout_plugin.adapters.trl.ranks",
+    "WeightsConfig": "rollout_plugin.adapters.trl.config",
     "PoolGeneration": "rollout_plugin.adapters.trl.backend",
     "RolloutPoolCallback": "rollout_plugin.adapters.trl.callback",
     "make_rollout_func": "rollout_plugin.adapters.trl.rollout",

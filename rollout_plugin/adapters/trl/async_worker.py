@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rollout_plugin.adapters.trl.backend import checked, group_requests
+from rollout_plugin.adapters.trl.backend import checked, group_requests, sample_logprobs
 from rollout_plugin.adapters.trl.callback import PREFIX, PoolMetrics
 from rollout_plugin.adapters.trl.compat import require_trl
 from rollout_plugin.adapters.trl.weights import reload_engines, write_weights
@@ -150,9 +150,9 @@ class PoolRolloutWorker:
         advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
         group = next(self._group_ids)
         out = []
-        for i, (sample, completion) in enumerate(zip(result.samples, completions)):
+        for i, completion in enumerate(completions):
             toks = ids[i]
-            lps = list(sample.logprobs) if sample.logprobs is not None else [0.0] * len(toks)
+            lps = sample_logprobs(result, i)  # old_log_probs: a missing one fails loudly, never 0.0
             metrics = {"reward": float(rewards[i]), "reward_std": float(rewards.std()),
                        **{f"rewards/{name}": float(v[i]) for name, v in per_func.items()}}
             out.append(self._sample_cls(

@@ -5,13 +5,16 @@ then ``generate(prompts=token ids, images, num_generations)`` returning per-comp
 and per-token logprobs. :class:`PoolGeneration` keeps that contract, so TRL's chat templating, tool
 loop and importance-sampling correction stay as they are; only where the tokens come from changes.
 Like TRL's server mode it gathers every rank's prompts to rank 0, sends each distinct prompt once
-as a group of ``num_generations`` (one ``n=k`` request), and hands each rank back its slice.
+as a group of ``num_generations`` (one ``n=k`` request), and hands each rank back its slice
+(:func:`.ranks.share_groups`); weights are gathered on every rank and published from rank 0
+(:class:`.weights.WeightSync`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +27,7 @@ from rollout_plugin.types import Request, Result, SamplingParams
 
 if TYPE_CHECKING:
     from rollout_plugin.adapters.trl.callback import RolloutPoolCallback
+    from rollout_plugin.adapters.trl.config import WeightsConfig
     from rollout_plugin.pool.pool import SyncRolloutPool
 
 log = logging.getLogger(__name__)
@@ -74,26 +78,58 @@ def checked(results: Sequence[Result]) -> Sequence[Result]:
     return results
 
 
+LOGPROBS_FIX = ("the pool asks for them (`logprobs` in every request); serve TRL from vLLM engines started with "
+                "`--logprobs-mode processed_logprobs` (engine.extra_args=[--logprobs-mode,processed_logprobs]), "
+                "whose logprobs are the sampled tokens' after temperature, top-p and top-k")
+
+
+def sample_logprobs(result: Result, j: int) -> list[float]:
+    """Sample ``j``'s logprob per sampled token; a hole would feed TRL's importance-sampling correction
+    made-up numbers, so a missing one fails the step, naming the engine and the fix."""
+    s = result.samples[j]
+    n = len(s.token_ids or ())
+    if s.logprobs is None or len(s.logprobs) != n or any(math.isnan(x) for x in s.logprobs):
+        got = ("none" if s.logprobs is None else f"{len(s.logprobs)} for {n} tokens" if len(s.logprobs) != n
+               else "a token without one")
+        raise TrainerAdapterError(f"{result.engine or 'an engine'}: no logprob per sampled token for {result.id} "
+                                  f"sample {j} (got {got}); {LOGPROBS_FIX}")
+    return list(s.logprobs)
+
+
 def unpack(results: Sequence[Result]) -> tuple[list[list[int]], list[list[float]], list[int]]:
-    """Per completion, in group order: token ids, sampled-token logprobs, and the weight version."""
+    """Per completion, in group order: token ids, sampled-token logprobs (every one present), weight version."""
     completion_ids, logprobs, versions = [], [], []
     for r in results:
-        for s in r.samples:
+        for j, s in enumerate(r.samples):
             completion_ids.append(list(s.token_ids or ()))
-            lps = list(s.logprobs) if s.logprobs is not None else [0.0] * len(completion_ids[-1])
-            logprobs.append(lps)
+            logprobs.append(sample_logprobs(r, j))
             versions.append(r.weight_version)
     return completion_ids, logprobs, versions
+
+
+def logprobs_mode_warnings(server_info: dict[str, Any]) -> list[str]:
+    """TRL's own warning (GRPOTrainer, server mode), one per engine whose logprobs are taken before temperature,
+    top-p and top-k: ``server_info`` maps engine name -> its ``GET /server_info?config_format=json``."""
+    out = []
+    for name, info in server_info.items():
+        mode = (((info or {}).get("vllm_config") or {}).get("model_config") or {}).get("logprobs_mode")
+        if mode != "processed_logprobs":
+            out.append(f"{name}: The vLLM server runs with `--logprobs-mode {mode}`, which biases the importance "
+                       "sampling correction. Restart it with `--logprobs-mode processed_logprobs`, or set "
+                       "`vllm_importance_sampling_correction=False`. (engine.extra_args=[--logprobs-mode,"
+                       "processed_logprobs])")
+    return out
 
 
 class PoolGeneration:
     """Stands in for TRL's ``VLLMGeneration``: same ``sync_weights`` / ``generate`` contract, served by the pool.
 
-    ``pool`` and ``weights`` live on the main process only (None elsewhere); every rank calls both methods,
-    as TRL's collectives require."""
+    ``pool`` lives on the main process only (None elsewhere); every rank holds ``weights`` and calls both
+    methods, as TRL's collectives require (gathering sharded weights, sharing prompts and completions)."""
 
-    def __init__(self, trainer: Any, pool: SyncRolloutPool | None, weights: WeightSync | None):
+    def __init__(self, trainer: Any, pool: SyncRolloutPool | None, weights: WeightSync):
         self.trainer = trainer
+        self.model = trainer.model  # the model TRL's own backend would gather (before accelerate wraps it)
         self.pool = pool
         self.weights = weights
         self.accelerator = trainer.accelerator
@@ -101,36 +137,29 @@ class PoolGeneration:
         self.last_versions: list[int] = []
 
     def sync_weights(self) -> None:
-        if self.accelerator.is_main_process and self.weights is not None:
-            self.weights.sync(self.accelerator.unwrap_model(self.trainer.model), self.trainer.state.global_step)
-        self.accelerator.wait_for_everyone()
+        self.weights.sync(self.model, self.trainer.state.global_step)
 
     def generate(self, prompts: list[list[int]], images: Any, num_generations: int,
                  profiler: Any = None) -> tuple[list, list, list, list]:
-        from accelerate.utils import broadcast_object_list, gather_object
+        from rollout_plugin.adapters.trl.ranks import share_groups
 
         if images is not None and any(img is not None for img in images):
             raise TrainerAdapterError("the rollout pool backend serves text-only prompts (got images)")
-        all_prompts = gather_object(prompts)
-        payload = None
-        if self.accelerator.is_main_process:
+
+        def generate(unique: list) -> tuple[list, ...]:
             if self.pool is None:
                 raise TrainerAdapterError("the main process has no rollout pool: pass one to attach()")
-            # The trainer repeats each prompt num_generations times in a row: one group per distinct prompt.
-            unique = all_prompts[::num_generations]
+            requests = group_requests(unique, num_generations, self.sampling, "trl")
             with profiler or nullcontext():
-                results = checked(self.pool.generate(group_requests(unique, num_generations, self.sampling, "trl")))
-            completion_ids, logprobs, versions = unpack(results)
-            payload = ([list(p) for p in unique], completion_ids, logprobs, versions)
-        payload = broadcast_object_list([payload], from_process=0)[0]
-        unique_ids, completion_ids, logprobs, versions = payload
-        prompt_ids = [ids for ids in unique_ids for _ in range(num_generations)]
-        mine = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
-        self.last_versions = versions[mine]
+                return unpack(checked(self.pool.generate(requests)))
+
+        prompt_ids, (completion_ids, logprobs, versions) = share_groups(
+            self.accelerator, [list(p) for p in prompts], num_generations, generate)
+        self.last_versions = versions
         # TRL's shape: per token a list of top-k logprobs / token ids, the sampled token first.
-        lps = [[[lp] for lp in seq] for seq in logprobs[mine]]
-        lp_ids = [[[t] for t in seq] for seq in completion_ids[mine]]
-        return prompt_ids[mine], completion_ids[mine], lps, lp_ids
+        lps = [[[lp] for lp in seq] for seq in logprobs]
+        lp_ids = [[[t] for t in seq] for seq in completion_ids]
+        return prompt_ids, completion_ids, lps, lp_ids
 
 
 def _check_trainer(trainer: Any) -> None:
@@ -144,28 +173,60 @@ def _check_trainer(trainer: Any) -> None:
                                   "create it with use_vllm=False and let attach() install the pool")
 
 
+def check_one_pool(accelerator: Any, pool: SyncRolloutPool | None) -> None:
+    """One pool per job: on the main process, never on the other ranks (each would start its own engines)."""
+    if pool is not None and not accelerator.is_main_process:
+        raise TrainerAdapterError(
+            f"a rollout pool on rank {accelerator.process_index} of {accelerator.num_processes}: every rank "
+            "started its own engines. Build it with `with rollout_plugin.trl.make_pool(engine, pool_config) as "
+            "pool:`, which starts one pool on the main process and gives the other ranks None")
+
+
+def warn_biased_logprobs(trainer: Any, pool: SyncRolloutPool) -> list[str]:
+    """TRL's warning when an engine's logprobs would bias the importance-sampling correction (main process)."""
+    from rollout_plugin.adapters.trl.engines import engine_get
+
+    if not getattr(trainer.args, "vllm_importance_sampling_correction", False):
+        return []  # RLOO, or the correction is off: nothing to bias
+    warnings = logprobs_mode_warnings(engine_get(pool, "/server_info?config_format=json"))
+    for line in warnings:
+        log.warning(line)
+    return warnings
+
+
 def attach(trainer: Any, pool: SyncRolloutPool | None, *, weights_dir: str | Path | None = None,
-           callback: RolloutPoolCallback | None = None) -> RolloutPoolCallback:
+           weights: WeightsConfig | None = None, callback: RolloutPoolCallback | None = None) -> RolloutPoolCallback:
     """Make ``trainer`` generate with ``pool`` and sync weights to it after each optimizer step.
 
-    ``pool`` is the started :class:`SyncRolloutPool` on the main process and None on the others; its
-    engines need ``engine.dev_mode=True`` (weight reload). ``weights_dir`` must be readable by every
-    engine (default: ``<output_dir>/rollout_weights``). Returns the installed callback (pool metrics)."""
-    from rollout_plugin.adapters.trl.callback import RolloutPoolCallback
+    ``pool`` is the started :class:`SyncRolloutPool` on the main process and None on the others
+    (:func:`rollout_plugin.trl.make_pool` does that under ``accelerate launch``); call ``attach`` on every
+    rank. Engines need ``engine.dev_mode=True``. ``weights``: the transport (``folder``, the default, or
+    ``nccl``); ``weights_dir`` (or ``weights.dir``) must be readable by every engine (default:
+    ``<output_dir>/rollout_weights``). Returns the installed callback (pool metrics)."""
+    from rollout_plugin.adapters.trl.callback import RolloutPoolCallback, weight_sync
+
+    from rollout_plugin.adapters.trl.ranks import everyone
 
     _check_trainer(trainer)
-    folder = Path(weights_dir) if weights_dir is not None else Path(trainer.args.output_dir) / "rollout_weights"
-    weights = WeightSync(pool, folder) if pool is not None else None
-    backend = PoolGeneration(trainer, pool, weights)
+
+    def check() -> None:  # on every rank, so that a refusal anywhere stops every rank here
+        check_one_pool(trainer.accelerator, pool)
+        if pool is not None:
+            warn_biased_logprobs(trainer, pool)
+
+    everyone(trainer.accelerator, check)
+    sync = weight_sync(trainer, pool, weights, weights_dir)
+    backend = PoolGeneration(trainer, pool, sync)
     # The trainer's vLLM path (use_vllm) is what calls sync_weights/generate and applies the IS correction.
     trainer.use_vllm = True
     trainer.vllm_mode = "server"
     trainer.vllm_generation = backend
     trainer._last_loaded_step = -1  # first generation pushes the trainer's weights: engine and trainer agree
     cb = callback or RolloutPoolCallback(pool)
-    cb.bind(trainer, weights)
+    cb.bind(trainer, sync)
     if cb not in trainer.callback_handler.callbacks:
         trainer.add_callback(cb)
-    log.info("trl: %s generates with the rollout pool (%s)", type(trainer).__name__,
-             "main process" if pool is not None else "worker rank")
+    log.info("trl: %s generates with the rollout pool (%s, rank %d of %d)", type(trainer).__name__,
+             "main process" if pool is not None else "worker rank", trainer.accelerator.process_index,
+             trainer.accelerator.num_processes)
     return cb

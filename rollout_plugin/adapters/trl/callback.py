@@ -24,6 +24,7 @@ from rollout_plugin.adapters.trl.weights import WeightSync
 from rollout_plugin.errors import TrainerAdapterError
 
 if TYPE_CHECKING:
+    from rollout_plugin.adapters.trl.config import WeightsConfig
     from rollout_plugin.config.schema import EngineConfig, PoolConfig
     from rollout_plugin.pool.pool import SyncRolloutPool
 
@@ -65,6 +66,24 @@ class PoolMetrics:
         return out
 
 
+def weight_sync(trainer: Any, pool: SyncRolloutPool | None, weights: WeightsConfig | None = None,
+                weights_dir: str | Path | None = None) -> WeightSync:
+    """This rank's :class:`WeightSync` for ``trainer`` (``pool`` on the main process, None elsewhere)."""
+    from rollout_plugin.adapters.trl.config import WeightsConfig
+
+    cfg = weights or WeightsConfig()
+    if weights_dir is not None and cfg.dir is not None and str(weights_dir) != cfg.dir:
+        raise TrainerAdapterError(f"weights_dir={str(weights_dir)!r} and weights.dir={cfg.dir!r}: give one")
+    folder = weights_dir or cfg.dir or Path(trainer.args.output_dir) / "rollout_weights"
+    nccl = None
+    if str(getattr(cfg.transport, "value", cfg.transport)) == "nccl":
+        from rollout_plugin.adapters.trl.nccl import NcclOptions
+
+        nccl = NcclOptions(host=cfg.nccl_host, port=cfg.nccl_port)
+    return WeightSync(pool, folder, accelerator=trainer.accelerator, transport=cfg.transport, nccl=nccl,
+                      timeout_s=cfg.timeout_s)
+
+
 class RolloutPoolCallback(TrainerCallback):
     """Pool lifecycle, weight sync after each optimizer step, and ``rollout_pool/*`` metrics.
 
@@ -72,14 +91,17 @@ class RolloutPoolCallback(TrainerCallback):
     to have the callback start one on the main process and stop it at train end."""
 
     def __init__(self, pool: SyncRolloutPool | None = None, *, engine: EngineConfig | None = None,
-                 pool_config: PoolConfig | None = None, weights_dir: str | Path | None = None):
+                 pool_config: PoolConfig | None = None, weights_dir: str | Path | None = None,
+                 weights: WeightsConfig | None = None):
         require_trl()
         self.pool = pool
         self._engine_cfg, self._pool_cfg = engine, pool_config
         self._owned: SyncRolloutPool | None = None
         self._weights_dir = weights_dir
+        self._weights_cfg = weights
         self.weights: WeightSync | None = None
         self.trainer: Any = None
+        self._model: Any = None
         self._metrics = PoolMetrics()
         self._pending: dict[str, float] = {}
 
@@ -87,7 +109,7 @@ class RolloutPoolCallback(TrainerCallback):
     def start_pool(self) -> SyncRolloutPool:
         """The pool, started now if the callback owns it (main process only)."""
         if self.pool is None:
-            from rollout_plugin.pool.pool import SyncRolloutPool
+            from rollout_plugin.pool import SyncRolloutPool
 
             if self._engine_cfg is None:
                 raise TrainerAdapterError("RolloutPoolCallback has no pool: pass pool=, or engine= (and "
@@ -104,12 +126,21 @@ class RolloutPoolCallback(TrainerCallback):
             owned.__exit__(None, None, None)
 
     def bind(self, trainer: Any, weights: WeightSync | None = None) -> None:
-        """Know the trainer (its metric buffer, output_dir) and the weight publisher."""
+        """Know the trainer (its model, metric buffer, output_dir) and the weight publisher (every rank)."""
+        from rollout_plugin.adapters.trl.backend import check_one_pool
+        from rollout_plugin.adapters.trl.ranks import everyone
+
+        acc = trainer.accelerator
+
+        def setup() -> None:  # on every rank: a refusal, or a pool that fails to start, stops every rank here
+            check_one_pool(acc, self.pool)
+            if weights is None and acc.is_main_process:
+                self.start_pool()
+
+        everyone(acc, setup)
         self.trainer = trainer
-        if weights is None and trainer.accelerator.is_main_process:
-            folder = self._weights_dir or Path(trainer.args.output_dir) / "rollout_weights"
-            weights = WeightSync(self.start_pool(), folder)
-        self.weights = weights
+        self._model = trainer.model  # the model TRL's own backend gathers (accelerate wraps it in place)
+        self.weights = weights or weight_sync(trainer, self.pool, self._weights_cfg, self._weights_dir)
 
     @property
     def rollout_func(self):
@@ -124,14 +155,15 @@ class RolloutPoolCallback(TrainerCallback):
             self.start_pool()  # engines start while the rest of the set-up runs
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or self.pool is None:
-            return
-        if self.weights is not None and model is not None:
-            unwrapped = self.trainer.accelerator.unwrap_model(model) if self.trainer is not None else model
-            record = self.weights.sync(unwrapped, state.global_step)
-            if record is not None:
+        # Every rank: gathering sharded weights is a collective; the main process publishes them.
+        if self.weights is not None and self._model is not None:
+            record = self.weights.sync(self._model, state.global_step)
+            if record is not None and state.is_world_process_zero:
                 self._pending["weight_sync_s"] = record.total_s
                 self._pending["weight_write_s"] = record.write_s
+                self._pending["weight_gather_s"] = record.gather_s
+        if not state.is_world_process_zero or self.pool is None:
+            return
         self._pending.update(self._metrics.snapshot(self.pool))
         self._flush()
 

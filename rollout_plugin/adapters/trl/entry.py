@@ -1,20 +1,19 @@
 """What ``rollout-plugin trl-grpo`` runs: a typed config in, a trained ``GRPOTrainer`` out.
 
-The pool lives on the main process only; other ranks get ``None`` and take part in TRL's
-collectives through the backend. Errors in the ``trl:`` section are reported all at once, with the
+The pool lives on the main process only (:func:`.ranks.make_pool`); other ranks get ``None`` and
+take part in TRL's collectives through the backend. Errors in the ``trl:`` section are reported all at once, with the
 nearest ``GRPOConfig`` field.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from rollout_plugin.adapters.trl.config import Route, TrlGrpoConfig
+from rollout_plugin.adapters.trl.config import Route, TrlGrpoConfig, WeightTransport
 from rollout_plugin.adapters.trl.plan import apply_plan
 from rollout_plugin.errors import ConfigError, ConfigProblem
 from rollout_plugin.verify.runner import load_verifier
@@ -75,19 +74,40 @@ def planned_trl_kwargs(model_dir: str, num_generations: int, max_completion_leng
         return None
 
 
+def engine_problems(cfg: TrlGrpoConfig, cuda: bool | None = None) -> list[ConfigProblem]:
+    """What the engines lack for weight sync (launched engines only: attached ones are checked when attached)."""
+    problems = []
+    launched = not cfg.engine.urls
+    if launched and not cfg.engine.dev_mode:
+        problems.append(ConfigProblem("engine.dev_mode", False, "weight sync goes through vLLM's dev endpoints",
+                                      "engine.dev_mode=true"))
+    if cfg.weights.transport is WeightTransport.nccl:
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        if not cuda:
+            problems.append(ConfigProblem("weights.transport", "nccl", "vLLM's NCCL weight transfer needs CUDA on "
+                                          "the trainer and the engines", "weights.transport=folder"))
+        if launched and "--weight-transfer-config" not in cfg.engine.extra_args:
+            problems.append(ConfigProblem("engine.extra_args", list(cfg.engine.extra_args), "weights.transport=nccl "
+                                          "needs engines with a weight-transfer engine",
+                                          "engine.extra_args=[--weight-transfer-config,'{\"backend\": \"nccl\"}']"))
+    return problems
+
+
 def train(cfg: TrlGrpoConfig) -> Any:
     """Build the pool, dataset, rewards and trainer from ``cfg``, train, and return the trainer."""
-    from accelerate import PartialState
     from trl import GRPOConfig, GRPOTrainer
 
     from rollout_plugin.adapters.trl import attach
     from rollout_plugin.adapters.trl.callback import RolloutPoolCallback
+    from rollout_plugin.adapters.trl.ranks import make_pool
     from rollout_plugin.model.embedded import resolve_model
-    from rollout_plugin.pool.pool import SyncRolloutPool
 
-    if not cfg.engine.dev_mode and not cfg.engine.urls:
-        raise ConfigError(ConfigProblem("engine.dev_mode", False, "weight sync reloads weights through vLLM's dev "
-                                        "endpoints", "engine.dev_mode=true"))
+    problems = engine_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
     fields = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
     model_dir = resolve_model(cfg.trainer_model or cfg.engine.model, cfg.engine.python)
     planned = planned_trl_kwargs(model_dir, int(cfg.trl.get("num_generations", fields["num_generations"])),
@@ -106,13 +126,12 @@ def train(cfg: TrlGrpoConfig) -> Any:
     rewards: list[Callable] = [_load(f"rewards.{i}.path", r.path, r.kwargs, call=bool(r.kwargs))
                                for i, r in enumerate(cfg.rewards)]
 
-    main = PartialState().is_main_process
-    with SyncRolloutPool(engine, pool_cfg, controller=cfg.controller) if main else contextlib.nullcontext() as pool:
+    with make_pool(engine, pool_cfg, controller=cfg.controller) as pool:  # rank 0 only; None elsewhere
         if cfg.route is Route.backend:
             trainer = GRPOTrainer(model=model_dir, reward_funcs=rewards, args=args, train_dataset=dataset)
-            attach(trainer, pool, weights_dir=cfg.weights_dir)
+            attach(trainer, pool, weights=cfg.weights)
         else:
-            cb = RolloutPoolCallback(pool, weights_dir=cfg.weights_dir)
+            cb = RolloutPoolCallback(pool, weights=cfg.weights)
             trainer = GRPOTrainer(model=model_dir, reward_funcs=rewards, args=args, train_dataset=dataset,
                                   callbacks=[cb], rollout_func=cb.rollout_func)
         trainer.train()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rollout_plugin.adapters.trl.backend import checked, group_requests, trainer_sampling, unpack
+from rollout_plugin.adapters.trl.ranks import share_groups
 from rollout_plugin.errors import TrainerAdapterError
 
 if TYPE_CHECKING:
@@ -38,31 +39,23 @@ def make_rollout_func(callback: RolloutPoolCallback):
     Extra keys in its output reach the reward functions: ``weight_version`` (per completion)."""
 
     def rollout_func(prompts: list[Any], trainer: Any) -> dict[str, Any]:
-        from accelerate.utils import broadcast_object_list, gather_object
-
         if callback.trainer is not trainer:
             callback.bind(trainer)
-        acc = trainer.accelerator
         k = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
-        if len(prompts) % k:
-            raise TrainerAdapterError(f"rollout_func got {len(prompts)} prompts, not a multiple of "
-                                      f"num_generations={k}")
-        all_ids = gather_object(_render(trainer, prompts))
-        payload = None
-        if acc.is_main_process:
+        if callback.weights is not None:  # every rank; a no-op when on_step_end already published this step
+            callback.weights.sync(trainer.model, trainer.state.global_step)
+        sampling = trainer_sampling(trainer)
+
+        def generate(unique: list) -> tuple[list, ...]:
             pool = callback.pool
             if pool is None:
                 raise TrainerAdapterError("the main process has no rollout pool: give the callback a pool or "
                                           "engine/pool_config")
-            if callback.weights is not None:  # a no-op when on_step_end already published this step
-                callback.weights.sync(acc.unwrap_model(trainer.model), trainer.state.global_step)
-            unique = all_ids[::k]
-            results = checked(pool.generate(group_requests(unique, k, trainer_sampling(trainer), "trl-rf")))
-            payload = (unique, *unpack(results))
-        unique, completion_ids, logprobs, versions = broadcast_object_list([payload], from_process=0)[0]
-        mine = slice(acc.process_index * len(prompts), (acc.process_index + 1) * len(prompts))
-        prompt_ids = [ids for ids in unique for _ in range(k)]
-        return {"prompt_ids": prompt_ids[mine], "completion_ids": completion_ids[mine],
-                "logprobs": logprobs[mine], "weight_version": versions[mine]}
+            return unpack(checked(pool.generate(group_requests(unique, k, sampling, "trl-rf"))))
+
+        prompt_ids, (completion_ids, logprobs, versions) = share_groups(
+            trainer.accelerator, _render(trainer, prompts), k, generate)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs,
+                "weight_version": versions}
 
     return rollout_func
