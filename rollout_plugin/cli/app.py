@@ -7,7 +7,8 @@ nearest valid one. The CLI catches :class:`RolloutPluginError` and prints it wit
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from rollout_plugin.config.validate import dotted_keys, nearest_key
 from rollout_plugin.errors import ConfigError, ConfigProblem
@@ -19,25 +20,64 @@ CONFIG_MODULE = "rollout_plugin.hydra_conf"
 
 def compose(config_name: str, overrides: list[str], schema: type[T]) -> T:
     """Compose ``hydra_conf/<config_name>.yaml`` with ``overrides`` into an instance of ``schema``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = compose_config(config_name, overrides, schema).cfg
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise _friendly(exc, overrides, schema) from None
+    return obj  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Composed:
+    """A composed config before it becomes a dataclass, with what Hydra chose on the way (``--cfg``, ``--help``)."""
+
+    cfg: Any  # DictConfig, typed by the schema; no ``hydra:`` node
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> the option the defaults list picked
+    groups: dict[str, list[str]] = field(default_factory=dict)  # config group -> every option on the search path
+    search_path: list[str] = field(default_factory=list)  # "provider: path", in Hydra's lookup order
+
+
+def compose_config(config_name: str, overrides: list[str], schema: type, *, choices: bool = False) -> Composed:
+    """The composed DictConfig, unknown keys refused; with ``choices``, also the groups Hydra chose from."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     from rollout_plugin.config.schema import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
+    extra: dict[str, Any] = {}
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=choices)
+            if choices:
+                extra = _choices(cfg)
+                with open_dict(cfg):
+                    del cfg["hydra"]
         _reject_unknown(OmegaConf.to_container(cfg, resolve=False), schema, overrides)
-        obj = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise _friendly(exc, overrides, schema) from None
-    return obj  # type: ignore[return-value]
+    return Composed(cfg, **extra)
+
+
+def _choices(cfg: Any) -> dict[str, Any]:
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    loader = GlobalHydra.instance().config_loader()
+    picked = {g: str(o) for g, o in cfg.hydra.runtime.choices.items() if not g.startswith("hydra")}
+    groups = {g: [o for o in loader.get_group_options(g, results_filter=ObjectType.CONFIG)
+                  if o != "schema" and not o.endswith("_schema")] for g in picked}
+    path = [f"{e.provider}: {e.path}" for e in loader.get_search_path().get_path()]
+    return {"choices": picked, "groups": groups, "search_path": path}
 
 
 def _reject_unknown(tree: dict, schema: type, overrides: list[str]) -> None:

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from rollout_plugin.cli.help import answer, parse_flags, version_text
 from rollout_plugin.errors import RolloutPluginError
 
 # command -> (module, one-line help); each module exposes run(overrides: list[str]) -> int
@@ -27,8 +28,10 @@ log = logging.getLogger("rollout_plugin")
 
 
 def _usage() -> str:
-    lines = ["usage: rollout-plugin <command> [key=value ...]", "", "commands:"]
+    lines = ["usage: rollout-plugin <command> [key=value ...] [--help | --cfg job | --info]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "rollout-plugin <command> --help: what it does, its config groups and every key (type, default, "
+              "meaning)", "rollout-plugin --version: the package version"]
     return "\n".join(lines)
 
 
@@ -39,10 +42,19 @@ def _sigterm_to_exit(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["help"] and len(argv) > 1:
+        argv = [argv[1], "--help", *argv[2:]]  # `rollout-plugin help collect`
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2
-    name, overrides = argv[0], argv[1:]
+    if argv[0] in ("--version", "-V"):
+        print(version_text())
+        return 0
+    name, args = argv[0], argv[1:]
+    if name.startswith("-"):
+        print(f"rollout-plugin: unknown flag {name!r}; valid here: --help/-h, --version; "
+              f"or a command first: rollout-plugin <command> --help", file=sys.stderr)
+        return 2
     if name not in COMMANDS:
         import difflib
 
@@ -52,14 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _sigterm_to_exit)
     module = importlib.import_module(COMMANDS[name][0])
+    spec = getattr(module, "HELP", None)
     try:
+        flags, overrides = parse_flags(args, spec.flags if spec else {})
+        if flags.any:  # --help, --cfg, --info, --version: answer and exit; the command does not run
+            sys.stdout.write(answer(name, COMMANDS[name][1], spec, flags, overrides))
+            return 0
         return int(module.run(overrides) or 0)
     except RolloutPluginError as exc:
         print(f"rollout-plugin {name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # cli.aio.Interrupted carries the signal's exit status (130, 143)
         print(f"rollout-plugin {name}: interrupted; engines stopped", file=sys.stderr)
-        return 130
+        return getattr(exc, "code", 130)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import shlex
 import sys
 
 from rollout_plugin.cli.app import compose
+from rollout_plugin.cli.help import CommandHelp
 from rollout_plugin.errors import ConfigError, ConfigProblem
 from rollout_plugin.tuning import (
     HARDWARE_PRESETS,
@@ -41,6 +42,23 @@ def _check_groups(overrides: list[str]) -> None:
                                               f"{group}={_near(value, presets)}"))
     if problems:
         raise ConfigError(problems)
+
+
+def _prepare(overrides: list[str]) -> list[str]:
+    _check_groups(overrides)
+    return overrides
+
+
+HELP = CommandHelp(
+    about="Turns one spec -- a model (a preset, or model.path: an HF directory or its config.json), the hardware "
+          "and the RL workload -- into settings for vLLM, the pool, verl and TRL, each with the reason it was "
+          "chosen. Runs anywhere: no GPU, torch or trainer needed. Inconsistent input is refused with one line per "
+          "problem, each naming the key and the nearest valid value. pin.* fixes a value and plans the rest around "
+          "it; emit= picks the output (table, verl overrides, TRL GRPOConfig, vllm serve arguments, pool config).",
+    examples=("rollout-plugin plan model=qwen2.5-7b hardware=h100-80 hardware.gpus_per_node=8 workload.n=8",
+              "rollout-plugin plan model.path=/models/my-model/config.json workload.max_response_length=4096 "
+              "emit=verl"),
+    config="plan", schema=PlanConfig, register=register_plan_configs, prepare=_prepare)
 
 
 def run(overrides: list[str]) -> int:

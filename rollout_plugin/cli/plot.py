@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from rollout_plugin.cli.app import compose
+from rollout_plugin.cli.help import CommandHelp
 from rollout_plugin.errors import ConfigError, ConfigProblem
 from rollout_plugin.viz import describe, load_timeline, plot_timeline
 
@@ -25,8 +26,8 @@ class PlotConfig:
     timeline: Optional[str] = None  # the JSONL the pool wrote (controller.timeline; collect: <output>.timeline.jsonl)
     output: Optional[str] = None  # unset: the timeline's path with .png
     title: Optional[str] = None  # unset: the run's own title from the timeline's meta record
-    dpi: int = 110
-    log_level: str = "WARNING"
+    dpi: int = 110  # the PNG's resolution, 50 to 400
+    log_level: str = "WARNING"  # DEBUG, INFO, WARNING or ERROR
 
 
 def register_plot_configs() -> None:
@@ -34,6 +35,15 @@ def register_plot_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="plot_schema", node=PlotConfig)
+
+
+HELP = CommandHelp(
+    about="Draws the timeline a pool run wrote (collect: <output>.timeline.jsonl; any pool: controller.timeline) "
+          "as one PNG with a column per engine: in-flight and cap, KV-cache usage, tokens/s, health and cap "
+          "changes. Needs matplotlib (the plot extra).",
+    examples=("rollout-plugin plot timeline=rollouts.timeline.jsonl",
+              "rollout-plugin plot timeline=run.timeline.jsonl output=run.png title=first-run dpi=200"),
+    config="plot", schema=PlotConfig, register=register_plot_configs)
 
 
 def _check(cfg: PlotConfig) -> None:

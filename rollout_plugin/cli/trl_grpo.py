@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rollout_plugin.adapters.trl.config import TrlGrpoConfig, register_trl_configs
 from rollout_plugin.cli.app import compose, configure_logging
+from rollout_plugin.cli.help import CommandHelp
 from rollout_plugin.errors import ConfigError, ConfigProblem
 
 
@@ -73,8 +75,20 @@ def _recipe(overrides: list[str]) -> list[str]:
     return [o for o in recipe_overrides(path) if o.lstrip("+").split("=", 1)[0] not in given] + rest
 
 
+HELP = CommandHelp(
+    about="Trains with TRL's GRPOTrainer while the pool generates: prompts from every rank go once per group of "
+          "num_generations, weights are synced into the engines after each optimizer step, and rollout_pool/* "
+          "metrics reach TRL's logs. trl: holds GRPOConfig keyword arguments (unknown ones reported with the "
+          "nearest field); engine:/pool:/controller: configure the pool; trainer settings left open are filled from "
+          "the planner. A recipe (--recipe FILE.yaml, see recipes/trl/) is read first; the command line wins.",
+    examples=("rollout-plugin trl-grpo --recipe recipes/trl/cpu_tiny.yaml",
+              "rollout-plugin trl-grpo --recipe recipes/trl/cpu_tiny.yaml route=rollout_func trl.max_steps=10"),
+    config="trl_grpo", schema=TrlGrpoConfig, register=register_trl_configs,
+    flags={"--recipe": ("FILE", "a recipe YAML (recipes/trl/) read before the overrides, which win")},
+    prepare=_recipe)
+
+
 def run(overrides: list[str]) -> int:
-    from rollout_plugin.adapters.trl.config import TrlGrpoConfig, register_trl_configs
     from rollout_plugin.adapters.trl.entry import train
 
     overrides = _recipe(overrides)

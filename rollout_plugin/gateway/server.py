@@ -37,7 +37,7 @@ class ServeConfig:
     api_key: Optional[str] = None  # callers send Authorization: Bearer <api_key>
     served_model_name: Optional[str] = None  # the name /v1/models reports; unset: the engines' model
     ready_file: Optional[str] = None  # the gateway's URL is written here once it accepts requests
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
 
 
 def validate_serve(cfg: ServeConfig) -> None:

@@ -35,10 +35,10 @@ class VerifyJobConfig:
     output: Optional[str] = None  # unset: <input>.verified.jsonl
     parallelism: int = 16  # verifications at once (the executor's workers)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    overwrite: bool = False
-    resume: bool = False
-    progress: Progress = Progress.auto
-    log_level: str = "INFO"
+    overwrite: bool = False  # replace an existing output (else refused)
+    resume: bool = False  # keep the output's whole lines, drop a torn last one, score only the ids not written
+    progress: Progress = Progress.auto  # a progress bar on stderr; auto: when stderr is a terminal
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
 
 
 @dataclass
