@@ -350,7 +350,7 @@ async def test_monitor_applies_pack_size_decisions_and_records_them(tmp_path):
         async with asyncio.timeout(5):
             while pool.monitor.states is None or not pool.stats().queued:
                 await asyncio.sleep(0)
-        for t, tokens in ((0.0, 0.0), (5.0, 1000.0)):
+        for t, tokens in ((5.0, 0.0), (10.0, 1000.0)):  # (the pool took its first look at t=0: idle)
             now[0] = t
             pool.monitor.observe([EngineMetrics(generation_tokens_total=tokens)])
         assert pool._dispatcher.pack_size == 4  # pack 8 scored, its neighbour is measured next

@@ -156,6 +156,14 @@ class Monitor:
             if not ok:
                 self.dispatcher.mark_dead(i, "no answer to /metrics or /health within engine timeout")
 
+    async def first_look(self) -> None:
+        """One observation before any work is admitted: the KV-based first caps apply from the first
+        request, not after up to the preset cap has gone out. A failure here only leaves the presets."""
+        try:
+            self.observe(await self._scrape())
+        except Exception as exc:  # the loop retries every interval; nothing here may fail the pool
+            log.warning("monitor: first look failed (%s: %s); caps start at the presets", type(exc).__name__, exc)
+
     async def run(self) -> None:
         """Observe every ``interval_s`` until cancelled. A failing round is logged and skipped (caps hold);
         it never stops the pool."""

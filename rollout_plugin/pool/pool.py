@@ -140,6 +140,7 @@ class RolloutPool(Operations):
                 self.warmup = await prewarm(self._clients, self.pool_cfg.prewarm, self._warm_prompt,
                                             clock=self._clock)
             self._start_core()
+            await self.monitor.first_look()  # type: ignore[union-attr]
         except BaseException:
             await self._close_clients()
             self._close_provider()
