@@ -219,3 +219,17 @@ def test_step_quota_returns_whole_groups_first_done_and_carries_the_rest_across_
                     for seg in s.segments:
                         assert {t // 1000 for t in s.token_ids[seg.start:seg.end]} == {min(seg.version, 2)}
     run_virtual(main())
+
+
+def test_continue_does_not_wait_for_a_call_that_reached_the_paused_engine_after_the_abort():
+    async def main():
+        es = engines(2, latency_s=0.05)  # calls take 50 ms to reach their engine
+        async with pool_of(es) as pool:
+            task = asyncio.ensure_future(pool.generate(requests(6)))
+            await asyncio.sleep(0.01)  # admitted, not yet at the engine: vLLM will queue them until /resume
+            await asyncio.wait_for(pool.update_weights(1, FolderWeights("w1"), mode="continue"), 30)
+            results = await asyncio.wait_for(task, 30)
+        for r in results:
+            check_segments(r)
+            assert {s.versions for s in r.samples} == {(1,)}  # they never started under the old weights
+    run_virtual(main())

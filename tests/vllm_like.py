@@ -22,8 +22,10 @@ STEP_S = 0.01  # virtual seconds per token
 class VllmLike:
     reports_progress = True
 
-    def __init__(self, name: str, weights: int = 0, *, dev_mode: bool = True, stream: bool = True):
+    def __init__(self, name: str, weights: int = 0, *, dev_mode: bool = True, stream: bool = True,
+                 latency_s: float = 0.0):
         self.name = name
+        self.latency_s = latency_s  # before a call reaches the engine (network, HTTP parsing)
         self.weights = weights  # what the engine really holds (a folder's number after reload_weights)
         self.version = "default"
         self.dev_mode = dev_mode
@@ -40,6 +42,10 @@ class VllmLike:
     async def generate(self, requests: Sequence[Request], progress=None) -> list[Generation]:
         self.calls += 1
         shared_params(requests)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        while self.paused is not None:  # a paused vLLM queues new requests until /resume
+            await self._resumed.wait()
         outs = [[[] for _ in range(r.n)] for r in requests]
         budgets = [r.sampling.max_tokens for r in requests]
         base = [len(r.prompt) - 1 for r in requests]  # prompts are [marker, *tokens so far]

@@ -118,10 +118,16 @@ class Membership:
         """Cancel every running call and requeue its requests under the same ids; returns the count."""
         return self._cancel_calls(lambda call: True, "abort")
 
-    async def wait_idle(self) -> None:
-        """Until no call is in flight (admission should be paused first)."""
+    async def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Until no call is in flight (admission should be paused first); False if ``timeout_s`` ran out."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         while self.ledger.calls:
-            await asyncio.wait({c.task for c in self.ledger.calls if c.task is not None})
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return False
+            await asyncio.wait({c.task for c in self.ledger.calls if c.task is not None}, timeout=left)
+        return True
 
     def resume(self, weight_version: int | None = None, *, max_staleness: int | None = None) -> None:
         if weight_version is not None:

@@ -18,7 +18,14 @@ from rollout_plugin.config.schema import WeightVerify
 from rollout_plugin.errors import EngineError
 from rollout_plugin.pool.engine_client import CallError, EngineClient
 from rollout_plugin.pool.steps import Steps
-from rollout_plugin.pool.weights import UpdateMode, WeightSource, check_identity, engine_pause, engine_resume
+from rollout_plugin.pool.weights import (
+    ABORT_GRACE_S,
+    UpdateMode,
+    WeightSource,
+    check_identity,
+    engine_pause,
+    engine_resume,
+)
 from rollout_plugin.types import Request
 
 log = logging.getLogger("rollout_plugin.pool.pool")
@@ -89,8 +96,13 @@ class Operations:
         try:
             if mode is UpdateMode.restart:
                 d.abort_inflight()
-            elif mode is UpdateMode.continue_ and await engine_pause(self, "abort"):
-                d.cut_inflight("continue")  # an engine could not abort: cut our calls (their streamed tokens stay)
+            elif mode is UpdateMode.continue_:
+                if await engine_pause(self, "abort"):
+                    d.cut_inflight("continue")  # an engine could not abort: cut our calls (streamed tokens stay)
+                elif not await d.wait_idle(timeout_s=ABORT_GRACE_S):
+                    # A call admitted just before the pause reached its engine after it: a paused vLLM queues it
+                    # until /resume, which comes only after this wait. It has no tokens yet: cut it, resend it.
+                    d.cut_inflight("continue")
             elif mode is UpdateMode.keep:
                 if await engine_pause(self, "keep"):
                     raise EngineError("weight_update(mode='keep') needs every engine in vLLM dev mode "
@@ -138,6 +150,10 @@ class Operations:
         for name, got in reported.items():
             if got is not None:  # engine-reported; engines that cannot say follow the pool's version
                 self._require().set_engine_version(self.engine_names.index(name), got)
+
+    def live_engines(self) -> list[str]:
+        """Engines in rotation (not dead, stale or retired)."""
+        return self._require().live_engines()
 
     @property
     def weight_version(self) -> int:

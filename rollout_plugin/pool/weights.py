@@ -83,9 +83,14 @@ def _raise_failed(answers: Sequence[ControlAnswer]) -> None:
         raise EngineError(failed[0].error or f"{failed[0].engine}: HTTP {failed[0].status}")
 
 
+ABORT_GRACE_S = 2.0  # aborted calls answer within this; a call still out after it never reached the engine
+
+
 async def engine_pause(pool: RolloutPool, mode: str) -> list[str]:
-    """vLLM's ``/pause?mode=…`` on every engine; the names of those that could not (not in dev mode)."""
-    answers = await pool.control(f"/pause?mode={mode}", timeout_s=pool.pool_cfg.timeouts.request_s)
+    """vLLM's ``/pause?mode=…`` on every engine in rotation (a dead or restarting one is refit later); the
+    names of those that could not pause (not in dev mode)."""
+    answers = await pool.control(f"/pause?mode={mode}", timeout_s=pool.pool_cfg.timeouts.request_s,
+                                 engines=pool.live_engines())
     for a in answers:
         if not a.ok:
             log.warning("%s: running -> running (could not pause mode=%s: %s)", a.engine, mode, a.error)
@@ -93,7 +98,8 @@ async def engine_pause(pool: RolloutPool, mode: str) -> list[str]:
 
 
 async def engine_resume(pool: RolloutPool) -> None:
-    for a in await pool.control("/resume", timeout_s=pool.pool_cfg.timeouts.health_s * 6):
+    for a in await pool.control("/resume", timeout_s=pool.pool_cfg.timeouts.health_s * 6,
+                                engines=pool.live_engines()):
         if not a.ok:
             log.error("%s: paused -> paused (resume failed: %s)", a.engine, a.error)
 
