@@ -115,9 +115,11 @@ def test_rollout_func_route_with_callback(pool, model_dir, tmp_path):
     from rollout_plugin.trl import RolloutPoolCallback
 
     seen_versions: list[int] = []
+    seen_spans: list = []
 
-    def reward(prompts, completions, completion_ids, weight_version, **kwargs):
+    def reward(prompts, completions, completion_ids, weight_version, weight_segments, **kwargs):
         seen_versions.extend(weight_version)  # extra rollout_func keys reach reward functions
+        seen_spans.extend(zip(weight_segments, completion_ids, weight_version))
         return high_ids_reward(prompts, completions, completion_ids)
 
     cb = RolloutPoolCallback(pool)
@@ -129,6 +131,8 @@ def test_rollout_func_route_with_callback(pool, model_dir, tmp_path):
     # Each step's completions came from the weights published after the previous step.
     assert sorted(set(seen_versions)) == [0, 1, 2]
     assert len(seen_versions) == 3 * 2 * K
+    # Nothing crossed a weight update here: one span per completion, all its tokens, under its version.
+    assert all(spans == [(v, 0, len(ids))] for spans, ids, v in seen_spans)
     engine_lp, trainer_lp, _ = engine_vs_trainer(pool, trainer.model, trainer.processing_class)
     assert max(abs(a - b) for a, b in zip(engine_lp, trainer_lp)) < BF16_TOL
     logs = [row for row in trainer.state.log_history if "loss" in row]
@@ -140,14 +144,15 @@ def test_async_grpo_trainer_trains_on_pool_rollouts(pool, model_dir, tmp_path):
     from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
 
     from rollout_plugin.adapters.trl.tasks import arith_dataset
-    from rollout_plugin.trl import PoolRolloutWorker, PoolWeightTransfer, async_grpo_on_cpu
+    from rollout_plugin.trl import AsyncRolloutConfig, PoolRolloutWorker, PoolWeightTransfer, async_grpo_on_cpu
 
     async_grpo_on_cpu()
     tok = AutoTokenizer.from_pretrained(model_dir)
     data = arith_dataset(32)
+    cfg = AsyncRolloutConfig(in_flight=3, queue_maxsize=4 * K, max_staleness=2)  # update_mode: continue (default)
     worker = PoolRolloutWorker(pool, data, [high_ids_reward], tok, num_generations=K,
-                               sampling=SamplingParams(max_tokens=8), groups_per_call=2, queue_maxsize=4 * K)
-    transfer = PoolWeightTransfer(pool, tmp_path / "weights")
+                               sampling=SamplingParams(max_tokens=8), config=cfg)
+    transfer = PoolWeightTransfer(pool, tmp_path / "weights", config=cfg)
     args = AsyncGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2 * K, num_generations=K,
                            max_completion_length=8, max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[],
                            use_cpu=True, bf16=False, save_strategy="no", dtype="float32", token_budget=512,
@@ -167,6 +172,9 @@ def test_async_grpo_trainer_trains_on_pool_rollouts(pool, model_dir, tmp_path):
     assert any("rollout_pool/tokens_per_s" in row for row in trainer.state.log_history)
     # Generation went on while the trainer trained: the worker is ahead of what was consumed.
     assert worker.produced > 3 * 2 * K
+    # No group failed; each sample's version count reached the trainer's metrics.
+    assert worker.failed == 0 and worker.groups_out >= 3 * 2
+    assert any("rollout_pool/versions_spanned" in row for row in logs)
 
 
 def test_trl_grpo_command_runs_the_cpu_recipe(pool, tmp_path, capsys):

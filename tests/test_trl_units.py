@@ -1,6 +1,7 @@
 """TRL adapter logic that needs no engine: version pin, sampling mapping, weight naming, recipes, plan, attention
-shim, the rank collectives (fake ranks on threads), logprob checks, and the weight-sync call sequences (folder and
-NCCL) against recording servers."""
+shim, the rank collectives (fake ranks on threads), logprob checks, the weight-sync call sequences (folder and
+NCCL) against recording servers, segment versions and staleness, and the async worker's carry-over (a real pool
+over in-memory engines)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ pytest.importorskip("trl")
 torch = pytest.importorskip("torch")
 
 from rollout_plugin.errors import ConfigError, TrainerAdapterError  # noqa: E402
-from rollout_plugin.types import Request, Result, Sample, SamplingParams  # noqa: E402
+from rollout_plugin.types import Request, Result, Sample, SamplingParams, Segment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,8 +63,9 @@ def test_failed_rollouts_fail_the_step_and_good_ones_unpack_in_group_order():
     req = Request("a", [1, 2], n=2)
     ok = Result("a", samples=(Sample("x", (5, 6), (-0.1, -0.2)), Sample("y", (7,), (-0.3,))), weight_version=4,
                 request=req)
-    ids, lps, versions = unpack(checked([ok]))
+    ids, lps, versions, spans = unpack(checked([ok]))
     assert ids == [[5, 6], [7]] and lps == [[-0.1, -0.2], [-0.3]] and versions == [4, 4]
+    assert spans == [[(4, 0, 2)], [(4, 0, 1)]]  # no segments reported: every token from the result's version
     with pytest.raises(TrainerAdapterError, match="1 of 2 rollout requests failed; first: b: boom"):
         checked([ok, Result("b", error="boom")])
 
@@ -594,3 +596,214 @@ def test_a_held_weight_update_pauses_around_its_body_and_keeps_the_old_version_w
         with held_update(pool, 4):
             assert paused(pool)
         assert not paused(pool) and pool.weight_version == 4
+
+
+# -- segment versions and staleness --------------------------------------------------------------------------------
+
+def _spanning_group(rid: str = "g") -> Result:
+    """One old token then seven new ones in the first sample; the second sample all new."""
+    a = Sample("a", tuple(range(8)), (-0.1,) * 8, "length", (Segment(2, 0, 1), Segment(5, 1, 8)))
+    b = Sample("b", tuple(range(8)), (-0.1,) * 8, "length", (Segment(5, 0, 8),))
+    return Result(rid, samples=(a, b), weight_version=2)
+
+
+def test_completions_carry_their_spans_and_their_oldest_version():
+    from rollout_plugin.adapters.trl.backend import unpack
+    from rollout_plugin.adapters.trl.versions import staleness_version, versions_spanned
+
+    group = _spanning_group()
+    _, _, versions, spans = unpack([group])
+    assert versions == [2, 5]  # per completion: the oldest weights of its own tokens
+    assert spans == [[(2, 0, 1), (5, 1, 8)], [(5, 0, 8)]]
+    assert staleness_version(group) == 2  # the group: its oldest token anywhere
+    assert [versions_spanned(s) for s in group.samples] == [2, 1]
+    unknown = Sample("c", (1, 2), (-0.1, -0.1), "length", (Segment(3, None, None), Segment(4, None, None)))
+    assert unpack([Result("k", samples=(unknown,), weight_version=3)])[3] == [[(3, None, None), (4, None, None)]]
+
+
+def _worker(tok=None, **settings):
+    from rollout_plugin.adapters.trl.async_worker import PoolRolloutWorker
+
+    tok = tok or SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: ["t"] * len(ids))
+    return PoolRolloutWorker(None, [], [lambda prompts, completions, completion_ids, **kw: [1.0, 0.0]], tok,
+                             num_generations=2, sampling=SamplingParams(max_tokens=8), **settings)
+
+
+def test_trls_own_staleness_drop_judges_a_spanning_group_by_its_oldest_token(monkeypatch):
+    import collections
+    import logging
+    import queue
+
+    from trl.experimental.async_grpo import async_grpo_trainer
+    from trl.experimental.async_grpo.async_grpo_trainer import RolloutQueueDataset
+
+    # TRL logs through accelerate's logger, which needs an accelerate state this process has no use for.
+    monkeypatch.setattr(async_grpo_trainer, "logger", logging.getLogger("trl.async_grpo"))
+
+    worker = _worker()
+    old = worker._score({"prompt": "p"}, [3], _spanning_group("old"))  # 7 of 8 tokens fresh: mean version 4.6
+    fresh = worker._score({"prompt": "q"}, [3], Result("new", samples=_spanning_group().samples[1:] * 2,
+                                                       weight_version=5))
+    assert {s.model_version for s in old} == {2} and {s.model_version for s in fresh} == {5}
+    assert [s.metrics["rollout_pool/versions_spanned"] for s in old] == [2.0, 1.0]
+    q: queue.Queue = queue.Queue()
+    for s in old + fresh:
+        q.put(s)
+    metrics = collections.defaultdict(list)
+    rows = iter(RolloutQueueDataset(q, lambda: 5, lambda s: None, 60.0, metrics, max_staleness=2))
+    first = next(rows)
+    # Trainer at version 5, max_staleness 2: the whole spanning group goes (staleness 3), the fresh one stays.
+    assert first["group_id"] == fresh[0].group_id and metrics["sample/dropped_stale_total"] == [1.0, 1.0]
+
+
+def test_async_settings_are_checked_together_with_the_fix():
+    from rollout_plugin.adapters.trl.async_worker import PoolWeightTransfer
+    from rollout_plugin.adapters.trl.config import AsyncRolloutConfig
+
+    with pytest.raises(ConfigError) as err:
+        _worker(in_flight=0, update_mode="abort", max_staleness=-1)
+    assert [p.key for p in err.value.problems] == ["in_flight", "max_staleness", "update_mode"]
+    assert "try update_mode=continue" in str(err.value)
+    with pytest.raises(ConfigError, match=r"in_flght=4: not a setting of the async route \(try in_flight=…\)"):
+        _worker(in_flght=4)
+    transfer = PoolWeightTransfer(None, "w", config=AsyncRolloutConfig(max_staleness=2))
+    assert (transfer.mode, transfer.max_staleness) == ("continue", 2)  # the documented default mode
+    assert PoolWeightTransfer(None, "w", update_mode="keep").mode == "keep"
+
+
+# -- the async worker's carry-over, over a real pool and in-memory engines ------------------------------------------
+
+SHORT, HALF, LONG = 3, 5, 10  # tokens: fast prompts; where slow ones stop under the first weights; slow prompts
+
+
+def _carry_engine():
+    from vllm_like import STEP_S, VllmLike
+
+    from rollout_plugin.pool.engine_client import Generation
+
+    class CarryEngine(VllmLike):
+        """Prompt ``[m, *tokens so far]``: m % 4 == 0 is slow (LONG tokens), else fast (SHORT). A slow sample
+        stops at token HALF while the engine holds its first weights, until a weight update aborts it. Token =
+        1000 × weights + position; each logprob says the weights too."""
+
+        async def generate(self, requests, progress=None):
+            (r,) = requests  # pack_size=1
+            base = len(r.prompt) - 1
+            slow = isinstance(r.prompt, list) and r.prompt[0] % 4 == 0
+            budget = min(r.sampling.max_tokens, (LONG if slow else SHORT) - base)
+            outs = [[] for _ in range(r.n)]
+            for step in range(budget):
+                if slow and self.weights == 0 and base + step == HALF:
+                    await self._hold()
+                await self._gate()
+                if self._abort.is_set():
+                    return self._answer(r, outs, "abort")
+                await asyncio.sleep(STEP_S)
+                for j in range(r.n):
+                    outs[j].append(1000 * self.weights + base + step)
+                    self.generated += 1
+                    if progress is not None:
+                        progress[0][j].token_ids.append(outs[j][-1])
+                        progress[0][j].logprobs = [-1.0 - t // 1000 for t in progress[0][j].token_ids]
+            return self._answer(r, outs, "length")
+
+        async def _hold(self) -> None:
+            """Until the weights change (keep) or the call is aborted (continue); at most 20 s, so that an update
+            that waits for it (drain) fails the test instead of hanging it."""
+            self.held += 1
+            if self.held == 3:
+                self.three_held.set()  # (a threading.Event: the test thread waits on it)
+            waits = [asyncio.ensure_future(self._abort.wait()), asyncio.ensure_future(self.reloaded.wait())]
+            await asyncio.wait(waits, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+
+        async def admin(self, path, body=None, **kwargs):
+            answer = await super().admin(path, body, **kwargs)
+            if path == "/collective_rpc":
+                self.reloaded.set()
+            return answer
+
+        def _answer(self, r, outs, finish):
+            return [Generation(tuple(Sample("", tuple(t), tuple(-1.0 - x // 1000 for x in t), finish) for t in outs),
+                               len(r.prompt), tuple(r.prompt))]
+
+    import asyncio
+    import threading
+
+    engine = CarryEngine("e0")
+    engine.held, engine.three_held, engine.reloaded = 0, threading.Event(), asyncio.Event()
+    return engine
+
+
+class _MarkerTokenizer:
+    """``"p7"`` -> ``[7]``: the engine reads the prompt's marker."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(text[1:])]}
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [" ".join(map(str, x)) for x in ids]
+
+
+def _take_groups(buffer, count: int, k: int) -> list[list]:
+    """``count`` whole groups from the worker's queue, in the order they were queued."""
+    out: list[list] = []
+    for _ in range(count * k):
+        s = buffer.get(timeout=30)
+        if out and out[-1][0].group_id == s.group_id:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    assert all(len(g) == k for g in out), [len(g) for g in out]
+    return out
+
+
+@pytest.mark.parametrize("mode,max_staleness", [("continue", None), ("keep", None), ("continue", 0)])
+def test_the_async_worker_queues_groups_as_they_finish_and_carries_the_rest_across_a_weight_update(
+        tmp_path, mode, max_staleness):
+    from rollout_plugin import PoolConfig, SyncRolloutPool
+    from rollout_plugin.adapters.trl.async_worker import PoolRolloutWorker, PoolWeightTransfer
+    from rollout_plugin.config.schema import ControllerConfig, ControllerMode
+
+    k, in_flight = 2, 3
+    engine = _carry_engine()
+    engine.folders = {str(tmp_path.resolve()): 1}
+    data = [{"prompt": f"p{i}", "answer": str(i)} for i in range(12)]  # slow: p0, p4, p8
+    cfg = PoolConfig(per_engine=16, over_concurrency_ratio=1.0, pack_size=1)
+    with SyncRolloutPool(pool=cfg, controller=ControllerConfig(mode=ControllerMode.off), clients=[engine]) as pool:
+        worker = PoolRolloutWorker(pool, data, [lambda prompts, completions, completion_ids, **kw: [1.0] * len(
+            completions)], _MarkerTokenizer(), num_generations=k, sampling=SamplingParams(max_tokens=LONG),
+            in_flight=in_flight, queue_maxsize=256)
+        transfer = PoolWeightTransfer(pool, tmp_path, update_mode=mode, max_staleness=max_staleness)
+        worker.start()
+        try:
+            # p0 went first; every fast group finishes and is queued while the slow ones hold their slots.
+            before = _take_groups(worker.rollout_buffer, 6, k)
+            assert [g[0].prompt for g in before] == ["p1", "p2", "p3", "p5", "p6", "p7"]
+            assert engine.three_held.wait(30)  # p0, p4, p8 are HALF-way, their slots taken
+            transfer.send_weights(iter([("w", torch.zeros(1))]))  # they go on under version 1
+            carried = _take_groups(worker.rollout_buffer, 3, k)  # their slots were full: nothing else started
+        finally:
+            worker.stop()
+        assert worker._error is None and pool.weight_version == 1
+    assert sorted(g[0].prompt for g in carried) == ["p0", "p4", "p8"]
+    for group in carried:
+        for s in group:
+            tokens = s.input_ids[1:].tolist()
+            assert [t % 1000 for t in tokens] == list(range(LONG))  # nothing lost, nothing doubled
+            weights = [t // 1000 for t in tokens]
+            if max_staleness is None:  # carried over: its first HALF tokens from version 0, the rest from 1
+                assert weights == [0] * HALF + [1] * (LONG - HALF) and s.model_version == 0
+                assert s.metrics["rollout_pool/versions_spanned"] == 2.0
+            else:  # max_staleness=0: version-0 work starts over under version 1
+                assert weights == [1] * LONG and s.model_version == 1
+            assert s.old_log_probs[1:].tolist() == [-1.0 - w for w in weights]  # logprobs cover every token
+    rest = []
+    while not worker.rollout_buffer.empty():
+        rest.append(worker.rollout_buffer.get_nowait())
+    samples = [s for g in before + carried for s in g] + rest
+    ids = [s.group_id for s in samples]
+    assert sorted(set(ids)) == list(range(worker.groups_out)) and len(ids) == worker.groups_out * k  # none doubled
+    assert worker.failed == 0 and 0 <= worker.submitted - worker.groups_out <= in_flight  # none lost
+    assert all(s.model_version == 1 for s in rest)

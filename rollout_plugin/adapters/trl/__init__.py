@@ -13,6 +13,7 @@ _EXPORTS = {
     "attach": "rollout_plugin.adapters.trl.backend",
     "make_pool": "rollout_plugin.adapters.trl.ranks",
     "WeightsConfig": "rollout_plugin.adapters.trl.config",
+    "AsyncRolloutConfig": "rollout_plugin.adapters.trl.config",
     "PoolGeneration": "rollout_plugin.adapters.trl.backend",
     "RolloutPoolCallback": "rollout_plugin.adapters.trl.callback",
     "make_rollout_func": "rollout_plugin.adapters.trl.rollout",

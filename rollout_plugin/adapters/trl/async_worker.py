@@ -1,14 +1,27 @@
 """The pool behind ``trl.experimental.async_grpo.AsyncGRPOTrainer``'s two plug points.
 
-* :class:`PoolRolloutWorker` (``RolloutWorkerProtocol``): a thread keeps the pool busy with groups
-  of ``num_generations`` while the trainer trains, scores them with the trainer's reward functions
-  (group-normalised advantages, as TRL's own worker does) and queues ``RolloutSample`` rows tagged
-  with the weight version that produced them. Staleness is bounded twice: the queue holds at most
-  ``queue_maxsize`` samples (generation stops ahead of training), and the trainer drops samples
-  older than ``max_staleness`` versions.
-* :class:`PoolWeightTransfer` (``WeightTransferProtocol``): each sync writes the weights to a
-  folder and every engine reloads them in place (see :mod:`.weights`), under the pool's weight
-  update, so no result mixes versions.
+* :class:`PoolRolloutWorker` (``RolloutWorkerProtocol``): a thread keeps ``in_flight`` groups of
+  ``num_generations`` generating while the trainer trains, and the moment one is whole it is scored with
+  the trainer's reward functions (group-normalised advantages, as TRL's own worker does) and queued as
+  ``RolloutSample`` rows; its slot goes to the next prompt at once. No group waits for a slower one (a
+  step's worth of groups sent together would finish with the slowest), and groups still generating at a
+  weight sync carry over into the new version instead of holding it up (step quota with carry-over).
+* :class:`PoolWeightTransfer` (``WeightTransferProtocol``): each sync writes the weights to a folder and
+  every engine reloads them in place (see :mod:`.weights`) under the pool's weight update, in
+  ``update_mode`` (default ``continue``: in-flight samples keep their tokens and go on under the new
+  weights; :mod:`rollout_plugin.pool.weights`).
+
+Staleness: a sample that crossed a sync was made by several versions (its segments say which tokens);
+its group is tagged with the oldest (:func:`.versions.staleness_version`, which says why), so the
+trainer's ``max_staleness`` drop stays a bound on every token. ``max_staleness`` in
+:class:`~.config.AsyncRolloutConfig` restarts older work at the sync instead of finishing it only to be
+dropped. Generation stays bounded: at most ``in_flight`` groups generate, and a full queue
+(``queue_maxsize`` samples) holds the worker back.
+
+Why ``pool.submit`` and not ``pool.steps``: the worker is a thread that hands on one group at a time,
+and prompts are rendered with the trainer's tokenizer on that thread (a HF fast tokenizer must not be
+used from two threads at once, and scoring decodes on it), so it submits each group itself and the
+pool's loop only signals completions back.
 
 ``async_grpo_on_cpu()`` lets AsyncGRPOTrainer train where CUDA and its FlashAttention-3 kernel are
 not available: a plain PyTorch varlen attention with the same contract, and no GPU FLOPs query.
@@ -16,6 +29,7 @@ not available: a plain PyTorch varlen attention with the same contract, and no G
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import queue
@@ -28,29 +42,42 @@ from typing import TYPE_CHECKING, Any
 from rollout_plugin.adapters.trl.backend import checked, group_requests, sample_logprobs
 from rollout_plugin.adapters.trl.callback import PREFIX, PoolMetrics
 from rollout_plugin.adapters.trl.compat import require_trl
+from rollout_plugin.adapters.trl.config import AsyncRolloutConfig, checked_async_config
+from rollout_plugin.adapters.trl.versions import staleness_version, versions_spanned
 from rollout_plugin.adapters.trl.weights import reload_engines, write_weights
 from rollout_plugin.errors import TrainerAdapterError
-from rollout_plugin.types import Result, SamplingParams
+from rollout_plugin.types import Request, Result, SamplingParams
 
 if TYPE_CHECKING:
-    from rollout_plugin.pool.pool import SyncRolloutPool
+    from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
 
 log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often a waiting worker looks at its stop flag
+METRICS_EVERY_S = 1.0  # pool metrics at most this often (each is a snapshot on the pool's loop)
 
 
 def _reward_name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+async def _cancel(futures: list[asyncio.Future]) -> None:
+    for f in futures:
+        f.cancel()  # the pool drops what is queued and stops what runs (outcome "abandoned")
+
+
 class PoolRolloutWorker:
-    """Produces scored ``RolloutSample`` rows from the pool on a background thread (main process only)."""
+    """Produces scored ``RolloutSample`` rows from the pool on a background thread (main process only).
+
+    ``config`` (or its fields as keywords, e.g. ``in_flight=16``): :class:`~.config.AsyncRolloutConfig`."""
 
     def __init__(self, pool: SyncRolloutPool, dataset: Sequence[dict[str, Any]], reward_funcs: Sequence[Callable],
                  processing_class: Any, *, num_generations: int, sampling: SamplingParams,
-                 groups_per_call: int = 4, queue_maxsize: int = 64):
+                 config: AsyncRolloutConfig | None = None, **settings: Any):
         require_trl()
         from trl.experimental.async_grpo.async_rollout_worker import RolloutSample
 
+        cfg = checked_async_config(config, settings)
         self._sample_cls = RolloutSample
         self.pool = pool
         self.dataset = dataset
@@ -58,8 +85,8 @@ class PoolRolloutWorker:
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.k = num_generations
         self.sampling = sampling if sampling.logprobs else SamplingParams(**{**sampling.__dict__, "logprobs": True})
-        self.groups_per_call = groups_per_call
-        self.rollout_buffer: queue.Queue = queue.Queue(maxsize=queue_maxsize)
+        self.in_flight = cfg.in_flight
+        self.rollout_buffer: queue.Queue = queue.Queue(maxsize=cfg.queue_maxsize)
         self.metrics_queue: queue.Queue = queue.Queue()
         self.model_version = 0
         self._stop = threading.Event()
@@ -68,6 +95,15 @@ class PoolRolloutWorker:
         self._last_put = time.monotonic()
         self._group_ids = itertools.count()
         self._metrics = PoolMetrics()
+        self._last_metrics = float("-inf")
+        # The worker thread's own books; the pool's loop only puts finished futures on ``_landed``.
+        self._landed: queue.Queue[asyncio.Future[Result]] = queue.Queue()
+        self._pending: set[asyncio.Future[Result]] = set()
+        self._rows: dict[str, tuple[dict[str, Any], list[int]]] = {}  # request id -> its dataset row, prompt ids
+        self._failed_in_row = 0
+        self.submitted = 0  # groups sent to the pool
+        self.groups_out = 0  # groups scored and queued
+        self.failed = 0  # groups the pool gave up on (after its retries): not queued, their slot refilled
         self.produced = 0  # samples queued so far
 
     # -- RolloutWorkerProtocol ---------------------------------------------------------------------
@@ -80,7 +116,7 @@ class PoolRolloutWorker:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            # The thread finishes its current pool call (bounded by the pool's request timeout) and exits.
+            # The thread notices within POLL_S (or after scoring the group in hand), cancels what is in flight, exits.
             self._thread.join()
             self._thread = None
 
@@ -97,31 +133,100 @@ class PoolRolloutWorker:
             raise TrainerAdapterError(f"the pool rollout worker produced nothing for {idle:.0f}s "
                                       f"(heartbeat_stale_after_s={stale_after_s:g})")
 
+    @property
+    def pending(self) -> int:
+        """Groups submitted and not yet taken back (generating, or finished and waiting to be scored)."""
+        return len(self._pending)
+
     # -- the loop ----------------------------------------------------------------------------------
-    def _rows(self) -> Iterator[dict[str, Any]]:
+    def _rows_cycle(self) -> Iterator[dict[str, Any]]:
         while True:  # cycles the dataset: the trainer decides when training ends
             yield from (dict(self.dataset[i]) for i in range(len(self.dataset)))
 
     def _run(self) -> None:
-        rows = self._rows()
+        rows = self._rows_cycle()
         try:
             while not self._stop.is_set():
-                batch = [next(rows) for _ in range(self.groups_per_call)]
-                prompt_ids = [self._render(row["prompt"]) for row in batch]
-                results = checked(self.pool.generate(group_requests(prompt_ids, self.k, self.sampling, "trl-async")))
-                for row, ids, result in zip(batch, prompt_ids, results):
-                    for sample in self._score(row, ids, result):
-                        if not self._put(sample):
-                            return
-                self.metrics_queue.put({PREFIX + k: v for k, v in self._metrics.snapshot(self.pool).items()})
+                self._fill(rows)
+                try:
+                    future = self._landed.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                taken = self._take(future)
+                if taken is None:
+                    continue
+                for sample in self._score(*taken):
+                    if not self._put(sample):
+                        return
+                self.groups_out += 1
+                self._push_metrics()
         except BaseException as exc:  # surfaced to the trainer by check_health
             log.error("pool rollout worker stopped: %s", exc)
             self._error = exc
+        finally:
+            self._abandon()
+
+    def _fill(self, rows: Iterator[dict[str, Any]]) -> None:
+        """Top the groups in flight up to ``in_flight``, one new prompt per free slot."""
+        while len(self._pending) < self.in_flight and not self._stop.is_set():
+            row = next(rows)
+            ids = self._render(row["prompt"])
+            (request,) = group_requests([ids], self.k, self.sampling, "trl-async")
+            self._rows[request.id] = (row, ids)
+            self._pending.add(self.pool.run(lambda p, r=request: self._submit(p, r)))
+            self.submitted += 1
+
+    async def _submit(self, pool: RolloutPool, request: Request) -> asyncio.Future[Result]:
+        future = pool.submit(request)  # on the pool's loop; the callback runs there too
+        future.add_done_callback(self._landed.put_nowait)
+        return future
+
+    def _take(self, future: asyncio.Future[Result]) -> tuple[dict[str, Any], list[int], Result] | None:
+        """A finished group's row, prompt ids and result; None for a failed group (logged, its slot refilled)."""
+        self._pending.discard(future)
+        if future.cancelled():
+            return None
+        if future.exception() is not None:
+            raise future.exception()  # PoolError: every engine is dead
+        result = future.result()
+        row, ids = self._rows.pop(result.id)
+        if not result.ok:
+            self.failed += 1
+            self._failed_in_row += 1
+            log.warning("trl-async: %s failed after the pool's retries (%s); the next prompt takes its slot",
+                        result.id, result.error)
+            if self._failed_in_row >= 2 * self.in_flight:
+                raise TrainerAdapterError(f"the last {self._failed_in_row} rollout groups all failed; last: "
+                                          f"{result.id}: {result.error}")
+            return None
+        self._failed_in_row = 0
+        checked([result])  # token ids present
+        return row, ids, result
+
+    def _abandon(self) -> None:
+        """Stop what is still in flight (on the pool's loop); the pool resolves it as abandoned."""
+        pending, self._pending = list(self._pending), set()
+        self._rows.clear()
+        if not pending:
+            return
+        try:
+            self.pool.run(lambda p: _cancel(pending))
+        except Exception as exc:  # noqa: BLE001 - the pool closed first: its close resolved them already
+            log.debug("trl-async: could not cancel %d groups in flight: %s", len(pending), exc)
+
+    def _push_metrics(self) -> None:
+        now = time.monotonic()
+        if now - self._last_metrics < METRICS_EVERY_S:
+            return
+        self._last_metrics = now
+        snap = self._metrics.snapshot(self.pool)
+        snap.update(groups_in_flight=float(len(self._pending)), groups_failed=float(self.failed))
+        self.metrics_queue.put({PREFIX + k: v for k, v in snap.items()})
 
     def _put(self, sample: Any) -> bool:
         while not self._stop.is_set():
             try:
-                self.rollout_buffer.put(sample, timeout=0.5)  # a full queue holds generation back
+                self.rollout_buffer.put(sample, timeout=POLL_S)  # a full queue holds generation back
                 self._last_put = time.monotonic()
                 self.produced += 1
                 return True
@@ -149,29 +254,38 @@ class PoolRolloutWorker:
                                      dtype=float), axis=0)
         advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
         group = next(self._group_ids)
+        version = staleness_version(result)  # the oldest weights of any token in the group: see its docstring
         out = []
         for i, completion in enumerate(completions):
             toks = ids[i]
             lps = sample_logprobs(result, i)  # old_log_probs: a missing one fails loudly, never 0.0
             metrics = {"reward": float(rewards[i]), "reward_std": float(rewards.std()),
-                       **{f"rewards/{name}": float(v[i]) for name, v in per_func.items()}}
+                       **{f"rewards/{name}": float(v[i]) for name, v in per_func.items()},
+                       PREFIX + "versions_spanned": float(versions_spanned(result.samples[i]))}
             out.append(self._sample_cls(
                 prompt=row["prompt"], completion=completion,
                 input_ids=np.asarray(prompt_ids + toks, dtype=np.int64),
                 completion_mask=np.asarray([0] * len(prompt_ids) + [1] * len(toks), dtype=np.int64),
                 old_log_probs=np.asarray([0.0] * len(prompt_ids) + lps, dtype=np.float32),
-                advantage=float(advantages[i]), model_version=result.weight_version, group_id=group,
+                advantage=float(advantages[i]), model_version=version, group_id=group,
                 metrics=metrics, enqueued_at=time.time()))
         return out
 
 
 class PoolWeightTransfer:
-    """``WeightTransferProtocol`` over the pool: safetensors in a shared folder, in-place reload on every engine."""
+    """``WeightTransferProtocol`` over the pool: safetensors in a shared folder, in-place reload on every engine.
 
-    def __init__(self, pool: SyncRolloutPool, weights_dir: str | Path, *, timeout_s: float | None = 600.0):
+    ``config`` (or ``update_mode=`` / ``max_staleness=`` as keywords): how groups still generating cross each
+    sync (:class:`~.config.AsyncRolloutConfig`; give the worker the same one)."""
+
+    def __init__(self, pool: SyncRolloutPool, weights_dir: str | Path, *, config: AsyncRolloutConfig | None = None,
+                 timeout_s: float | None = 600.0, **settings: Any):
+        cfg = checked_async_config(config, settings)
         self.pool = pool
         self.folder = Path(weights_dir).resolve()
         self.timeout_s = timeout_s
+        self.mode = str(cfg.update_mode.value)
+        self.max_staleness = cfg.max_staleness
         self.version = 0  # AsyncGRPOTrainer.model_version counts syncs from 0 the same way
         self.sync_s: list[float] = []
 
@@ -179,16 +293,19 @@ class PoolWeightTransfer:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def pause(self) -> None:
-        """Nothing to do: the pool pauses admission and drains inside the update (see :meth:`send_weights`)."""
+        """Nothing to do: the pool pauses admission inside the update and, by ``update_mode``, carries in-flight
+        groups across it (see :meth:`send_weights`)."""
 
     def send_weights(self, iterator: Iterator[tuple[str, Any]]) -> None:
         t0 = time.perf_counter()
         write_weights(iterator, self.folder)
         version, folder, timeout = self.version + 1, str(self.folder), self.timeout_s
-        self.pool.run(lambda p: reload_engines(p, folder, version, timeout_s=timeout))
+        mode, staleness = self.mode, self.max_staleness
+        self.pool.run(lambda p: reload_engines(p, folder, version, timeout_s=timeout, mode=mode,
+                                               max_staleness=staleness))
         self.version = version
         self.sync_s.append(time.perf_counter() - t0)
-        log.info("weights: async version %d published (%.2fs)", version, self.sync_s[-1])
+        log.info("weights: async version %d published (%.2fs, in-flight groups: %s)", version, self.sync_s[-1], mode)
 
     def resume(self) -> None:
         """Nothing to do: the pool resumed with the new version when the reload finished."""

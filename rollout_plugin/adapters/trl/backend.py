@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollout_plugin.adapters.trl.compat import require_trl
+from rollout_plugin.adapters.trl.versions import Span, completion_spans, oldest_version
 from rollout_plugin.adapters.trl.weights import WeightSync
 from rollout_plugin.errors import TrainerAdapterError
 from rollout_plugin.types import Request, Result, SamplingParams
@@ -96,15 +97,18 @@ def sample_logprobs(result: Result, j: int) -> list[float]:
     return list(s.logprobs)
 
 
-def unpack(results: Sequence[Result]) -> tuple[list[list[int]], list[list[float]], list[int]]:
-    """Per completion, in group order: token ids, sampled-token logprobs (every one present), weight version."""
-    completion_ids, logprobs, versions = [], [], []
+def unpack(results: Sequence[Result]) -> tuple[list[list[int]], list[list[float]], list[int], list[list[Span]]]:
+    """Per completion, in group order: token ids, sampled-token logprobs (every one present), the oldest weight
+    version of its tokens, and its spans ``(version, start, end)`` (:mod:`.versions`: more than one when the
+    sample crossed a weight update)."""
+    completion_ids, logprobs, versions, spans = [], [], [], []
     for r in results:
         for j, s in enumerate(r.samples):
             completion_ids.append(list(s.token_ids or ()))
             logprobs.append(sample_logprobs(r, j))
-            versions.append(r.weight_version)
-    return completion_ids, logprobs, versions
+            versions.append(oldest_version(s, r.weight_version))
+            spans.append(completion_spans(s, r.weight_version))
+    return completion_ids, logprobs, versions, spans
 
 
 def logprobs_mode_warnings(server_info: dict[str, Any]) -> list[str]:
@@ -134,7 +138,10 @@ class PoolGeneration:
         self.weights = weights
         self.accelerator = trainer.accelerator
         self.sampling = trainer_sampling(trainer)
+        # This rank's completions of the last generation: the oldest weights of each, and each one's spans. TRL's
+        # vLLM path passes no extra fields to reward functions (rollout_func does: weight_version, weight_segments).
         self.last_versions: list[int] = []
+        self.last_segments: list[list[Span]] = []
 
     def sync_weights(self) -> None:
         self.weights.sync(self.model, self.trainer.state.global_step)
@@ -153,9 +160,9 @@ class PoolGeneration:
             with profiler or nullcontext():
                 return unpack(checked(self.pool.generate(requests)))
 
-        prompt_ids, (completion_ids, logprobs, versions) = share_groups(
+        prompt_ids, (completion_ids, logprobs, versions, spans) = share_groups(
             self.accelerator, [list(p) for p in prompts], num_generations, generate)
-        self.last_versions = versions
+        self.last_versions, self.last_segments = versions, spans
         # TRL's shape: per token a list of top-k logprobs / token ids, the sampled token first.
         lps = [[[lp] for lp in seq] for seq in logprobs]
         lp_ids = [[[t] for t in seq] for seq in completion_ids]

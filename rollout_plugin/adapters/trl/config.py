@@ -2,6 +2,7 @@
 
 ``trl:`` is passed to ``trl.GRPOConfig`` as keyword arguments (checked against its fields, all
 unknown keys reported at once); ``engine:``/``pool:``/``controller:`` configure the rollout pool.
+:class:`AsyncRolloutConfig` configures the AsyncGRPOTrainer route (used from Python: ``trl-grpo`` runs GRPOTrainer).
 """
 
 from __future__ import annotations
@@ -48,6 +49,59 @@ class WeightsConfig:
     nccl_host: Optional[str] = None  # nccl: the address engines reach trainer rank 0 at; unset: this host's IP
     nccl_port: int = 51216  # nccl: the group's rendezvous port (TRL's vllm_group_port)
     timeout_s: float = 600.0  # one sync (reload or transfer) on every engine
+
+
+# Built with the functional API so each member's *name* is its value: OmegaConf parses an enum by member name,
+# and ``continue`` cannot be written as a class attribute.
+WeightUpdateMode = Enum("WeightUpdateMode", {m: m for m in ("drain", "keep", "continue", "restart")}, type=str)
+
+
+@dataclass
+class AsyncRolloutConfig:
+    """The AsyncGRPOTrainer route: :class:`~.async_worker.PoolRolloutWorker` and its ``PoolWeightTransfer``.
+
+    The worker keeps ``in_flight`` groups generating and queues each one for training the moment it is whole, so
+    no group waits for a slower one; a weight sync carries the groups still generating into the new version
+    (``update_mode``) instead of waiting for them."""
+
+    in_flight: int = 8  # groups generating at once; more than one optimizer step takes, so slow groups carry over
+    queue_maxsize: int = 64  # scored samples waiting for the trainer; a full queue holds generation back
+    # How a weight sync crosses groups still generating (rollout_plugin.pool.weights): continue (their tokens so far
+    # are kept, the rest generated under the new weights; the default until measured against keep), keep (frozen in
+    # the engines with their KV cache; engines in dev mode), drain (the sync waits for them: strictly one version
+    # per sample), restart (generated again from scratch).
+    update_mode: WeightUpdateMode = WeightUpdateMode["continue"]
+    # A sample may span at most this many versions back: older work starts over at the sync instead of finishing
+    # only to be dropped. Set it to AsyncGRPOConfig.max_staleness; unset: never restarted (the trainer still drops).
+    max_staleness: Optional[int] = None
+
+
+def checked_async_config(config: AsyncRolloutConfig | None, overrides: dict[str, Any]) -> AsyncRolloutConfig:
+    """``config`` with keyword ``overrides`` applied, every problem reported at once (keys named as the fields)."""
+    import dataclasses
+
+    from rollout_plugin.config.validate import Problems, nearest_key
+    from rollout_plugin.errors import ConfigProblem
+
+    names = [f.name for f in dataclasses.fields(AsyncRolloutConfig)]
+    problems = Problems()
+    for key, value in overrides.items():
+        if key not in names:
+            near = nearest_key(key, names)
+            problems.items.append(ConfigProblem(key, value, "not a setting of the async route",
+                                                f"{near}=…" if near else None))
+    problems.raise_if_any()
+    cfg = dataclasses.replace(config or AsyncRolloutConfig(), **overrides)
+    problems.at_least("in_flight", cfg.in_flight, 1)
+    problems.at_least("queue_maxsize", cfg.queue_maxsize, 1)
+    problems.at_least("max_staleness", cfg.max_staleness, 0)
+    try:
+        cfg.update_mode = WeightUpdateMode[getattr(cfg.update_mode, "value", cfg.update_mode)]
+    except KeyError:
+        problems.add("update_mode", cfg.update_mode, "not a weight-update mode (drain, keep, continue, restart)",
+                     "continue")
+    problems.raise_if_any()
+    return cfg
 
 
 @dataclass

@@ -9,6 +9,12 @@ backend keeps both, at the price of standing in for a TRL-internal object (versi
 Each rank calls the function with its own prompts (each repeated ``num_generations`` times in a
 row). Prompts are rendered with the trainer's tokenizer and chat template here, then gathered to
 the main process, sent once per group, and the slices handed back.
+
+No step quota with carry-over here (the pool's :mod:`~rollout_plugin.pool.steps`): TRL pairs the
+completions it gets back with the step's own dataset rows, and hands reward functions (and reward
+models) those rows' ``prompts`` — a key ``rollout_func`` cannot override — so a group carried over
+from an earlier step would be scored against another prompt. Use the async route
+(:class:`~.async_worker.PoolRolloutWorker`), which scores each group with its own row.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ def _render(trainer: Any, prompts: list[Any]) -> list[list[int]]:
 def make_rollout_func(callback: RolloutPoolCallback):
     """A ``rollout_func`` for ``GRPOTrainer(..., rollout_func=...)`` that generates with ``callback``'s pool.
 
-    Extra keys in its output reach the reward functions: ``weight_version`` (per completion)."""
+    Extra keys in its output reach the reward functions, per completion: ``weight_version`` (the oldest weights
+    of its tokens) and ``weight_segments`` (``[(version, start, end), ...]``: which weights made which output
+    tokens, several spans when it crossed a weight update; :mod:`.versions`)."""
 
     def rollout_func(prompts: list[Any], trainer: Any) -> dict[str, Any]:
         if callback.trainer is not trainer:
@@ -53,9 +61,9 @@ def make_rollout_func(callback: RolloutPoolCallback):
                                           "engine/pool_config")
             return unpack(checked(pool.generate(group_requests(unique, k, sampling, "trl-rf"))))
 
-        prompt_ids, (completion_ids, logprobs, versions) = share_groups(
+        prompt_ids, (completion_ids, logprobs, versions, spans) = share_groups(
             trainer.accelerator, _render(trainer, prompts), k, generate)
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs,
-                "weight_version": versions}
+                "weight_version": versions, "weight_segments": spans}
 
     return rollout_func

@@ -89,14 +89,16 @@ class SyncRecord:
 
 
 async def reload_engines(pool: RolloutPool, folder: str, version: int, *, abort: bool = False,
-                         timeout_s: float | None = None) -> None:
+                         timeout_s: float | None = None, mode: str | None = None,
+                         max_staleness: int | None = None) -> None:
     """Every engine reloads ``folder`` in place (prefix caches reset) under the pool's weight update, and the
     pool resumes at ``version``. The pool keeps the folder as its weight source: an engine that restarts
-    later is refit from it before it rejoins."""
+    later is refit from it before it rejoins. ``mode`` (default ``drain``; ``restart`` with ``abort``) and
+    ``max_staleness``: how work still generating crosses the update (:mod:`rollout_plugin.pool.weights`)."""
     from rollout_plugin.pool.weights import FolderWeights
 
     await pool.update_weights(version, FolderWeights(folder, timeout_s=timeout_s),
-                              mode="restart" if abort else "drain")
+                              mode=mode or ("restart" if abort else "drain"), max_staleness=max_staleness)
 
 
 class WeightSync:
