@@ -115,6 +115,34 @@ async def test_engine_killed_mid_run_loses_nothing(live_engine, victim, tmp_path
     assert_nothing_lost(results, stats)
 
 
+async def test_a_sample_whose_engine_is_killed_continues_from_its_tokens_elsewhere(live_engine, victim):
+    """Streamed calls: the pool saw each sample's tokens as they came; after SIGKILL, every unfinished
+    sample goes on on the other engine from prompt + its tokens, for exactly the rest of its budget."""
+    budget = 300
+    pool_cfg = PoolConfig(per_engine=8, pack_size=4, stream_min_tokens=256,
+                          timeouts=TimeoutConfig(request_s=600, health_s=2, stall_s=STALL_S))
+    reqs = [Request(f"s{i}", [1, 10 + i, 20, 30], n=2, sampling=SamplingParams(max_tokens=budget, ignore_eos=True))
+            for i in range(12)]
+    async with RolloutPool(pair(live_engine, victim), pool_cfg, ControllerConfig(mode="off")) as pool:
+        task = asyncio.ensure_future(pool.generate(reqs))
+        async with asyncio.timeout(300):
+            while pool.stats().engines[1].output_tokens == 0 and not pool._dispatcher.ledger.calls:
+                await asyncio.sleep(0.05)  # polling the pool: work under way
+            while not any(p.token_ids for c in pool._dispatcher.ledger.calls if c.engine == 1 and c.progress
+                          for parts in c.progress for p in parts):
+                await asyncio.sleep(0.05)  # the victim has streamed some tokens
+        kill_group(signal.SIGKILL)(victim)
+        results = await asyncio.wait_for(task, 400)
+        stats = pool.stats()
+    assert all(r.ok for r in results) and len({r.id for r in results}) == 12
+    assert stats.continued > 0  # some samples went on from their tokens instead of starting over
+    for r in results:
+        for s in r.samples:
+            # the budget exactly: no token lost or doubled at the cut, wherever the sample continued
+            assert len(s.token_ids) == budget, (r.id, len(s.token_ids), s.segments)
+            assert s.segments[0].start == 0 and s.segments[-1].end == budget
+
+
 async def test_hung_engine_is_detected_within_the_stall_timeout_and_its_work_moves(live_engine, victim, tmp_path):
     results, stats, detect_s = await run_and_break(live_engine, victim, stop_engine_core, tmp_path)
     assert_nothing_lost(results, stats)

@@ -135,7 +135,7 @@ class Dispatcher(Admission, Outcomes, Membership):
         return PoolStats(now - self._started, engines, o["ok"], o["error"] + o["failed"],
                          self.ledger.tickets_inflight(), self.ledger.queue.size,
                          samples_inflight=self.ledger.samples_inflight, queued_samples=self.ledger.queue.samples,
-                         backing_off=len(self.ledger.backoff))
+                         backing_off=len(self.ledger.backoff), continued=self.continued)
 
     @property
     def backlog_samples(self) -> int:

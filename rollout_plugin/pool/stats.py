@@ -31,6 +31,7 @@ class PoolStats:
     samples_inflight: int = 0
     queued_samples: int = 0
     backing_off: int = 0  # units waiting out a retry delay
+    continued: int = 0  # samples that continued from their tokens so far (engine death, weight update)
 
     @property
     def samples(self) -> int:
