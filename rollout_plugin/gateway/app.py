@@ -1,6 +1,8 @@
 """The gateway's HTTP routes: OpenAI-compatible generation, health, metrics, and admin fan-out.
 
-Generation (``/v1/completions``, ``/v1/chat/completions``) goes through the pool; admin calls
+Generation (``/v1/completions``, ``/v1/chat/completions``, streamed or not) goes through the pool;
+completions the pool can model go in as its own requests and pack with other callers' (:mod:`.native`),
+the rest pass through (:mod:`.relay`), streams event by event (:mod:`.streaming`). Admin calls
 (pause/resume, weight reload, prefix-cache reset, ``/collective_rpc``) go to every engine at once.
 TRL's NCCL weight-transfer endpoints answer 501: weights stream engine by engine, not through a
 proxy. FastAPI is imported here, and this module only by ``rollout-plugin serve``.
@@ -11,14 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from rollout_plugin.errors import PoolError
 from rollout_plugin.gateway.batching import merge_completions, prompt_count, split_prompts
-from rollout_plugin.gateway.relay import Relay, gateway_request
+from rollout_plugin.gateway.native import NativeCompletion, completion_response, plan_completion
+from rollout_plugin.gateway.relay import END, Exchange, Relay, gateway_request
+from rollout_plugin.gateway.streaming import EventStream
 from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.types import Request as PoolRequest
+from rollout_plugin.types import Result
 
 log = logging.getLogger(__name__)
 
@@ -28,59 +36,179 @@ NCCL_HELP = ("the gateway does not relay NCCL weight transfer (weights go to eac
              "trainer's weight sync at the engines (engine.urls), or save the weights where the engines load "
              "them and POST /admin/reload_weights")
 OPEN_ROUTES = ("/health",)  # probes need no key
+GONE = object()  # the caller disconnected before its answer
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never read by anyone
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+def _failure(result: Result, error: tuple[int | None, str] | None) -> JSONResponse:
+    """A failed request's answer: the engine's own 4xx (a bad request), else 502 with the last error."""
+    status, text = error or (None, result.error or "no answer")
+    if status is not None and 400 <= status < 500 and status != 429:
+        return _error(status, text)
+    return _error(502, f"no engine produced an answer after {result.attempts} attempt(s): {text}", "upstream_error")
+
+
+def _count(value: Any) -> int:
+    """``n`` as sent; anything else counts as 1 here (the engine rejects it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the caller hangs up (its body is already read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class Gateway:
-    """Handlers over one running pool. ``model``: the name /v1/models reports and callers may send."""
+    """Handlers over one running pool. ``model``: the name /v1/models reports and callers may send.
+    ``pack_callers``: completions the pool can model go in as its own requests (:mod:`.native`)."""
 
     def __init__(self, pool: RolloutPool, relay: Relay, *, model: str, max_model_len: int, api_key: str | None,
-                 world_size: int):
+                 world_size: int, pack_callers: bool = True):
         self.pool = pool
         self.relay = relay
         self.model = model
         self.max_model_len = max_model_len
         self.api_key = api_key
         self.world_size = world_size
+        self.pack_callers = pack_callers
         self.created = int(time.time())
 
     # -- generation ------------------------------------------------------------------------------
-    async def _one(self, route: str, body: dict[str, Any], samples: int) -> tuple[dict[str, Any] | None,
-                                                                                  JSONResponse | None]:
-        request = gateway_request(route, body, samples, self.pool.limits.engine_inflight)
-        try:
-            result = await self.pool.submit(request)
-        finally:  # a caller that hung up leaves nothing behind in the relay
-            data, failure = self.relay.take(request.id)
-        if result.ok and data is not None:
-            return data, None
-        status, text = failure or (None, result.error or "no answer")
-        if status is not None and 400 <= status < 500 and status != 429:
-            return None, _error(status, text)
-        return None, _error(502, f"no engine produced an answer after {result.attempts} attempt(s): {text}",
-                            "upstream_error")
-
-    async def completions(self, request: Request) -> JSONResponse:
+    async def completions(self, request: Request) -> Response:
         body = await self._body(request)
         if isinstance(body, JSONResponse):
             return body
-        n = int(body.get("n") or 1)
-        parts = split_prompts(body)
-        answers = await asyncio.gather(*(self._one("completions", part, n) for part in parts))
+        n = _count(body.get("n"))
+        if body.get("stream"):  # one call, every prompt: vLLM numbers a multi-prompt stream's choices itself
+            return await self._stream(request, "completions", body, prompt_count(body.get("prompt")) * n)
+        limits = self.pool.limits
+        plan = plan_completion(body, min(limits.engine_inflight, limits.global_samples)) if self.pack_callers else None
+        if plan is not None:
+            return await self._native(request, plan)
+        answers = await self._unless_gone(request, asyncio.gather(
+            *(self._one("completions", part, n) for part in split_prompts(body))))
+        if answers is GONE:
+            return Response(status_code=CLIENT_GONE)
         for _, failure in answers:
             if failure is not None:
                 return failure
-        return JSONResponse(merge_completions([a for a, _ in answers], n))  # type: ignore[misc]
+        return JSONResponse(merge_completions([a for a, _ in answers], n))
 
-    async def chat(self, request: Request) -> JSONResponse:
+    async def chat(self, request: Request) -> Response:
         body = await self._body(request)
         if isinstance(body, JSONResponse):
             return body
-        data, failure = await self._one("chat", body, int(body.get("n") or 1))
+        if body.get("stream"):
+            return await self._stream(request, "chat", body, _count(body.get("n")))
+        answer = await self._unless_gone(request, self._one("chat", body, _count(body.get("n"))))
+        if answer is GONE:
+            return Response(status_code=CLIENT_GONE)
+        data, failure = answer
         return failure or JSONResponse(data)
+
+    async def _unless_gone(self, request: Request, work: Awaitable[Any]) -> Any:
+        """``work``'s value, or :data:`GONE` when the caller hangs up first; ``work`` is then cancelled, and with it
+        its pool futures (the pool drops those requests and cancels their calls: their engine slots free up)."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)  # its clean-up runs before we answer
+        return GONE if task.cancelled() else task.result()
+
+    def _submit(self, request: PoolRequest) -> asyncio.Future[Result] | JSONResponse:
+        try:
+            return self.pool.submit(request)
+        except ValueError as exc:  # n beyond what one engine may hold
+            return _error(400, str(exc))
+        except PoolError as exc:
+            return _error(503, f"the pool cannot take requests: {exc}", "service_unavailable")
+
+    async def _one(self, route: str, body: dict[str, Any], samples: int) -> tuple[dict[str, Any] | None,
+                                                                                  JSONResponse | None]:
+        """One pass-through body: the engine's whole answer, or the error to return."""
+        request = gateway_request(route, body, samples, self.pool.limits.engine_inflight)
+        ex = self.relay.open(request.id)
+        try:
+            future = self._submit(request)
+            if isinstance(future, JSONResponse):
+                return None, future
+            result = await future
+        finally:  # a caller that hung up leaves nothing behind in the relay
+            self.relay.close(request.id)
+        if result.ok and ex.response is not None:
+            return ex.response, None
+        return None, _failure(result, ex.error)
+
+    async def _native(self, request: Request, plan: NativeCompletion) -> Response:
+        """A completion as pool requests (they pack with other callers'), answered from their results."""
+        requests = plan.requests()
+        exchanges = [self.relay.open(r.id) for r in requests]
+        try:
+            results = await self._unless_gone(request, self._results(requests))
+        finally:
+            for r in requests:
+                self.relay.close(r.id)
+        if results is GONE:
+            return Response(status_code=CLIENT_GONE)
+        if isinstance(results, JSONResponse):
+            return results
+        for result, ex in zip(results, exchanges):
+            if not result.ok:
+                return _failure(result, ex.error)
+        return JSONResponse(completion_response(plan, results, [ex.prompt_ids for ex in exchanges],
+                                                model=self.model, created=int(time.time())))
+
+    async def _results(self, requests: list[PoolRequest]) -> list[Result] | JSONResponse:
+        futures: list[asyncio.Future[Result]] = []
+        for r in requests:
+            future = self._submit(r)
+            if isinstance(future, JSONResponse):
+                for f in futures:
+                    f.cancel()
+                return future
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
+
+    async def _stream(self, request: Request, route: str, body: dict[str, Any], samples: int) -> Response:
+        """A streamed body (:mod:`.streaming`): a JSON error while nothing was sent, else the engine's events."""
+        pool_request = gateway_request(route, body, samples, self.pool.limits.engine_inflight, stream=True)
+        ex = self.relay.open(pool_request.id, stream=True)
+        future = self._submit(pool_request)
+        if isinstance(future, JSONResponse):
+            self.relay.close(pool_request.id)
+            return future
+        future.add_done_callback(ex.end)
+        try:
+            first = await self._unless_gone(request, ex.events.get())  # type: ignore[union-attr]
+        except BaseException:
+            future.cancel()
+            self.relay.close(pool_request.id)
+            raise
+        if first is GONE or first is END:
+            if not future.done():
+                future.cancel()
+            self.relay.close(pool_request.id)
+            return Response(status_code=CLIENT_GONE) if first is GONE else self._unstarted(future, ex)
+        return EventStream(self.relay, pool_request.id, ex, first, future)
+
+    @staticmethod
+    def _unstarted(future: asyncio.Future[Result], ex: Exchange) -> JSONResponse:
+        """A stream that ended before its first event: the pool's verdict as an ordinary error answer."""
+        if future.exception() is not None:
+            return _error(503, f"the pool failed: {future.exception()}", "service_unavailable")
+        result = future.result()
+        return _failure(result, ex.error) if not result.ok else _error(502, "the engine sent no events",
+                                                                        "upstream_error")
 
     async def _body(self, request: Request) -> dict[str, Any] | JSONResponse:
         try:
@@ -89,8 +217,6 @@ class Gateway:
             return _error(400, "the body is not JSON")
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
-        if body.get("stream"):
-            return _error(400, "stream=true is not supported by the gateway; send stream=false (the default)")
         if "prompt" in body and prompt_count(body["prompt"]) == 0:
             return _error(400, "prompt is empty")
         return body

@@ -1,14 +1,21 @@
-"""The gateway's engine client: OpenAI bodies go through the pool as they are, answers come back whole.
+"""The gateway's engine client: callers' bodies go through the pool as they are; answers come back whole or streamed.
 
-The pool schedules :class:`Request` objects; a gateway request carries the caller's body in its
-metadata and a placeholder chat prompt, so the dispatcher sends it alone (chat requests never
-pack) to the engine it picks — admission, per-engine caps, the adaptive controller, failover and
-restarts all apply unchanged. :class:`PassThroughClient` posts the body to that engine and leaves
-the raw JSON answer in the shared :class:`Relay`, where the HTTP handler picks it up by request id.
+The pool schedules :class:`Request` objects. A *pass-through* request carries the caller's body in its
+metadata and a placeholder chat prompt, so the dispatcher sends it alone (chat requests never pack) to
+the engine it picks — admission, per-engine caps, the adaptive controller, failover and restarts all
+apply unchanged. :class:`PassThroughClient` posts the body to that engine and leaves the answer in the
+request's :class:`Exchange`, where the HTTP handler reads it: the whole JSON, or (``stream``) each SSE
+event as it arrives. Requests built by :mod:`rollout_plugin.gateway.native` are the pool's own (they
+pack); the client only notes their errors and prompt token ids in their exchanges.
+
+A stream is *committed* once its first event is in the exchange: until then a failed call is retried
+by the pool like any other; after it, the caller gets an error event and ``[DONE]``, and the call ends
+in :class:`StreamCut` (a :class:`Rejected`: never retried, so the answer is never started twice).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -16,71 +23,225 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollout_plugin.pool.client import CallError, Generation, HttpEngineClient
+import aiohttp
+
+from rollout_plugin.pool.client import (  # the transport's own wire helpers: one verdict mapping for both paths
+    _JSON,
+    HttpEngineClient,
+    _dumps,
+    _raise_for_status,
+)
+from rollout_plugin.pool.engine_client import CallError, Generation, Progress, Rejected, TimedOut, Unavailable
+from rollout_plugin.pool.sse import aiter_events
 from rollout_plugin.types import Request, Sample, SamplingParams
+
+__all__ = ["Exchange", "PassThroughClient", "Relay", "StreamCut", "error_event", "gateway_request"]
 
 log = logging.getLogger(__name__)
 
-# A chat-kind prompt makes the dispatcher send each gateway request in a call of its own.
+# A chat-kind prompt makes the dispatcher send each pass-through request in a call of its own.
 PLACEHOLDER_PROMPT = [{"role": "user", "content": ""}]
 ROUTES = {"completions": "/completions", "chat": "/chat/completions"}
+DONE = "[DONE]"
+END = None  # in an exchange's events: the pool resolved the request (nothing follows)
+
+
+class StreamCut(Rejected):
+    """A stream broke after the caller had part of it: not retried (the answer cannot start over); the engine
+    is probed, as after any transport failure."""
+
+    suspect = True
+
+
+def error_event(message: str, status: int = 502, kind: str = "upstream_error") -> str:
+    """An OpenAI-style in-stream error (what vLLM itself sends when a stream fails)."""
+    return json.dumps({"error": {"message": message, "type": kind, "code": status}})
+
+
+@dataclass(eq=False)
+class Exchange:
+    """One gateway request's side of the relay, written by the engine client, read by the HTTP handler."""
+
+    stream: bool = False
+    response: dict[str, Any] | None = None  # a pass-through's whole answer
+    error: tuple[int | None, str] | None = None  # the last failed try: (HTTP status, message)
+    prompt_ids: tuple[int, ...] | None = None  # a text prompt as the engine tokenized it (native requests)
+    events: asyncio.Queue[str | None] | None = None  # stream only: SSE data as it arrives, then END
+    committed: bool = False  # an event is out: no retry may start the answer again
+    done: bool = False  # [DONE] is out: nothing more goes to the caller
+
+    def push(self, data: str) -> None:
+        if self.done:
+            return
+        self.committed = True
+        self.done = data.strip() == DONE
+        if self.events is not None:
+            self.events.put_nowait(data)
+
+    def cut(self, message: str, status: int = 502) -> None:
+        """End a committed stream: an error event, then ``[DONE]``."""
+        if self.committed and not self.done:
+            self.push(error_event(message, status))
+            self.push(DONE)
+
+    def end(self, _future: object = None) -> None:
+        """The pool resolved the request (a done-callback of its future)."""
+        if self.events is not None:
+            self.events.put_nowait(END)
 
 
 @dataclass
 class Relay:
-    """State shared by the gateway's clients and handlers: answers by request id, clients by engine."""
+    """State shared by the gateway's clients and handlers: exchanges by request id, clients by engine."""
 
-    responses: dict[str, dict[str, Any]] = field(default_factory=dict)
-    errors: dict[str, tuple[int | None, str]] = field(default_factory=dict)
+    exchanges: dict[str, Exchange] = field(default_factory=dict)
     clients: dict[str, PassThroughClient] = field(default_factory=dict)
 
-    def take(self, request_id: str) -> tuple[dict[str, Any] | None, tuple[int | None, str] | None]:
-        return self.responses.pop(request_id, None), self.errors.pop(request_id, None)
+    def open(self, request_id: str, *, stream: bool = False) -> Exchange:
+        ex = self.exchanges[request_id] = Exchange(stream=stream, events=asyncio.Queue() if stream else None)
+        return ex
+
+    def close(self, request_id: str) -> Exchange | None:
+        """The handler is done with it (answered, or its caller left): later writes go nowhere."""
+        return self.exchanges.pop(request_id, None)
 
 
-def gateway_request(route: str, body: dict[str, Any], samples: int, max_samples: int) -> Request:
-    """``samples``: what the call asks for (prompts × n), counted against the engine's cap; a call larger
-    than one engine's cap counts as the whole cap (it still goes to one engine)."""
+def gateway_request(route: str, body: dict[str, Any], samples: int, max_samples: int, *,
+                    stream: bool = False) -> Request:
+    """A pass-through request. ``samples``: what the call asks for (prompts × n), counted against the engine's
+    cap; a call larger than one engine's cap counts as the whole cap (it still goes to one engine)."""
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16
     return Request(f"gw-{uuid.uuid4().hex}", PLACEHOLDER_PROMPT, n=max(1, min(samples, max_samples)),
                    sampling=SamplingParams(max_tokens=int(max_tokens)),
-                   metadata={"route": ROUTES[route], "body": body})
+                   metadata={"route": ROUTES[route], "body": body, "stream": stream})
 
 
-def _samples(data: dict[str, Any]) -> tuple[Sample, ...]:
+def _fit(samples: list[Sample], n: int) -> tuple[Sample, ...]:
+    """Exactly ``n`` samples for the pool's bookkeeping (a call larger than the cap counts as the cap); the
+    caller's answer is the engine's own, in the exchange."""
+    return tuple(samples[:n]) + (Sample(""),) * max(0, n - len(samples))
+
+
+def _samples(data: dict[str, Any]) -> list[Sample]:
     out = []
     for choice in data.get("choices") or []:
         text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
         ids = choice.get("token_ids")
         out.append(Sample(text or "", tuple(ids) if ids else None, None, choice.get("finish_reason")))
-    return tuple(out)
+    return out
+
+
+class _Tally:
+    """What a relayed stream said, for the pool's bookkeeping: finish reasons and token ids per choice, errors."""
+
+    def __init__(self) -> None:
+        self.choices: dict[int, tuple[list[int], str | None]] = {}
+        self.error: tuple[int, str] | None = None
+        self.prompt_tokens = 0
+
+    def add(self, data: str) -> None:
+        if data.strip() == DONE:
+            return
+        try:
+            event = json.loads(data)
+            if "error" in event:  # the engine's own in-stream error (forwarded as it is)
+                err = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
+                self.error = (int(err.get("code") or 502), str(err.get("message") or err))
+                return
+            self.prompt_tokens = int((event.get("usage") or {}).get("prompt_tokens") or self.prompt_tokens)
+            for choice in event.get("choices") or ():
+                ids, reason = self.choices.get(choice["index"], ([], None))
+                ids.extend(choice.get("token_ids") or ())
+                self.choices[choice["index"]] = (ids, choice.get("finish_reason") or reason)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # the caller got the event as the engine sent it; the pool need not understand it
+
+    def generation(self, n: int) -> Generation:
+        samples = [Sample("", tuple(ids) if ids else None, None, reason)
+                   for _, (ids, reason) in sorted(self.choices.items())]
+        return Generation(_fit(samples, n), self.prompt_tokens)
 
 
 class PassThroughClient(HttpEngineClient):
-    """An :class:`HttpEngineClient` whose calls carry a caller's OpenAI body instead of a pool prompt."""
-
-    reports_progress = False  # a caller's answer goes back whole or not at all: nothing to continue from
+    """An :class:`HttpEngineClient` whose pass-through calls carry a caller's OpenAI body instead of a pool prompt."""
 
     def __init__(self, *args: Any, relay: Relay, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.relay = relay
+        # Native requests' samples continue after a cut only when their calls stream (pool.stream /
+        # pool.stream_min_tokens); otherwise there is nothing to report.
+        self.reports_progress = self.stream or self.stream_min_tokens is not None
         relay.clients[self.name] = self  # a restarted engine's client replaces the dead one's
 
-    async def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        out = []
-        for r in requests:
-            if "body" not in r.metadata:  # the pool's own traffic (pre-warm) takes the ordinary path
-                out.extend(await super().generate([r]))
-                continue
-            try:
+    async def generate(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Generation]:
+        if "body" in requests[0].metadata:  # a caller's body: always alone (a chat-kind placeholder)
+            return [await self._pass_through(r) for r in requests]
+        exchanges = [self.relay.exchanges.get(r.id) for r in requests]  # native requests; none for pre-warm
+        try:
+            generations = await super().generate(requests, progress)
+        except CallError as exc:
+            for ex in exchanges:
+                if ex is not None:
+                    ex.error = (exc.status, str(exc))
+            raise
+        for r, ex, gen in zip(requests, exchanges, generations):
+            if ex is not None:
+                ex.error = None  # an earlier failed try
+                # A continued sample's prompt is token ids (prompt + its tokens so far): only a text prompt's
+                # own call says how the engine tokenized it.
+                if r.kind == "text" and ex.prompt_ids is None:
+                    ex.prompt_ids = gen.prompt_ids
+        return generations
+
+    async def _pass_through(self, r: Request) -> Generation:
+        ex = self.relay.exchanges.get(r.id)
+        if ex is None:  # the caller is gone; the pool is about to drop it
+            raise Rejected(f"{self.name}: {r.id}: nobody waits for this answer")
+        try:
+            if r.metadata.get("stream"):
+                gen = await self._stream(r, ex)
+            else:
                 data = await self._post(r.metadata["route"], {**r.metadata["body"], "model": self.model})
-            except CallError as exc:
-                self.relay.errors[r.id] = (exc.status, str(exc))
-                raise
-            self.relay.errors.pop(r.id, None)  # an earlier failed try on another engine
-            self.relay.responses[r.id] = data
-            out.append(Generation(_samples(data), int((data.get("usage") or {}).get("prompt_tokens") or 0)))
-        return out
+                ex.response = data
+                gen = Generation(_fit(_samples(data), r.n), int((data.get("usage") or {}).get("prompt_tokens") or 0))
+        except CallError as exc:
+            ex.error = (exc.status, str(exc))
+            raise
+        ex.error = None
+        return gen
+
+    async def _stream(self, r: Request, ex: Exchange) -> Generation:
+        """Relay one SSE answer event by event into the exchange; see the module docstring for failures."""
+        if ex.committed:  # requeued after a cut: the caller already has the start of an answer
+            raise StreamCut(f"{self.name}: the stream was cut after it began; it is not sent again", status=502)
+        tally = _Tally()
+        failure: CallError | None = None
+        try:
+            async with self._session().post(self.api_base + r.metadata["route"], data=_dumps(
+                    {**r.metadata["body"], "model": self.model}), headers=_JSON, **self._proxy) as resp:
+                if resp.status != 200:
+                    text = (await resp.read()).decode("utf-8", "replace")
+                    _raise_for_status(self.name, resp.status, text, resp.headers)
+                async for data in aiter_events(resp.content.iter_any()):
+                    ex.push(data)
+                    tally.add(data)
+        except asyncio.CancelledError:  # the pool stopped the call: engine dead or hung, weights, close, caller gone
+            ex.cut(f"{self.name}: the call was stopped mid-stream")
+            raise
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            failure = TimedOut(f"{self.name}: stream: {type(exc).__name__}: {exc}")
+        except (aiohttp.ClientError, OSError) as exc:
+            failure = Unavailable(f"{self.name}: stream: {type(exc).__name__}: {exc}")
+        if failure is None and not ex.done:
+            failure = Unavailable(f"{self.name}: the stream ended without [DONE]")
+        if failure is not None:
+            if not ex.committed:
+                raise failure  # nothing reached the caller: the pool's retry and failover apply
+            ex.cut(str(failure))
+            raise StreamCut(str(failure), status=502) from failure
+        if tally.error is not None:  # forwarded already; the request ends as an error, not retried
+            raise StreamCut(f"{self.name}: {tally.error[1]}", status=tally.error[0])
+        return tally.generation(r.n)
 
     async def control(self, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
         """POST a server-root control call (``/pause``, ``/collective_rpc`` …): (status, JSON or text)."""

@@ -38,6 +38,10 @@ class ServeConfig:
     served_model_name: Optional[str] = None  # the name /v1/models reports; unset: the engines' model
     ready_file: Optional[str] = None  # the gateway's URL is written here once it accepts requests
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
+    # Non-streamed completions that use only what the pool models go in as its own requests, so concurrent
+    # callers' prompts pack into one engine call (held up to pool.pack_timeout_s); false: every body passes
+    # through alone, as sent.
+    pack_callers: bool = True
 
 
 def validate_serve(cfg: ServeConfig) -> None:
@@ -59,7 +63,7 @@ def _app_and_server(pool: RolloutPool, relay: Relay, cfg: ServeConfig, port: int
 
     model = cfg.served_model_name or next(iter(relay.clients.values())).model
     gw = Gateway(pool, relay, model=model, max_model_len=cfg.engine.max_model_len, api_key=cfg.api_key,
-                 world_size=len(relay.clients) * cfg.engine.tensor_parallel_size)
+                 world_size=len(relay.clients) * cfg.engine.tensor_parallel_size, pack_callers=cfg.pack_callers)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:

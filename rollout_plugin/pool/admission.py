@@ -111,7 +111,8 @@ class Admission:
         if wait <= 0:
             return False
         loop = asyncio.get_running_loop()
-        if self._pack_timer is None or self._pack_timer.when() > loop.time() + wait:
+        now = loop.time()  # re-arm unless a timer is due in (now, now + wait]: a fired one is never cleared
+        if self._pack_timer is None or not now < self._pack_timer.when() <= now + wait:
             if self._pack_timer is not None:
                 self._pack_timer.cancel()
             self._pack_timer = loop.call_later(wait, self._wake.set)
