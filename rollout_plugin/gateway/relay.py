@@ -26,10 +26,10 @@ from typing import Any
 import aiohttp
 
 from rollout_plugin.pool.client import (  # the transport's own wire helpers: one verdict mapping for both paths
-    _JSON,
+    JSON_HEADERS,
     HttpEngineClient,
-    _dumps,
-    _raise_for_status,
+    json_body,
+    raise_for_status,
 )
 from rollout_plugin.pool.engine_client import CallError, Generation, Progress, Rejected, TimedOut, Unavailable
 from rollout_plugin.pool.sse import aiter_events
@@ -217,11 +217,11 @@ class PassThroughClient(HttpEngineClient):
         tally = _Tally()
         failure: CallError | None = None
         try:
-            async with self._session().post(self.api_base + r.metadata["route"], data=_dumps(
-                    {**r.metadata["body"], "model": self.model}), headers=_JSON, **self._proxy) as resp:
+            async with self._session().post(self.api_base + r.metadata["route"], data=json_body(
+                    {**r.metadata["body"], "model": self.model}), headers=JSON_HEADERS, **self._proxy) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode("utf-8", "replace")
-                    _raise_for_status(self.name, resp.status, text, resp.headers)
+                    raise_for_status(self.name, resp.status, text, resp.headers)
                 async for data in aiter_events(resp.content.iter_any()):
                     ex.push(data)
                     tally.add(data)

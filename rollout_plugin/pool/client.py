@@ -43,14 +43,15 @@ from rollout_plugin.pool.engine_client import (
 from rollout_plugin.pool.sse import aiter_events
 from rollout_plugin.types import Request, Sample, SamplingParams
 
-__all__ = ["CallError", "EngineClient", "Generation", "HttpEngineClient", "Reply", "sampling_body", "split_base_url"]
+__all__ = ["JSON_HEADERS", "CallError", "EngineClient", "Generation", "HttpEngineClient", "Reply", "json_body",
+           "raise_for_status", "sampling_body", "split_base_url"]
 
 log = logging.getLogger(__name__)
 
 # Idle connections close before vLLM's own keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s) closes them:
 # a POST sent on a connection the server is closing fails, and aiohttp retries only idempotent methods.
 KEEPALIVE_S = 4.0
-_JSON = {"Content-Type": "application/json"}
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def split_base_url(url: str) -> tuple[str, str]:
@@ -113,7 +114,7 @@ def _env_proxy(url: str) -> dict[str, Any]:
     return {"proxy": proxy, "proxy_auth": auth}
 
 
-def _dumps(body: dict[str, Any]) -> bytes:
+def json_body(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -176,7 +177,7 @@ class HttpEngineClient:
         """One whole exchange; transport failures become :class:`TimedOut` / :class:`Unavailable`."""
         kwargs: dict[str, Any] = {**self._proxy}
         if body is not None:
-            kwargs["data"], kwargs["headers"] = _dumps(body), _JSON
+            kwargs["data"], kwargs["headers"] = json_body(body), JSON_HEADERS
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
@@ -225,7 +226,7 @@ class HttpEngineClient:
         if reply.status == 404:
             raise Rejected(f"{self.name}: {method} {path}: 404; the server lacks this endpoint "
                            f"(vLLM needs engine.dev_mode=true, i.e. VLLM_SERVER_DEV_MODE=1)", status=404)
-        _raise_for_status(self.name, reply.status, reply.text, reply.headers)
+        raise_for_status(self.name, reply.status, reply.text, reply.headers)
         try:
             return json.loads(reply.body) if reply.body else None
         except ValueError as exc:
@@ -257,7 +258,7 @@ class HttpEngineClient:
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         reply = await self._send("POST", self.api_base + path, body)
-        _raise_for_status(self.name, reply.status, reply.text, reply.headers)
+        raise_for_status(self.name, reply.status, reply.text, reply.headers)
         try:
             data = json.loads(reply.body)
         except ValueError as exc:  # not JSON, or not even text (UnicodeDecodeError)
@@ -272,11 +273,11 @@ class HttpEngineClient:
         merged: dict[int, dict[str, Any]] = {}
         usage: dict[str, Any] = {}
         try:
-            async with self._session().post(self.api_base + path, data=_dumps(body), headers=_JSON,
+            async with self._session().post(self.api_base + path, data=json_body(body), headers=JSON_HEADERS,
                                             **self._proxy) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode("utf-8", "replace")
-                    _raise_for_status(self.name, resp.status, text, resp.headers)
+                    raise_for_status(self.name, resp.status, text, resp.headers)
                 # Raw chunks, not lines: sampled text holds separators a line splitter breaks on (pool/sse.py).
                 # Read to the end, past [DONE], so the connection goes back for reuse instead of closing.
                 async for data in aiter_events(resp.content.iter_any()):
@@ -309,7 +310,7 @@ def _report(p: Partial, acc: dict[str, Any]) -> None:
         p.logprobs = acc["_logprobs"]
 
 
-def _raise_for_status(name: str, status: int, text: str, headers: Mapping[str, str]) -> None:
+def raise_for_status(name: str, status: int, text: str, headers: Mapping[str, str]) -> None:
     if status == 200:
         return
     detail = " ".join(text.split())[:300]
