@@ -7,10 +7,12 @@ pass or fail.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from rollout_plugin.config.schema import EngineConfig
@@ -58,3 +60,11 @@ def group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+async def engine_counter(live_engine, pattern: str) -> float:
+    """The sum of the engine's /metrics samples whose line matches ``pattern``."""
+    root = live_engine.url.rstrip("/").removesuffix("/v1")
+    async with httpx.AsyncClient(timeout=30) as http:
+        text = (await http.get(f"{root}/metrics", headers={"Authorization": f"Bearer {live_engine.api_key}"})).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{pattern}.* ([\d.e+]+)$", text, re.M))

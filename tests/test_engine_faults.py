@@ -118,7 +118,7 @@ async def test_engine_killed_mid_run_loses_nothing(live_engine, victim, tmp_path
 async def test_a_sample_whose_engine_is_killed_continues_from_its_tokens_elsewhere(live_engine, victim):
     """Streamed calls: the pool saw each sample's tokens as they came; after SIGKILL, every unfinished
     sample goes on on the other engine from prompt + its tokens, for exactly the rest of its budget."""
-    budget = 300
+    budget = 900  # long: on a loaded machine the victim must still be mid-sample when it is killed
     pool_cfg = PoolConfig(per_engine=8, pack_size=4, stream_min_tokens=256,
                           timeouts=TimeoutConfig(request_s=600, health_s=2, stall_s=STALL_S))
     reqs = [Request(f"s{i}", [1, 10 + i, 20, 30], n=2, sampling=SamplingParams(max_tokens=budget, ignore_eos=True))
@@ -180,7 +180,10 @@ async def test_kv_starved_engine_pressure_is_weighed_by_what_a_cut_buys(live_eng
     # tokens/s held, or finds from its records that the cap with preemptions buys more than a lower one did.
     # Which verdict this engine gets depends on the machine; that it is weighed at all does not.
     trials = [e for e in events if e["kind"] == "cap" and "cut on trial" in e["reason"]]
-    assert trials or state.cheap_found, [(e["old"], e["new"], e["reason"]) for e in events if e["kind"] == "cap"]
+    # ...or a raise into the pressure is measured and undone because it cost tokens/s (a loaded machine).
+    raises_undone = [e for e in events if e["kind"] == "cap" and e["reason"].startswith("the raise to")]
+    caps = [(e["old"], e["new"], e["reason"]) for e in events if e["kind"] == "cap"]
+    assert trials or state.cheap_found or raises_undone, caps
     undone = [e for e in events if e["kind"] == "cap" and e["reason"].startswith("the cut to")]
     assert all(e["new"] > e["old"] for e in undone)  # a cut that cost tokens/s went back up
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 
-import httpx
 import openai
 import pytest
 
+from engine_fixtures import engine_counter
 from gateway_harness import eventually, running_gateway
 from rollout_plugin.config.schema import EngineConfig, PoolConfig
 from rollout_plugin.gateway.app import Gateway
@@ -41,14 +40,6 @@ async def live_gateway(live_engine, **pool_kw):
 def settled(pool: RolloutPool, relay: Relay) -> bool:
     stats = pool.stats()
     return stats.samples_inflight == 0 and stats.groups_inflight == 0 and not relay.exchanges
-
-
-async def engine_counter(live_engine, pattern: str) -> float:
-    """The sum of the engine's /metrics samples whose line matches ``pattern``."""
-    root = live_engine.url.rstrip("/").removesuffix("/v1")
-    async with httpx.AsyncClient(timeout=30) as http:
-        text = (await http.get(f"{root}/metrics", headers={"Authorization": f"Bearer {live_engine.api_key}"})).text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{pattern}.* ([\d.e+]+)$", text, re.M))
 
 
 async def test_completions_and_chat_streamed_and_not(live_engine):

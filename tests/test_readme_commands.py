@@ -31,6 +31,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -430,21 +431,25 @@ def _serve(cmd: Command, ws: Workspace) -> tuple[int, str]:
         args.append("port=0")
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen([cmd.argv[0], *args], cwd=ws.root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True)
     ws.procs.append(proc)
-    seen, deadline = [], time.monotonic() + SERVE_START_S
+    fd, seen, deadline = proc.stdout.fileno(), b"", time.monotonic() + SERVE_START_S  # type: ignore[union-attr]
+    # Raw reads on the fd: a buffered readline() after select() can leave the announcement in Python's buffer
+    # (the log line and it arrive in one read), where select() never sees it again.
     while time.monotonic() < deadline:  # its "serving <url>/v1" line says it accepts requests
-        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-        line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
-        if not line and proc.poll() is not None:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk and proc.poll() is not None:
             break
-        seen.append(line)
-        found = re.search(r"rollout-plugin serve: (http://\S+)/v1", line)
+        seen += chunk
+        found = re.search(rb"rollout-plugin serve: (http://\S+)/v1", seen)
         if found:
-            ws.served[cmd.block] = found.group(1)
-            return 0, line
+            ws.served[cmd.block] = found.group(1).decode()
+            # keep draining its output, or a full pipe would stall the gateway's logging mid-request
+            threading.Thread(target=lambda: all(iter(lambda: os.read(fd, 65536), b"")), daemon=True).start()
+            return 0, seen.decode(errors="replace")[-3000:]
     _stop(proc)
-    return 1, f"serve did not come up: {''.join(seen)[-3000:]}"
+    return 1, f"serve did not come up: {seen.decode(errors='replace')[-3000:]}"
 
 
 def _curl(cmd: Command, ws: Workspace) -> tuple[int, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from engine_fixtures import engine_counter
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
 from rollout_plugin.pool.pool import RolloutPool
 from rollout_plugin.pool.weights import FolderWeights
@@ -20,7 +21,8 @@ from rollout_plugin.types import Request, SamplingParams
 
 pytestmark = pytest.mark.engine
 
-TOKENS = 160
+TOKENS = 400  # long enough that, on a loaded machine too, the update lands mid-sample
+STARTED = 16  # tokens per sample generated before the update: every sample has an old-weights span
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +63,12 @@ async def run_update(live_engine, model_dir: str, perturbed: str, mode: str):
             for i in range(4)]
     async with RolloutPool(engine, pool_cfg, ControllerConfig(mode=ControllerMode.off)) as pool:
         try:
+            before = await engine_counter(live_engine, "vllm:generation_tokens_total")
             task = asyncio.ensure_future(pool.generate(reqs))
-            async with asyncio.timeout(120):
-                while pool.stats().engines[0].inflight == 0:
-                    await asyncio.sleep(0.05)  # polling the pool: the calls are under way
-            await asyncio.sleep(0.2)  # tokens so far, under the original weights
+            async with asyncio.timeout(120):  # the engine's own count: tokens so far, under the original weights
+                while await engine_counter(live_engine, "vllm:generation_tokens_total") - before < 8 * STARTED:
+                    assert not task.done(), "the samples finished before the update"
+                    await asyncio.sleep(0.02)  # polling the engine's counter with a deadline
             await pool.update_weights(1, FolderWeights(perturbed), mode=mode)
             results = await asyncio.wait_for(task, 300)
         finally:

@@ -34,14 +34,22 @@ def frame(data: str) -> bytes:
 
 
 async def relay_events(ex: Exchange, first: str, future: asyncio.Future[Result]) -> AsyncIterator[bytes]:
-    """The HTTP body of a committed stream, from its first event on; it always ends with ``[DONE]``."""
+    """The HTTP body of a committed stream, from its first event on; it always ends with ``[DONE]``.
+
+    Events already queued go out as one write, and each write yields to the loop first: a backlog (a loaded
+    gateway) must not relay a whole generation in one go before the loop can see that the caller hung up."""
+    queue: asyncio.Queue[str | None] = ex.events  # type: ignore[assignment]  # a stream's exchange has a queue
     item: str | None = first
     while item is not END:
-        yield frame(item)
-        if item.strip() == DONE:
+        chunk = [frame(item)]
+        while item.strip() != DONE and not queue.empty() and (item := queue.get_nowait()) is not END:
+            chunk.append(frame(item))
+        yield b"".join(chunk)
+        if item is END or item.strip() == DONE:
             break
-        item = await ex.events.get()  # type: ignore[union-attr]  # a stream's exchange has a queue
-    else:  # the pool ended the request before the engine's [DONE] (the pool closed or failed)
+        await asyncio.sleep(0)  # the caller's disconnect, if any, is seen before the next write
+        item = await queue.get()
+    if item is END:  # the pool ended the request before the engine's [DONE] (the pool closed or failed)
         yield frame(error_event("the request ended before its stream did (the pool closed or failed)"))
         yield frame(DONE)
         return
