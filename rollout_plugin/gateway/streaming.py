@@ -74,5 +74,7 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             if not self._future.done():
+                log.info("%s: the caller left mid-stream: its request is dropped (the engine aborts it)",
+                         self._request_id)
                 self._future.cancel()  # the pool drops the request and cancels its call: the engine aborts it
             self._relay.close(self._request_id)
