@@ -44,6 +44,7 @@ class Monitor:
         self.states: list[ControlState] | None = None
         self.latest: list[EngineMetrics] = [EngineMetrics() for _ in clients]
         self.cap_changes = 0
+        self.observed = 0  # rounds in which some engine's /metrics answered
         self.stall_s = stall_s
         self.pack = initial_pack_state(dispatcher.pack_size)
         self.pack_changes = 0
@@ -84,6 +85,7 @@ class Monitor:
         """One control step for every engine (public so tests can drive it without the loop)."""
         now = self.clock() if now is None else now
         self.latest = metrics
+        self.observed += any(m.generation_tokens_total is not None for m in metrics)
         if self.states is None:
             self.states = self._start(metrics)
         for i in range(len(self.states), len(metrics)):  # engines that joined since (Dispatcher.add_client)

@@ -322,6 +322,11 @@ class RolloutPool(Operations):
         return self.monitor.cap_changes if self.monitor is not None else 0
 
     @property
+    def observations(self) -> int:
+        """Controller rounds in which some engine's /metrics answered."""
+        return self.monitor.observed if self.monitor is not None else 0
+
+    @property
     def affinity_moves(self) -> int:
         """Requests sent away from their affinity key's engine (the imbalance gate opened)."""
         return self._require().affinity.moved

@@ -159,8 +159,10 @@ def test_groups_stay_together_and_sessions_stick_until_their_server_is_full():
     asyncio.run(main())
 
 
-def _metrics(preemptions: float, tokens: float, kv: float = 0.1) -> str:
-    return ("# TYPE vllm:num_preemptions counter\n"
+def _metrics(preemptions: float, tokens: float, kv: float = 0.1, waiting: float = 0) -> str:
+    return ("# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{model_name="m"}} {waiting}\n'
+            "# TYPE vllm:num_preemptions counter\n"
             f'vllm:num_preemptions_total{{model_name="m"}} {preemptions}\n'
             "# TYPE vllm:generation_tokens counter\n"
             f'vllm:generation_tokens_total{{model_name="m"}} {tokens}\n'
@@ -170,20 +172,25 @@ def _metrics(preemptions: float, tokens: float, kv: float = 0.1) -> str:
 
 def test_the_pools_controller_cuts_a_cap_on_preemptions_and_admission_follows():
     async def main() -> None:
-        router = _router(1, max_num_seqs=10, controller={"mode": "adaptive", "interval_s": 60.0})
+        router = _router(1, max_num_seqs=10, controller={"mode": "adaptive", "interval_s": 60.0, "max_cap": 10})
         held = [await router.acquire_server(f"r{i}", prompt_ids=[i]) for i in range(10)]
         assert len(held) == 10 and (await router.get_status())["caps"]["s0"] == 10
-        late = asyncio.create_task(router.acquire_server("r10", prompt_ids=[10]))
-        await _until(lambda: router._pool.queued == 1)  # at its cap: the 11th waits (work waits in the pool)
-        router.observe({"s0": _metrics(0, 100)}, now=1.0)
-        router.observe({"s0": _metrics(3, 200)}, now=2.0)  # preempting while work waits: a cut
+        # A cap's worth waits (less would fit under the cap: a cut would only stretch the tail).
+        late = [asyncio.create_task(router.acquire_server(f"w{i}", prompt_ids=[100 + i])) for i in range(10)]
+        await _until(lambda: router._pool.queued == 10)
+        t0 = time.monotonic()  # after the monitor's own first look (the pool's clock)
+        router.observe({"s0": _metrics(0, 100, waiting=2)}, now=t0 + 1.0)
+        router.observe({"s0": _metrics(3, 200, waiting=2)}, now=t0 + 2.0)  # preempting while work waits: a cut
         status = await router.get_status()
         assert status["caps"]["s0"] == 7 and status["counters"]["cap changes"] == 1
         for i in range(3):
             await router.release_server("s0", request_id=f"r{i}")
-        assert router._pool.queued == 1 and not late.done()  # 7 in flight = the new cap: it still waits
+        assert router._pool.queued == 10 and not any(t.done() for t in late)  # 7 in flight = the new cap
         await router.release_server("s0", request_id="r3")
-        assert (await asyncio.wait_for(late, 5))[0] == "s0"
+        done, _ = await asyncio.wait(late, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and done.pop().result()[0] == "s0"
+        for t in late:
+            t.cancel()
         await router.close()
 
     asyncio.run(main())

@@ -139,7 +139,7 @@ class PoolRouter:
         self._sessions = _LRU(self.settings.cache_size)  # request ids seen: a reused one is a session's next turn
         self._pool: Optional[RolloutPool] = None
         self._start_lock: Optional[asyncio.Lock] = None
-        self.counters: dict[str, int] = {"admitted": 0, "waited": 0, "refused": 0, "observed": 0}
+        self.counters: dict[str, int] = {"admitted": 0, "waited": 0, "refused": 0}
 
     # --- verl's protocol ---------------------------------------------------------------------------
     async def acquire_server(self, request_id: str, prompt_ids: Any = None, **_: Any) -> tuple[str, Any]:
@@ -208,6 +208,7 @@ class PoolRouter:
                 "registered_handles": list(self._handles),
                 "waiting": self._pool.queued if self._pool is not None else 0,
                 "counters": {**self.counters, "cap changes": self._pool.cap_changes if self._pool else 0,
+                             "observed": self._pool.observations if self._pool else 0,
                              "group split": self._pool.affinity_moves if self._pool else 0}}
 
     async def clear_sticky_cache(self) -> dict:
@@ -228,7 +229,6 @@ class PoolRouter:
         """One controller step per server from its /metrics text (public so tests can drive it)."""
         if self._pool is not None:
             self._pool.observe_metrics({sid: text for sid, text in texts.items() if sid in self._handles}, now)
-            self.counters["observed"] += 1
 
     # --- internals ---------------------------------------------------------------------------------
     def _affinity(self, request_id: str, prompt_ids: Any) -> Optional[tuple[str, ...]]:
