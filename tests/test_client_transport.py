@@ -181,3 +181,36 @@ async def test_control_calls_post_or_get_at_the_server_root():
         finally:
             await c.aclose()
     assert reply.status == 200 and reply.body == b""
+
+
+async def test_a_connection_the_server_dropped_as_it_was_reused_is_tried_once_more():
+    """The keep-alive race: the server closes an idle connection just as the client reuses it. The request
+    never ran there, so it goes once more on a fresh connection; a second drop is the verdict."""
+    seen = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        seen.append(1)
+        if len(seen) in drops:  # read the request, answer nothing, hang up
+            writer.close()
+            return
+        body = b'{"ok": true}'
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    c = client(url)
+    try:
+        drops = {1}
+        reply = await c.call_root("/pause", {"mode": "abort"})
+        assert reply.status == 200 and len(seen) == 2
+        drops, seen[:] = {1, 2}, []
+        with pytest.raises(Unavailable):
+            await c.call_root("/pause", {"mode": "abort"})
+        assert len(seen) == 2  # once more, not for ever
+    finally:
+        await c.aclose()
+        server.close()

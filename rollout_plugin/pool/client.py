@@ -18,8 +18,8 @@ aiohttp: every failure leaves it as a :class:`CallError` verdict.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -173,16 +173,27 @@ class HttpEngineClient:
             await http.close()
 
     async def _send(self, method: str, url: str, body: dict[str, Any] | None = None, *,
-                    timeout: aiohttp.ClientTimeout | None = None) -> Reply:
-        """One whole exchange; transport failures become :class:`TimedOut` / :class:`Unavailable`."""
+                    timeout: aiohttp.ClientTimeout | None = None, again: bool = True) -> Reply:
+        """One whole exchange; transport failures become :class:`TimedOut` / :class:`Unavailable`. ``again``:
+        a connection dropped before the answer is tried once more (control calls; a generate call's failure
+        is the dispatcher's to retry, elsewhere if need be)."""
         kwargs: dict[str, Any] = {**self._proxy}
         if body is not None:
             kwargs["data"], kwargs["headers"] = json_body(body), JSON_HEADERS
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
-            async with self._session().request(method, url, **kwargs) as resp:
-                return Reply(resp.status, await resp.read(), resp.headers)
+            try:
+                async with self._session().request(method, url, **kwargs) as resp:
+                    return Reply(resp.status, await resp.read(), resp.headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if not again or isinstance(exc, aiohttp.ClientConnectorError):  # refused: nothing was reused
+                    raise
+                # A kept-alive connection the server closed as we reused it (its idle timeout raced ours): the
+                # request never ran there. Once more, on a fresh connection; a second failure is the verdict.
+                log.debug("%s: %s %s: %s on a reused connection; once more", self.name, method, url, exc)
+                async with self._session().request(method, url, **kwargs) as resp:
+                    return Reply(resp.status, await resp.read(), resp.headers)
         except TimeoutError as exc:  # before OSError: TimeoutError is one
             raise TimedOut(f"{self.name}: {method} {url}: {type(exc).__name__}: {exc}") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -257,7 +268,7 @@ class HttpEngineClient:
         return _group_choices(choices, usage, len(requests), n, chat=first.kind == "chat")
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        reply = await self._send("POST", self.api_base + path, body)
+        reply = await self._send("POST", self.api_base + path, body, again=False)
         raise_for_status(self.name, reply.status, reply.text, reply.headers)
         try:
             data = json.loads(reply.body)
