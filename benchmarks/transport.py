@@ -72,7 +72,8 @@ class HttpxEngineClient(HttpEngineClient):
         await self._httpx.aclose()
         await super().aclose()
 
-    async def _send(self, method: str, url: str, body: dict[str, Any] | None = None, *, timeout: Any = None) -> Reply:
+    async def _send(self, method: str, url: str, body: dict[str, Any] | None = None, *, timeout: Any = None,
+                    again: bool = True) -> Reply:  # noqa: ARG002  (httpx: no retry, as before issue 16)
         try:
             resp = await self._httpx.request(method, url, json=body)
         except httpx.TimeoutException as exc:
