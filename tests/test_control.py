@@ -100,6 +100,14 @@ def test_never_raises_when_the_engine_queues_or_the_pool_is_empty():
     assert [x.cap for x in d] == [100, 100]
 
 
+def test_a_records_window_starts_when_the_cap_binds_not_during_the_ramp_before():
+    # The first look sees nothing in flight; the next sees the cap full but no token yet (prefill). A window
+    # from the first look would record 0 tok/s at this cap, and later compare every other cap against it.
+    state = initial_state(50, CFG, group_size=1)
+    state, _ = run(state, [busy(0, 0, inflight=0), busy(1, 0, inflight=50), busy(2, 1000, inflight=50)])
+    assert state.records == ((50, 1000.0),)
+
+
 # -- cuts on trial: undone where preemption is cheap, kept where it costs ----------------------------
 def trial_cut(after_rate, cfg=CFG):
     """Cap 100 at 1000 tok/s meets preemptions at t=2 (cut on trial to 70, binds at once); then after_rate."""

@@ -164,8 +164,10 @@ async def test_kv_starved_engine_pressure_is_weighed_by_what_a_cut_buys(live_eng
         # expected_tokens small on purpose: the first cap (77) and its ceiling (154) are above what KV holds.
         # Short trials, so that verdicts come while work still waits.
         ctl = ControllerConfig(interval_s=0.5, trial_s=1.5, expected_tokens=8, timeline=str(tmp_path / "kv.jsonl"))
+        # Enough work that the backlog outlasts the cap's records and a verdict on them: with less, a fast machine
+        # is left with a remainder that fits in the cap, where no cut is ever made (it would only stretch the tail).
         reqs = [Request(f"r{i}", f"Tell me about {i}", sampling=SamplingParams(max_tokens=192, ignore_eos=True))
-                for i in range(384)]
+                for i in range(768)]
         # max_concurrent high: the engine's own cap, not the pool's global one, is what limits it.
         async with RolloutPool(engine, PoolConfig(per_engine=64, pack_size=4, max_concurrent=1024), ctl) as pool:
             results = await pool.generate(reqs)

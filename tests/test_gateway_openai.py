@@ -106,7 +106,7 @@ async def test_concurrent_callers_reach_the_engine_as_one_call(live_engine):
 
 
 async def test_a_streaming_caller_that_hangs_up_frees_its_slot_and_the_engine_aborts(live_engine, caplog):
-    samples, budget = 8, 1000  # 8,000 tokens: the engine is still generating when the caller hangs up
+    samples, budget = 16, 1000  # 16,000 tokens: the engine is still generating when the caller hangs up
     caplog.set_level(logging.INFO, logger="rollout_plugin.gateway.streaming")
     loop = asyncio.get_running_loop()
     outcomes = []

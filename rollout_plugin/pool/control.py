@@ -165,7 +165,9 @@ def _measure(state: ControlState, obs: Observation, cfg: ControllerConfig) -> tu
     # The record counts only while the cap is what limits the engine: work waits in the pool and
     # in-flight samples sit at the cap (not below it: demand-bound; not above it: draining after a cut).
     bound = obs.backlog > 0 and cfg.at_cap_fraction * state.cap <= obs.inflight <= state.cap
-    if not bound or state.since_t is None:
+    if not bound:  # the window starts at the first look that finds the cap binding, not before (a ramp's
+        return replace(nxt, since_t=None, since_tokens=None), preempted  # prefill would read as 0 tok/s)
+    if state.since_t is None:
         return replace(nxt, since_t=obs.t, since_tokens=obs.tokens_total), preempted
     record = _rate(state.since_tokens, state.since_t, obs)
     if record is not None and obs.t - state.since_t >= cfg.interval_s:
@@ -304,5 +306,6 @@ def step(state: ControlState, obs: Observation, cfg: ControllerConfig) -> tuple[
         nxt = replace(nxt, trial=None)  # need overrode the cut
     if cap == old:
         return nxt, Decision(old, old, reason)
-    # A new cap starts a new record: it counts from the first look at which the new cap limits the engine.
+    # A new cap starts a new record at this look (the pool fills a raise at once; a cut's window restarts at
+    # the first look it binds, once the engines have drained to it).
     return replace(nxt, cap=cap, since_t=obs.t, since_tokens=obs.tokens_total), Decision(cap, old, reason)
