@@ -354,3 +354,38 @@ def pool_limits_for(pool: RolloutPool, engines: int):
     from rollout_plugin.pool.pool import pool_limits
 
     return pool_limits(pool.engine_cfg, pool.pool_cfg, engines)
+
+
+class SlowToAnswerHealth(FakeEngine):
+    """A live engine whose first call is dropped and whose first health check times out (a busy API process)."""
+
+    def __init__(self, name: str):
+        super().__init__(name, dead=True)  # the first call fails as a refused one would
+        self.looks = 0
+
+    async def healthy(self) -> bool:
+        self.looks += 1
+        if self.looks == 1:
+            await asyncio.sleep(0.6)  # as long as a health timeout: the probe takes it for one, not for an answer
+            self.dead = False
+            return False
+        return True
+
+
+async def test_a_health_check_that_times_out_once_does_not_take_a_live_engine_out():
+    engine = SlowToAnswerHealth("busy")
+    async with pool_of([engine], per_engine=4, pack_size=1, max_retries=3, backoff_base_s=0.01) as pool:
+        results = await pool.generate(requests(8))
+        healthy = pool.stats().engines[0].healthy
+    assert all(r.ok for r in results) and healthy and engine.looks == 2
+
+
+async def test_a_health_check_that_fails_at_once_is_the_verdict():
+    alive, dead = FakeEngine("alive"), FakeEngine("dead", dead=True)
+    looks = []
+    dead.healthy = lambda: looks.append(1) or asyncio.sleep(0, result=False)
+    async with pool_of([dead, alive], per_engine=4, pack_size=1) as pool:
+        results = await pool.generate(requests(8))
+        while pool.stats().engines[0].healthy:  # the probe runs beside the calls
+            await asyncio.sleep(0.01)  # polling the pool with pytest's timeout
+    assert all(r.ok for r in results) and looks == [1]
