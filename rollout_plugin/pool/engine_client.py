@@ -14,6 +14,7 @@ says (HTTP status codes, connection errors, a reply that does not parse) into on
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,7 +22,7 @@ from typing import Protocol
 from rollout_plugin.types import Request, Sample
 
 __all__ = ["CallError", "EngineClient", "Generation", "Malformed", "Partial", "Progress", "RateLimited", "Rejected",
-           "TimedOut", "Unavailable", "check_reply", "new_progress"]
+           "TimedOut", "Unavailable", "check_reply", "looks_healthy", "new_progress"]
 
 
 class CallError(Exception):
@@ -120,3 +121,21 @@ def check_reply(name: str, requests: Sequence[Request], generations: Sequence[Ge
     for request, gen in zip(requests, generations):
         if len(gen.samples) != request.n:
             raise Malformed(f"{name}: {request.id}: {len(gen.samples)} samples for n={request.n}")
+
+
+HEALTH_LOOKS = 3  # health checks that timed out before an engine counts as not answering
+HEALTH_SLOW_S = 0.5  # a failed look that took this long timed out, rather than got an answer
+
+
+async def looks_healthy(client: EngineClient) -> bool:
+    """``client.healthy()``, looked at again when a look failed slowly (its timeout ran out): a busy vLLM API
+    process can answer seconds late (a /metrics took 3.7 s on a loaded 2-core machine), and one slow answer
+    must not take a live engine out. A quick failure (refused, an error answer) is the verdict at once."""
+    loop = asyncio.get_running_loop()
+    for _ in range(HEALTH_LOOKS):
+        started = loop.time()
+        if await client.healthy():
+            return True
+        if loop.time() - started < HEALTH_SLOW_S:
+            return False
+    return False

@@ -23,6 +23,7 @@ from rollout_plugin.pool.control import (
     watch_progress,
 )
 from rollout_plugin.pool.dispatch import Dispatcher
+from rollout_plugin.pool.engine_client import looks_healthy
 from rollout_plugin.pool.packing import PackObservation, initial_pack_state, pack_step
 from rollout_plugin.pool.telemetry import EngineMetrics, parse_vllm_metrics
 from rollout_plugin.pool.timeline import TimelineRecorder
@@ -152,7 +153,7 @@ class Monitor:
                   if before != EngineMetrics() and now == EngineMetrics() and self.dispatcher.engine_state(i)[3]]
         if not silent:
             return
-        alive = await asyncio.gather(*(self.clients[i].healthy() for i in silent), return_exceptions=True)
+        alive = await asyncio.gather(*(looks_healthy(self.clients[i]) for i in silent), return_exceptions=True)
         alive = [a is True for a in alive]
         for i, ok in zip(silent, alive):
             if not ok:

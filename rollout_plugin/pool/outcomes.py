@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from rollout_plugin.errors import PoolError
 from rollout_plugin.pool.continuation import ABORTED, join_prefix, partial_sample, plan, segments
-from rollout_plugin.pool.engine_client import CallError, Generation, RateLimited, Rejected, check_reply
+from rollout_plugin.pool.engine_client import (CallError, Generation, RateLimited, Rejected, check_reply,
+                                              looks_healthy)
 from rollout_plugin.pool.ledger import Call, Unit
 from rollout_plugin.pool.ratelimit import backoff_delay
 from rollout_plugin.pool.slots import EngineSlot
@@ -25,8 +26,6 @@ log = logging.getLogger("rollout_plugin.pool.dispatch")
 __all__ = ["Outcomes"]
 
 CLOSED = "the pool closed before this request finished"
-PROBE_LOOKS = 3  # health checks that timed out before a suspect engine counts as dead
-PROBE_SLOW_S = 0.5  # a failed look that took this long timed out, rather than got an answer
 
 
 class Outcomes:
@@ -216,16 +215,7 @@ class Outcomes:
             self._wake.set()
 
     async def _probe(self, e: EngineSlot, reason: str) -> None:
-        # A look that failed slowly (the health timeout ran out) is looked at again: a busy vLLM API process can
-        # answer seconds late (a /metrics took 3.7 s on a loaded 2-core machine), and one slow answer must not
-        # take a live engine out. A quick failure (refused, an error answer) is the verdict at once.
-        loop = asyncio.get_running_loop()
-        alive = False
-        for _ in range(PROBE_LOOKS):
-            started = loop.time()
-            alive = await e.client.healthy()
-            if alive or loop.time() - started < PROBE_SLOW_S:
-                break
+        alive = await looks_healthy(e.client)
         e.suspect = False
         if alive:
             log.info("%s: suspect -> healthy (health check passed)", e.client.name)
