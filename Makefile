@@ -1,5 +1,6 @@
 # make demo  — install (once) and run the main job on the embedded tiny model
-# make test  — install (once) and run the whole suite
+# make test  — install (once) and run the whole suite (the pool state machine: 1,500 schedules)
+# make soak  — the pool state machine alone over 10,000 schedules (POOL_MACHINE_EXAMPLES=N for another count)
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 # The machine's pip config lists local indexes that lack most names; their warnings are noise.
 QUIET_PIP := { grep -v "^WARNING: Location" || true; }
 
-.PHONY: demo test install clean
+.PHONY: demo test soak install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,14 @@ test: $(STAMP)
 	bash scripts/trainer_venv.sh
 	$(BIN)/python -m pytest --ignore=tests/trainers
 	.venv-trainers/bin/python -m pytest tests/trainers -q -p no:cacheprovider -W ignore::UserWarning
+	@# Every step of the GPU smoke test on one CPU engine with a fake nvidia-smi (docs/gpu.md; ~2-6 min).
+	bash scripts/gpu_smoke.sh --dry-run
+
+# tests/test_pool_machine.py: the real pool, its HTTP client and vLLM-shaped engines under random faults and weight
+# updates, on virtual time (its docstring lists the invariants and knobs).
+soak: $(STAMP)
+	POOL_MACHINE_EXAMPLES=$${POOL_MACHINE_EXAMPLES:-10000} $(BIN)/python -m pytest tests/test_pool_machine.py -q \
+		-p no:cacheprovider --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) .venv-trainers logs demo_rollouts*.json*

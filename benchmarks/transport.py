@@ -83,7 +83,8 @@ class HttpxEngineClient(HttpEngineClient):
         return Reply(resp.status_code, resp.content, resp.headers)
 
     async def _post_stream(self, path: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from rollout_plugin.pool.client import _merge_delta, _raise_for_status
+        from rollout_plugin.pool.client import raise_for_status as _raise_for_status
+        from rollout_plugin.pool.sse import merge_choice as _merge_delta
 
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         merged: dict[int, dict[str, Any]] = {}

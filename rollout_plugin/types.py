@@ -92,7 +92,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class Result:
-    """Exactly one per request id: ``samples`` on success, ``error`` otherwise (never both)."""
+    """Exactly one per request id: ``samples`` on success, ``error`` otherwise (never both). An error record
+    may keep ``partial``: its samples as far as they got before the failure (unfinished: never for training)."""
 
     id: str
     samples: tuple[Sample, ...] = ()
@@ -105,6 +106,7 @@ class Result:
     weight_version: int = 0
     error: str | None = None
     request: Request | None = field(default=None, compare=False, repr=False)
+    partial: tuple[Sample, ...] = ()  # an error record's tokens so far (e.g. after its retries ran out)
 
     @property
     def ok(self) -> bool:

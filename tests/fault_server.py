@@ -2,7 +2,14 @@
 
 Real sockets and real HTTP, for faults a vLLM engine can't be made to produce on demand:
 500s, 429s with Retry-After, garbage bodies, answers with a choice missing, connections dropped without an
-answer, responses slower than the client's timeout.
+answer, responses slower than the client's timeout, and a generation that fails after it began streaming.
+
+A streamed call (``stream: true``) that is answered ``ok`` or ``error-event`` gets SSE as vLLM 0.32 sends it
+(``vllm/entrypoints/openai/completion/serving.py`` ``completion_stream_generator``): chunks of choices, then
+``[DONE]``; a failure mid-generation stays HTTP 200 and ends the stream with ``data: {"error": {...}}`` then
+``data: [DONE]`` (its ``except GenerationError`` / ``except Exception``; the body is
+``vllm/entrypoints/serve/engine/protocol.py`` ``ErrorResponse``). The other faults answer a streamed call as
+they answer any call.
 """
 
 from __future__ import annotations
@@ -14,10 +21,22 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def _sse(choices: list[dict], error: bool) -> bytes:
+    """The SSE body of a streamed call: each choice whole, or (``error``) its first token and then vLLM's error."""
+    if error:
+        events = [{"choices": [{**c, "token_ids": c["token_ids"][:1], "finish_reason": None}]} for c in choices]
+        events.append({"error": {"message": "EngineCore encountered an issue. See stack trace (above) for the root "
+                                            "cause.", "type": "InternalServerError", "param": None, "code": 500}})
+    else:
+        events = [{"choices": [c]} for c in choices] + [{"choices": [], "usage": {"prompt_tokens": 2}}]
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+
+
 class FaultServer:
     """``with FaultServer(["500", "ok"]) as srv: srv.url``; script entries are consumed per completion call:
     ``ok``, ``500``, ``429:<retry-after>``, ``garbage``, ``short`` (one choice too few), ``drop`` (close the
-    connection without an answer), ``slow:<seconds>``; when empty, ``ok``."""
+    connection without an answer), ``slow:<seconds>``, ``error-event`` (streamed: one token per choice, then an
+    in-stream error, code 500); when empty, ``ok``."""
 
     def __init__(self, script: list[str] | None = None):
         self.script: deque[str] = deque(script or [])
@@ -71,6 +90,8 @@ class FaultServer:
                            for i in range(len(prompts)) for j in range(n)]
                 if kind == "short":
                     choices.pop()
+                if body.get("stream") and kind in ("ok", "error-event"):
+                    return self._send(200, _sse(choices, kind == "error-event"), {"Content-Type": "text/event-stream"})
                 self._send(200, json.dumps({"choices": choices, "usage": {"prompt_tokens": 2}}).encode())
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -267,10 +267,56 @@ def test_off_mode_observes_but_never_changes_caps():
     assert all(not x.changed for x in d) and state.throughput == 1000
 
 
-def test_kv_estimate_only_lowers_the_preset():
+def test_kv_estimate_lowers_the_preset_and_raises_it_only_up_to_a_known_batch_limit():
     assert kv_estimate_cap(1024, 1024, 256, 1.2) == (5, "KV holds 1024 tokens = 4 sequences of 256 tokens (×1.2)")
-    assert kv_estimate_cap(64, 10**7, 256, 1.2)[0] == 64
+    assert kv_estimate_cap(64, 10**7, 256, 1.2)[0] == 64  # batch limit unknown: the preset
     assert kv_estimate_cap(64, None, 256, 1.2)[0] == 64
+
+
+def test_the_context_length_preset_is_a_start_not_a_ceiling_when_the_kv_cache_holds_more():
+    # The issue's long tail: max_model_len 18,432 gives a preset of 128 (×1.2) while a 400k-token KV cache
+    # holds ~370 sequences of the workload's ~1,080 tokens; the engine batches up to 1,024 sequences.
+    cap, why = kv_estimate_cap(154, 400_000, 1080, 1.2, upper=1229)
+    assert cap == 444 and "370 sequences" in why
+    assert kv_estimate_cap(154, 400_000, 100, 1.2, upper=1229)[0] == 1229  # no more than the engine batches
+
+
+def test_a_late_scrape_is_no_measurement():
+    """A /metrics answer that took most of the window (a busy API process) read "22 tok/s at 308" on a CPU
+    engine and the controller decided on it: such a look decides nothing, and its counters are not folded in."""
+    state = replace(initial_state(100, CFG, group_size=1), slow_start=False)
+    state, _ = run(state, [busy(0, 0)])
+    late = busy(1, 1000, inflight=100, lag=0.9)
+    held, d = step(state, late, CFG)
+    assert not d.changed and held == state
+    _, d = step(state, replace(late, lag=0.1), CFG)
+    assert d.cap == 125  # the same numbers, answered in time: cap-bound with work waiting, a raise
+
+
+def test_a_window_shorter_than_half_the_interval_is_no_measurement():
+    state = replace(initial_state(100, CFG, group_size=1), slow_start=False)
+    state, _ = run(state, [busy(0, 0), busy(1, 1000, inflight=100), busy(2, 2000, inflight=100)])
+    held, d = step(state, busy(2.1, 2010, inflight=100, kv_usage=0.99), CFG)
+    assert not d.changed and held == state
+    held, d = step(state, busy(2.1, 2010, inflight=0, need=200), CFG)
+    assert d.cap == 200  # the floor still holds: a waiting request must fit
+
+
+async def test_the_global_cap_follows_raised_engine_caps_unless_the_user_set_it():
+    from fakes import FakeEngine
+
+    async with RolloutPool(pool=PoolConfig(per_engine=8, over_concurrency_ratio=1.0),
+                           controller=ControllerConfig(mode=ControllerMode.off),
+                           clients=[FakeEngine("a"), FakeEngine("b")]) as pool:
+        d = pool._dispatcher
+        assert d.global_cap == 16
+        d.set_cap(0, 40, "raised")
+        assert d.global_cap == 48  # a per-engine raise under a fixed global cap only moved work around
+    async with RolloutPool(pool=PoolConfig(per_engine=8, over_concurrency_ratio=1.0, max_concurrent=2),
+                           controller=ControllerConfig(mode=ControllerMode.off),
+                           clients=[FakeEngine("a"), FakeEngine("b")]) as pool:
+        pool._dispatcher.set_cap(0, 40, "raised")
+        assert pool._dispatcher.global_cap == 2  # the user's max_concurrent (groups of k=1) wins
 
 
 METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -366,3 +412,53 @@ async def test_monitor_applies_pack_size_decisions_and_records_them(tmp_path):
         await task
     packs = [json.loads(line) for line in timeline.read_text().splitlines() if '"pack"' in line]
     assert packs and packs[0]["old"] == 8 and packs[0]["new"] == 4 and "200 tok/s" in packs[0]["reason"]
+
+
+async def test_first_caps_follow_what_the_requests_need_not_max_model_len():
+    """Without controller.expected_tokens the first look can only assume every sequence fills max_model_len
+    (2,048: a 1,024-token KV cache holds none, cap 2, while it holds dozens of these requests' 17 tokens);
+    the first request's prompt + max_tokens resizes it."""
+    from fakes import FakeEngine
+    from rollout_plugin.types import SamplingParams
+
+    engine = FakeEngine("a")
+    engine.metrics_text = METRICS  # 64 blocks × 16 = 1,024 KV tokens
+    async with RolloutPool(pool=PoolConfig(per_engine=64), clients=[engine]) as pool:
+        assert pool.stats().engines[0].cap == 2
+        engine.gate = asyncio.Event()
+        futures = [pool.submit(Request(f"r{i}", "p", sampling=SamplingParams(max_tokens=16))) for i in range(20)]
+        await asyncio.sleep(0)
+        pool.monitor.observe([parse_vllm_metrics(METRICS)])
+        assert pool.stats().engines[0].cap == 72  # 1,024 // 17 = 60 sequences × 1.2 (the preset: 77)
+        engine.gate.set()
+        assert all(r.ok for r in await asyncio.gather(*futures))
+
+
+def test_the_monitor_times_each_scrape_and_a_late_one_moves_no_cap():
+    """The lag reaches the controller: an engine whose /metrics answers 0.9 s late (virtual time) is not
+    observed, while one that answers at once is."""
+    from fakes import FakeEngine
+    from rollout_plugin.sim.loop import run_virtual
+
+    class Late(FakeEngine):
+        async def metrics(self):
+            await asyncio.sleep(self.delay)
+            return self.metrics_text
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engines = [Late("a"), Late("b")]
+        for e, delay in zip(engines, (0.0, 0.9)):
+            e.metrics_text, e.delay = METRICS, delay
+        ctl = ControllerConfig(expected_tokens=256, interval_s=3600)  # the loop looks once; the test drives
+        async with RolloutPool(pool=PoolConfig(per_engine=64), controller=ctl, clients=engines,
+                               clock=loop.time) as pool:
+            await asyncio.sleep(1.0)
+            metrics, timing = await pool.monitor._scrape()
+            assert [round(lag, 3) for _, lag in timing] == [0.0, 0.9]
+            before = list(pool.monitor.states)
+            pool.monitor.observe(metrics, timing=timing)
+            after = pool.monitor.states
+            assert after[0].last_t == timing[0][0] and after[1] == before[1]
+
+    run_virtual(main())

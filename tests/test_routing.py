@@ -67,3 +67,10 @@ def test_a_request_with_several_keys_follows_the_first_key_that_has_a_home():
     assert a.home("session:x") == (1, 0)
     a.forget(1)
     assert a.home("group:1") == (None, 0)
+
+
+def test_a_slow_engine_looks_fuller_by_its_speed_so_it_gets_a_share_in_proportion():
+    fast, slow = EngineLoad(0, 20, 100), EngineLoad(1, 10, 100, speed=1 / 3)
+    assert pick_engine([fast, slow], 4) == 0  # 10 in flight at a third of the speed weighs as 30
+    assert pick_engine([fast, EngineLoad(1, 5, 100, speed=1 / 3)], 4) == 1  # below its share: it gets work
+    assert pick_engine([EngineLoad(0, 20, 100), EngineLoad(1, 10, 100)], 4) == 1  # unweighed: the emptier one

@@ -502,7 +502,7 @@ def _mock_nccl(monkeypatch, engines, sent: list):
 
     def open_endpoint(init_info):
         join("/init_weight_transfer_engine")
-        return SimpleNamespace(world_size=init_info.world_size)
+        return SimpleNamespace(world_size=init_info.world_size, destroy=lambda: None)  # a PyNcclCommunicator
 
     def broadcast(iterator, group, src, post_iter_func, **kwargs):
         sent.append([(name, tuple(post_iter_func((name, t)).shape)) for name, t in iterator])
@@ -543,6 +543,41 @@ def test_nccl_transport_drives_vllms_weight_transfer_calls_on_every_engine(monke
     assert [c[2] for c in a.calls if c[1] == "/update_weight_version"] == [{"new_version": "1"}, {"new_version": "2"}]
     assert sent == [[("0.weight", (2, 3)), ("0.bias", (2,))]] * 2
     assert first.transport == "nccl" and first.write_s == 0.0
+
+
+def test_nccl_transport_re_forms_the_group_for_a_stale_engine_and_refits_it_at_the_next_sync(monkeypatch):
+    """Issue 19 item 2 under TRL's NCCL transport: no source to refit from, but the trainer broadcasts again at
+    the next sync; the engine that came back stale joins a new group, gets the weights and rejoins."""
+    pytest.importorskip("vllm.distributed.weight_transfer.nccl_engine")
+    from rollout_plugin.adapters.trl.nccl import NcclOptions
+    from rollout_plugin.adapters.trl.weights import WeightSync
+    from rollout_plugin.pool.lifecycle import EngineState
+
+    async def b_restarted_stale(p):  # as RolloutPool._restart leaves an engine once the weights have moved
+        d = p._require()
+        for state in (EngineState.dead, EngineState.restarting, EngineState.stale):
+            d._move(1, state, "test: SIGKILL, restarted")
+        return p.stale_engines()
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    sent: list = []
+    with RecordingEngine() as a, RecordingEngine() as b, _pool_over(a, b) as pool:
+        _mock_nccl(monkeypatch, [a, b], sent)
+        sync = WeightSync(pool, "unused", accelerator=_one_process(), transport="nccl",
+                          nccl=NcclOptions(host="10.0.0.1", port=51300))
+        sync.sync(model, 1)
+        assert pool.run(b_restarted_stale) == ["engine1"]
+        sync.sync(model, 2)
+        states = [e.state for e in pool.stats().engines]
+    assert states == ["live", "live"]
+    group = ["GET /server_info", "GET /get_world_size", "POST /init_weight_transfer_engine"]
+    round_ = ["POST /start_weight_update", "POST /update_weights", "POST /finish_weight_update",
+              "POST /reset_prefix_cache"]
+    for e in (a, b):
+        assert e.paths() == [*group, *round_, *group, *round_]  # a second rendezvous, every engine in it
+        assert [p for _, p, _ in e.calls].count("/shutdown_weight_transfer_engine") == 1
+    assert [c[2] for c in b.calls if c[1] == "/update_weight_version"][-1] == {"new_version": "2"}
+    assert len(sent) == 2
 
 
 def test_nccl_transport_refuses_engines_without_a_weight_transfer_engine(monkeypatch):
@@ -686,7 +721,7 @@ def _carry_engine():
         stops at token HALF while the engine holds its first weights, until a weight update aborts it. Token =
         1000 × weights + position; each logprob says the weights too."""
 
-        async def generate(self, requests, progress=None):
+        async def generate(self, requests, progress=None, weight_version=None):
             (r,) = requests  # pack_size=1
             base = len(r.prompt) - 1
             slow = isinstance(r.prompt, list) and r.prompt[0] % 4 == 0

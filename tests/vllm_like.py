@@ -5,6 +5,12 @@ test can check every segment's version against the tokens themselves. Control ca
 ``/pause?mode=abort|keep|wait``, ``/resume``, ``/collective_rpc`` (``reload_weights``),
 ``/update_weight_version``, ``GET /weight_info``, ``/weight_checker`` (checksum), ``/reset_prefix_cache``.
 Aborted requests answer with the tokens so far and finish reason ``abort``, as vLLM does.
+
+Its prefix cache: a call's prompts are cached under its ``cache_salt`` (here the weight version the pool passes,
+``salts_prefix_cache``) with the weights that computed them; a later call with the same salt and prompt reuses that
+KV — ``stale_hits`` counts reuses of KV computed under other weights than the engine holds now. As in vLLM,
+``/reset_prefix_cache`` fails (``{"success": false}``) while any request holds blocks — a ``keep`` update's frozen
+calls do (``vllm/v1/core/block_pool.py`` ``reset_prefix_cache``, ``vllm/entrypoints/serve/dev/cache/api_router.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ STEP_S = 0.01  # virtual seconds per token
 
 class VllmLike:
     reports_progress = True
+    salts_prefix_cache = True
 
     def __init__(self, name: str, weights: int = 0, *, dev_mode: bool = True, stream: bool = True,
                  latency_s: float = 0.0):
@@ -37,15 +44,35 @@ class VllmLike:
         self.generated = 0  # every token it produced, kept or not
         self.calls = 0
         self.folders: dict[str, int] = {}  # path -> weights it holds (the test writes them)
+        self.cache: dict[tuple, int] = {}  # (salt, prompt) -> the weights its KV was computed with
+        self.stale_hits = 0  # prefixes reused from KV computed under other weights
+        self.salts: list[int | None] = []  # each call's weight version (its cache salt)
+        self.running = 0  # calls holding KV blocks (frozen ones too)
 
     # -- data path --------------------------------------------------------------------------------
-    async def generate(self, requests: Sequence[Request], progress=None) -> list[Generation]:
+    async def generate(self, requests: Sequence[Request], progress=None, *, weight_version=None) -> list[Generation]:
         self.calls += 1
+        self.salts.append(weight_version)
         shared_params(requests)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         while self.paused is not None:  # a paused vLLM queues new requests until /resume
             await self._resumed.wait()
+        self.running += 1
+        try:
+            self._prefill(requests, weight_version)
+            return await self._decode(requests, progress)
+        finally:
+            self.running -= 1
+
+    def _prefill(self, requests: Sequence[Request], salt) -> None:
+        for r in requests:
+            key = (salt, tuple(r.prompt))
+            if key in self.cache and self.cache[key] != self.weights:
+                self.stale_hits += 1
+            self.cache[key] = self.weights
+
+    async def _decode(self, requests: Sequence[Request], progress) -> list[Generation]:
         outs = [[[] for _ in range(r.n)] for r in requests]
         budgets = [r.sampling.max_tokens for r in requests]
         base = [len(r.prompt) - 1 for r in requests]  # prompts are [marker, *tokens so far]
@@ -114,7 +141,10 @@ class VllmLike:
             self.weights = self.folders[body["kwargs"]["weights_path"]]
             return {"results": [None]}
         if route == "/reset_prefix_cache":
-            return None
+            if self.running:  # blocks still held: vLLM refuses the reset
+                return {"success": False}
+            self.cache.clear()
+            return {"success": True}
         if route == "/update_weight_version":
             self.version = body["new_version"]
             return {"success": True, "new_version": self.version}

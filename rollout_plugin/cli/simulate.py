@@ -19,6 +19,7 @@ from rollout_plugin.sim.profile import load_profile
 from rollout_plugin.sim.report import (
     calibration_line,
     plot_scaling,
+    run_table,
     sweep,
     table,
     write_json,
@@ -35,7 +36,9 @@ HELP = CommandHelp(
           "fleet's step time goes, not to predict a GPU run's seconds.",
     examples=("rollout-plugin simulate fleet.engines=[64,256,1024] fleet.straggler_fraction=0.1 plot=scaling.png",
               "rollout-plugin simulate fleet.profile=cpu_tiny fleet.failure_fraction=0.05 workload.turns=4 "
-              "policies=[pool,static]"),
+              "policies=[pool,static]",
+              "rollout-plugin simulate fleet.engines=[64] workload.steps=8 workload.train_s=50 "
+              "workload.output_tokens_sigma=1.0 workload.max_tokens=16384 fleet.max_model_len=18432 output=run.json"),
     config="simulate", schema=SimulateConfig, register=register_sim_configs)
 
 
@@ -60,6 +63,14 @@ def check(cfg: SimulateConfig) -> None:
     p.at_least("workload.prompt_tokens_sigma", w.prompt_tokens_sigma, 0.0)
     p.at_least("workload.output_tokens_sigma", w.output_tokens_sigma, 0.0)
     p.at_least("workload.tool_latency_s", w.tool_latency_s, 0.0)
+    p.at_least("workload.steps", w.steps, 1)
+    p.at_least("workload.train_s", w.train_s, 0.0)
+    p.at_least("workload.max_staleness", w.max_staleness, 0)
+    modes = ("keep", "continue", "drain", "restart")
+    if w.update_mode not in modes:
+        p.add("workload.update_mode", w.update_mode, f"not a weight-update mode ({', '.join(modes)})", "continue")
+    if w.steps > 1 and w.turns > 1:
+        p.add("workload.turns", w.turns, "a multi-step run (workload.steps > 1) is single-turn", 1)
     p.at_least("baselines.distllm_batch", cfg.baselines.distllm_batch, 1)
     p.at_least("horizon_s", cfg.horizon_s, 1.0)
     if not cfg.policies:
@@ -88,6 +99,11 @@ def run(overrides: list[str]) -> int:
     results = sweep(cfg, profile, progress)
     print()
     print(table(results))
+    if w.steps > 1:
+        print()
+        print(f"{w.steps} steps, train_s={w.train_s:g}, pool updates mode={w.update_mode} "
+              f"max_staleness={w.max_staleness}; wasted as a share of useful tokens")
+        print(run_table(results))
     meta = {"title": title, "profile": profile.name, "calibration": profile.calibration,
             "date": str(date.today()), "machine": platform.node()}
     if cfg.output:

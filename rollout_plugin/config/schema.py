@@ -116,6 +116,9 @@ class TimeoutConfig:
     # An engine with samples in flight whose token counters (from /metrics) stay frozen this long is
     # hung (its API process may still answer /health): it leaves rotation and its work moves.
     stall_s: float = 60.0
+    # No engine can serve the current weights and none can be refit (stale with no weight source, a refit
+    # whose load failed): waiting callers get PoolError after this long, unless a source or engine comes.
+    hopeless_s: float = 60.0
 
 
 @dataclass
@@ -183,7 +186,8 @@ class PoolConfig:
     # Xtuner's rollout_max_batch_size_per_instance; unset: 1024/512/128/64 by max_model_len.
     per_engine: Optional[int] = None
     over_concurrency_ratio: float = 1.2  # cap × this in flight per engine, so its queue never runs dry
-    # Global in-flight cap in groups; unset: per_engine × engines / k × ratio.
+    # Global in-flight cap in groups; unset: per_engine × engines / k × ratio, raised with the engines' caps
+    # as the controller raises them (set, it is fixed).
     max_concurrent: Optional[int] = None
     # Samples per HTTP call: groups go as n=k, independent prompts pack into one multi-prompt call.
     pack_size: int = 64
@@ -280,6 +284,14 @@ class ControllerConfig:
     probe_factor: float = 2.0  # raise factor from the start until the first raise that doesn't pay (slow start)
     reprobe_s: float = 30.0  # a cap whose last raise bought nothing is raised again after this long
     expected_tokens: Optional[int] = None  # per sample, for the KV-based first estimate; unset: max_model_len
+    # A /metrics answer that came later than this share of the window since the last one is no measurement:
+    # the controller decides nothing on it (a late scrape once read "22 tok/s at 308" and cut on it).
+    max_scrape_lag: float = 0.25
+    # Straggler-aware placement (pool/straggler.py): routing weighs each engine's decode speed against the
+    # fleet's; with nothing left to dispatch, the work on engines slower than slow_below × the fleet moves to
+    # the others (from its tokens when streamed, else from the start).
+    straggler_moves: bool = True
+    slow_below: float = 0.75  # catches 1.5× stragglers (speed 0.67); a 0.9× engine is not worth a move
     timeline: Optional[str] = None  # JSONL timeline path (`rollout-plugin plot` draws it)
     pack: PackControlConfig = field(default_factory=PackControlConfig)
 

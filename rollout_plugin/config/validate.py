@@ -163,7 +163,7 @@ def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, p
     p.at_least(f"{prefix}.prewarm.max_tokens", cfg.prewarm.max_tokens, 1)
     if cfg.prewarm.timeout_s <= 0:
         p.add(f"{prefix}.prewarm.timeout_s", cfg.prewarm.timeout_s, "must be > 0", 120.0)
-    for name in ("connect_s", "request_s", "admission_s", "health_s", "stall_s"):
+    for name in ("connect_s", "request_s", "admission_s", "health_s", "stall_s", "hopeless_s"):
         value = getattr(cfg.timeouts, name)
         if value <= 0:
             p.add(f"{prefix}.timeouts.{name}", value, "must be > 0", getattr(type(cfg.timeouts)(), name))
@@ -218,6 +218,8 @@ def check_controller(cfg: CollectConfig, p: Problems, prefix: str = "controller"
     p.at_least(f"{prefix}.probe_factor", c.probe_factor, 1.01)
     p.at_least(f"{prefix}.reprobe_s", c.reprobe_s, 0.0)
     p.at_least(f"{prefix}.expected_tokens", c.expected_tokens, 1)
+    p.in_range(f"{prefix}.max_scrape_lag", c.max_scrape_lag, 0.0, 1.0)
+    p.in_range(f"{prefix}.slow_below", c.slow_below, 0.05, 0.95)
     p.at_least(f"{prefix}.pack.window_s", c.pack.window_s, 0.1)
     p.at_least(f"{prefix}.pack.min_gain", c.pack.min_gain, 0.0)
     p.in_range(f"{prefix}.pack.decay", c.pack.decay, 0.0, 1.0, low_open=True)

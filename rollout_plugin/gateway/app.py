@@ -19,12 +19,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from rollout_plugin.errors import PoolError
+from rollout_plugin.errors import EngineError, PoolError
 from rollout_plugin.gateway.batching import merge_completions, prompt_count, split_prompts
 from rollout_plugin.gateway.native import NativeCompletion, completion_response, plan_completion
 from rollout_plugin.gateway.relay import END, Exchange, Relay, gateway_request
 from rollout_plugin.gateway.streaming import EventStream
 from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.weights import FolderWeights, InPlaceWeights, WeightSource
 from rollout_plugin.types import Request as PoolRequest
 from rollout_plugin.types import Result
 
@@ -259,19 +260,38 @@ class Gateway:
     async def resume(self, request: Request) -> JSONResponse:
         body = await self._optional_body(request)
         version = body.get("weight_version")
-        self.pool.resume(int(version) if version is not None else None)
+        try:
+            self.pool.resume(int(version) if version is not None else None)
+        except PoolError as exc:  # a weight update is under way: it resumes admission itself
+            return _error(409, str(exc), "conflict")
         return JSONResponse({"paused": False, "weight_version": self.pool.weight_version})
 
     async def reload_weights(self, request: Request) -> JSONResponse:
-        """Drain, ``reload_weights`` on every engine, resume under the next (or given) weight version."""
+        """Every engine reloads its model path in place, through the pool's one update sequence (drain, load,
+        verify, adopt, resume): the next (or given) weight version only if every engine loaded it. A failure
+        answers 502 and leaves the old version (engines that may hold other weights leave rotation until the
+        next reload; :mod:`rollout_plugin.pool.update`)."""
         body = await self._optional_body(request)
         version = body.get("weight_version")
-        async with self.pool.weight_update(int(version) if version is not None else None):
-            answer = await self.fan_out("/collective_rpc", {"method": "reload_weights"})
-        return answer
+        return await self._reload(InPlaceWeights(timeout_s=60.0), int(version) if version is not None else None)
+
+    async def _reload(self, source: WeightSource, version: int | None) -> JSONResponse:
+        try:
+            adopted = await self.pool.update_weights(version, source)
+        except EngineError as exc:
+            return _error(502, f"reload_weights failed; weight version {self.pool.weight_version} stays: {exc}",
+                          "upstream_error")
+        return JSONResponse({"success": True, "weight_version": adopted})
 
     async def relay_admin(self, request: Request) -> JSONResponse:
-        return await self.fan_out(request.url.path, await self._optional_body(request))
+        body = await self._optional_body(request)
+        if request.url.path == "/collective_rpc" and body.get("method") == "reload_weights":
+            # A weight load: through the pool's update sequence, or results would carry a version it did not verify.
+            path = (body.get("kwargs") or {}).get("weights_path")
+            timeout = body.get("timeout") if isinstance(body.get("timeout"), (int, float)) else 600.0
+            return await self._reload(FolderWeights(path, timeout_s=timeout) if path else
+                                      InPlaceWeights(timeout_s=timeout), None)
+        return await self.fan_out(request.url.path, body)
 
     async def not_relayed(self, request: Request) -> JSONResponse:
         return _error(501, f"{request.url.path}: {NCCL_HELP}", "not_implemented")

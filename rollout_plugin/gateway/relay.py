@@ -10,7 +10,9 @@ pack); the client only notes their errors and prompt token ids in their exchange
 
 A stream is *committed* once its first event is in the exchange: until then a failed call is retried
 by the pool like any other; after it, the caller gets an error event and ``[DONE]``, and the call ends
-in :class:`StreamCut` (a :class:`Rejected`: never retried, so the answer is never started twice).
+in :class:`StreamCut` (a :class:`Rejected`: never retried, so the answer is never started twice). A relayed stream
+is read with the pool client's own parser (:class:`~rollout_plugin.pool.sse.StreamedAnswer`): an error event inside
+it, or a sample that ends without a finish reason, ends the call in :class:`StreamCut` with that verdict's message.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from rollout_plugin.pool.client import (  # the transport's own wire helpers: on
     json_body,
     raise_for_status,
 )
-from rollout_plugin.pool.engine_client import CallError, Generation, Progress, Rejected, TimedOut, Unavailable
-from rollout_plugin.pool.sse import aiter_events
+from rollout_plugin.pool.engine_client import (CallError, Generation, Malformed, Progress, Rejected, TimedOut,
+                                              Unavailable)
+from rollout_plugin.pool.sse import DONE, StreamedAnswer, aiter_events
 from rollout_plugin.types import Request, Sample, SamplingParams
 
 __all__ = ["Exchange", "PassThroughClient", "Relay", "StreamCut", "error_event", "gateway_request"]
@@ -42,7 +45,6 @@ log = logging.getLogger(__name__)
 # A chat-kind prompt makes the dispatcher send each pass-through request in a call of its own.
 PLACEHOLDER_PROMPT = [{"role": "user", "content": ""}]
 ROUTES = {"completions": "/completions", "chat": "/chat/completions"}
-DONE = "[DONE]"
 END = None  # in an exchange's events: the pool resolved the request (nothing follows)
 
 
@@ -131,35 +133,11 @@ def _samples(data: dict[str, Any]) -> list[Sample]:
     return out
 
 
-class _Tally:
-    """What a relayed stream said, for the pool's bookkeeping: finish reasons and token ids per choice, errors."""
-
-    def __init__(self) -> None:
-        self.choices: dict[int, tuple[list[int], str | None]] = {}
-        self.error: tuple[int, str] | None = None
-        self.prompt_tokens = 0
-
-    def add(self, data: str) -> None:
-        if data.strip() == DONE:
-            return
-        try:
-            event = json.loads(data)
-            if "error" in event:  # the engine's own in-stream error (forwarded as it is)
-                err = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
-                self.error = (int(err.get("code") or 502), str(err.get("message") or err))
-                return
-            self.prompt_tokens = int((event.get("usage") or {}).get("prompt_tokens") or self.prompt_tokens)
-            for choice in event.get("choices") or ():
-                ids, reason = self.choices.get(choice["index"], ([], None))
-                ids.extend(choice.get("token_ids") or ())
-                self.choices[choice["index"]] = (ids, choice.get("finish_reason") or reason)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # the caller got the event as the engine sent it; the pool need not understand it
-
-    def generation(self, n: int) -> Generation:
-        samples = [Sample("", tuple(ids) if ids else None, None, reason)
-                   for _, (ids, reason) in sorted(self.choices.items())]
-        return Generation(_fit(samples, n), self.prompt_tokens)
+def _streamed_generation(answer: StreamedAnswer, n: int) -> Generation:
+    """A relayed stream, for the pool's bookkeeping: token ids and finish reasons per choice."""
+    samples = [Sample("", tuple(c["token_ids"]) if c.get("token_ids") else None, None, c.get("finish_reason"))
+               for c in answer.merged()]
+    return Generation(_fit(samples, n), int(answer.usage.get("prompt_tokens") or 0))
 
 
 class PassThroughClient(HttpEngineClient):
@@ -173,12 +151,13 @@ class PassThroughClient(HttpEngineClient):
         self.reports_progress = self.stream or self.stream_min_tokens is not None
         relay.clients[self.name] = self  # a restarted engine's client replaces the dead one's
 
-    async def generate(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Generation]:
+    async def generate(self, requests: Sequence[Request], progress: Progress | None = None, *,
+                       weight_version: int | None = None) -> list[Generation]:
         if "body" in requests[0].metadata:  # a caller's body: always alone (a chat-kind placeholder)
-            return [await self._pass_through(r) for r in requests]
+            return [await self._pass_through(r, self.cache_salt(weight_version)) for r in requests]
         exchanges = [self.relay.exchanges.get(r.id) for r in requests]  # native requests; none for pre-warm
         try:
-            generations = await super().generate(requests, progress)
+            generations = await super().generate(requests, progress, weight_version=weight_version)
         except CallError as exc:
             for ex in exchanges:
                 if ex is not None:
@@ -193,15 +172,17 @@ class PassThroughClient(HttpEngineClient):
                     ex.prompt_ids = gen.prompt_ids
         return generations
 
-    async def _pass_through(self, r: Request) -> Generation:
+    async def _pass_through(self, r: Request, salt: str | None) -> Generation:
         ex = self.relay.exchanges.get(r.id)
         if ex is None:  # the caller is gone; the pool is about to drop it
             raise Rejected(f"{self.name}: {r.id}: nobody waits for this answer")
+        # The caller's body as it is, with the weight version's cache salt unless the caller chose one.
+        body = {**({"cache_salt": salt} if salt is not None else {}), **r.metadata["body"], "model": self.model}
         try:
             if r.metadata.get("stream"):
-                gen = await self._stream(r, ex)
+                gen = await self._stream(r, ex, body)
             else:
-                data = await self._post(r.metadata["route"], {**r.metadata["body"], "model": self.model})
+                data = await self._post(r.metadata["route"], body)
                 ex.response = data
                 gen = Generation(_fit(_samples(data), r.n), int((data.get("usage") or {}).get("prompt_tokens") or 0))
         except CallError as exc:
@@ -210,21 +191,26 @@ class PassThroughClient(HttpEngineClient):
         ex.error = None
         return gen
 
-    async def _stream(self, r: Request, ex: Exchange) -> Generation:
+    async def _stream(self, r: Request, ex: Exchange, body: dict[str, Any]) -> Generation:
         """Relay one SSE answer event by event into the exchange; see the module docstring for failures."""
         if ex.committed:  # requeued after a cut: the caller already has the start of an answer
             raise StreamCut(f"{self.name}: the stream was cut after it began; it is not sent again", status=502)
-        tally = _Tally()
+        answer = StreamedAnswer()  # the pool client's own parser: both read a stream the same way
         failure: CallError | None = None
+        malformed: CallError | None = None
         try:
-            async with self._session().post(self.api_base + r.metadata["route"], data=json_body(
-                    {**r.metadata["body"], "model": self.model}), headers=JSON_HEADERS, **self._proxy) as resp:
+            async with self._session().post(self.api_base + r.metadata["route"], data=json_body(body),
+                                            headers=JSON_HEADERS, **self._proxy) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode("utf-8", "replace")
                     raise_for_status(self.name, resp.status, text, resp.headers)
                 async for data in aiter_events(resp.content.iter_any()):
-                    ex.push(data)
-                    tally.add(data)
+                    try:
+                        answer.add(data)
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        malformed = malformed or Malformed(f"{self.name}: malformed event in stream")
+                    if answer.error is None or ex.committed:  # an error before anything else is not forwarded
+                        ex.push(data)  # the caller gets each event as the engine sent it
         except asyncio.CancelledError:  # the pool stopped the call: engine dead or hung, weights, close, caller gone
             ex.cut(f"{self.name}: the call was stopped mid-stream")
             raise
@@ -232,6 +218,12 @@ class PassThroughClient(HttpEngineClient):
             failure = TimedOut(f"{self.name}: stream: {type(exc).__name__}: {exc}")
         except (aiohttp.ClientError, OSError) as exc:
             failure = Unavailable(f"{self.name}: stream: {type(exc).__name__}: {exc}")
+        verdict = answer.verdict(self.name) or malformed
+        if failure is None and not ex.committed and verdict is not None:
+            # vLLM failed the call before its first output (a request it refused when adding it, a full queue, a
+            # dead engine core): nothing reached the caller, so the pool's retry and failover apply as for an
+            # HTTP error, and the caller's answer is an ordinary error with that status.
+            raise verdict
         if failure is None and not ex.done:
             failure = Unavailable(f"{self.name}: the stream ended without [DONE]")
         if failure is not None:
@@ -239,9 +231,11 @@ class PassThroughClient(HttpEngineClient):
                 raise failure  # nothing reached the caller: the pool's retry and failover apply
             ex.cut(str(failure))
             raise StreamCut(str(failure), status=502) from failure
-        if tally.error is not None:  # forwarded already; the request ends as an error, not retried
-            raise StreamCut(f"{self.name}: {tally.error[1]}", status=tally.error[0])
-        return tally.generation(r.n)
+        # An error event (forwarded already), a sample without a finish reason, an event we could not read: the
+        # caller has the stream as it was; the request ends as an error, not retried.
+        if verdict is not None:
+            raise StreamCut(str(verdict), status=verdict.status or 502) from verdict
+        return _streamed_generation(answer, r.n)
 
     async def control(self, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
         """POST a server-root control call (``/pause``, ``/collective_rpc`` …): (status, JSON or text)."""

@@ -26,7 +26,7 @@ class Admission:
 
     def _load(self, index: int) -> EngineLoad:
         e = self._engines[index]
-        return EngineLoad(index, self.ledger.engine_samples[index], e.cap, e.available)
+        return EngineLoad(index, self.ledger.engine_samples[index], e.cap, e.available, e.speed)
 
     def _dispatch(self) -> None:
         """Admit the oldest work that fits, as long as anything fits (one admission round)."""
@@ -35,10 +35,11 @@ class Admission:
         queue = self.ledger.queue
         loads = [self._load(i) for i in range(len(self._engines))]  # this round's view, kept current
         reserved = False
+        global_cap = self.global_cap  # (a sum over the engines: once a round)
         below_n: int | None = None  # units this large found no room this round; so won't larger ones
         try:
             while queue.size:
-                room = self.global_cap - self.ledger.samples_inflight
+                room = global_cap - self.ledger.samples_inflight
                 if room <= 0 or not any(x.room for x in loads):
                     return  # at the global cap, or every engine at its own: the next call to end wakes us
                 key = queue.oldest(below_n)
@@ -57,7 +58,7 @@ class Admission:
                     if not reserved:  # the oldest blocked unit keeps the engine it waits for
                         reserved = True
                         for i in self._reserve(unit, loads):
-                            loads[i] = EngineLoad(i, loads[i].inflight, loads[i].cap, False)
+                            loads[i] = EngineLoad(i, loads[i].inflight, loads[i].cap, False, loads[i].speed)
                     below_n = unit.n if below_n is None else min(below_n, unit.n)
                     continue
                 if len(parts) > 1:

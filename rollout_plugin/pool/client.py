@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,12 +35,12 @@ from rollout_plugin.pool.engine_client import (
     Malformed,
     Partial,
     Progress,
-    RateLimited,
     Rejected,
     TimedOut,
     Unavailable,
+    verdict_for_status,
 )
-from rollout_plugin.pool.sse import aiter_events
+from rollout_plugin.pool.sse import StreamedAnswer, aiter_events, logprob_values
 from rollout_plugin.types import Request, Sample, SamplingParams
 
 __all__ = ["JSON_HEADERS", "CallError", "EngineClient", "Generation", "HttpEngineClient", "Reply", "json_body",
@@ -133,6 +133,8 @@ class HttpEngineClient:
 
     # The pool hands each call a progress sink; streamed calls fill it (what a cut sample continues from).
     reports_progress = True
+    # The pool says which weight version each call runs under; the call's cache_salt keeps KV apart by version.
+    salts_prefix_cache = True
 
     def __init__(self, name: str, url: str, *, api_key: str | None, model: str, max_connections: int,
                  connect_s: float, request_s: float, admission_s: float, health_s: float,
@@ -154,6 +156,8 @@ class HttpEngineClient:
         self._proxy = _env_proxy(self.root)
         self._http: aiohttp.ClientSession | None = None
         self._closed = False
+        # Per client: an attached engine outlives this pool, and another run's version 3 is other weights.
+        self._salt = f"rp{secrets.token_hex(8)}"
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
@@ -243,10 +247,26 @@ class HttpEngineClient:
         except ValueError as exc:
             raise Malformed(f"{self.name}: {method} {path}: answer is not JSON") from exc
 
-    async def generate(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Generation]:
+    def cache_salt(self, weight_version: int | None) -> str | None:
+        """vLLM's per-request ``cache_salt`` for a call under ``weight_version``: prefix-cache blocks are shared only
+        by calls with one salt, so after a weight update no call reuses KV computed under other weights, even
+        where ``/reset_prefix_cache`` failed (it does while a ``keep`` update's frozen calls hold blocks). None
+        (no salt) before the first update: the weights the engine started with, and hosted APIs that reject
+        fields they do not know never see one. (vLLM: a non-empty string, at most 128 characters, none of
+        ``@ / \\`` or NUL; ``vllm/entrypoints/generate/base/protocol.py`` ``validate_cache_salt``.)"""
+        if not weight_version:
+            return None
+        return f"{self._salt}-v{weight_version}"
+
+    async def generate(self, requests: Sequence[Request], progress: Progress | None = None, *,
+                       weight_version: int | None = None) -> list[Generation]:
         first = requests[0]
         n, sp = first.n, first.sampling
-        body = {"model": self.model, **sampling_body(sp, n), **self.extra_body}
+        body = {"model": self.model, **sampling_body(sp, n)}
+        salt = self.cache_salt(weight_version)
+        if salt is not None:
+            body["cache_salt"] = salt
+        body.update(self.extra_body)  # the user's fields win, a cache_salt of theirs too
         if first.kind == "chat":
             if len(requests) != 1:
                 raise ValueError("chat prompts go one group per call")
@@ -263,8 +283,14 @@ class HttpEngineClient:
         if self.stream or long:
             choices, usage = await self._post_stream(path, body, progress, n)
         else:
+            for parts in progress or ():  # nothing will stream in: what it has so far is unknown, not none
+                for p in parts:
+                    p.blind = True
             data = await self._post(path, body)
-            choices, usage = data.get("choices", []), data.get("usage") or {}
+            choices, usage = data.get("choices") or [], data.get("usage") or {}
+            if data.get("prompt_token_ids"):  # the chat API's, at the top level: the one prompt's
+                for choice in choices:
+                    choice.setdefault("prompt_token_ids", data["prompt_token_ids"])
         return _group_choices(choices, usage, len(requests), n, chat=first.kind == "chat")
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -281,8 +307,7 @@ class HttpEngineClient:
     async def _post_stream(self, path: str, body: dict[str, Any], progress: Progress | None = None,
                            n: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        merged: dict[int, dict[str, Any]] = {}
-        usage: dict[str, Any] = {}
+        answer = StreamedAnswer()
         try:
             async with self._session().post(self.api_base + path, data=json_body(body), headers=JSON_HEADERS,
                                             **self._proxy) as resp:
@@ -292,22 +317,21 @@ class HttpEngineClient:
                 # Raw chunks, not lines: sampled text holds separators a line splitter breaks on (pool/sse.py).
                 # Read to the end, past [DONE], so the connection goes back for reuse instead of closing.
                 async for data in aiter_events(resp.content.iter_any()):
-                    if data.strip() == "[DONE]":
-                        continue
-                    event = json.loads(data)
-                    usage = event.get("usage") or usage
-                    for choice in event.get("choices", []):
-                        acc = merged.setdefault(choice["index"], {"index": choice["index"]})
-                        _merge_delta(acc, choice)
+                    for acc in answer.add(data):
                         if progress is not None:
                             _report(progress[acc["index"] // n][acc["index"] % n], acc)
         except TimeoutError as exc:  # before OSError: TimeoutError is one
             raise TimedOut(f"{self.name}: {type(exc).__name__}: {exc}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise Unavailable(f"{self.name}: {type(exc).__name__}: {exc}") from exc
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError, UnicodeDecodeError, shape
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:  # not JSON, not UTF-8, shape
             raise Malformed(f"{self.name}: malformed event in stream") from exc
-        return [merged[i] for i in sorted(merged)], usage
+        # An error event, or a sample without a finish reason: a verdict, never samples cut short. Progress keeps
+        # the tokens that streamed, so the dispatcher continues the samples from them.
+        failure = answer.verdict(self.name)
+        if failure is not None:
+            raise failure
+        return answer.merged(), answer.usage
 
 
 def _report(p: Partial, acc: dict[str, Any]) -> None:
@@ -324,13 +348,9 @@ def _report(p: Partial, acc: dict[str, Any]) -> None:
 def raise_for_status(name: str, status: int, text: str, headers: Mapping[str, str]) -> None:
     if status == 200:
         return
-    detail = " ".join(text.split())[:300]
     if status == 429:
-        retry_after = headers.get("retry-after")
-        raise RateLimited(f"{name}: rate limited (429)", status=status, retry_after_s=_seconds(retry_after))
-    if status >= 500:
-        raise Unavailable(f"{name}: HTTP {status}: {detail}", status=status)
-    raise Rejected(f"{name}: HTTP {status}: {detail}", status=status)
+        raise verdict_for_status(status, f"{name}: rate limited (429)", _seconds(headers.get("retry-after")))
+    raise verdict_for_status(status, f"{name}: HTTP {status}: {' '.join(text.split())[:300]}")
 
 
 def _seconds(value: str | None) -> float | None:
@@ -340,35 +360,13 @@ def _seconds(value: str | None) -> float | None:
         return None
 
 
-def _merge_delta(acc: dict[str, Any], choice: dict[str, Any]) -> None:
-    delta = choice.get("delta")
-    text = (delta or {}).get("content") if delta is not None else choice.get("text")
-    acc["text"] = acc.get("text", "") + (text or "")
-    if choice.get("token_ids"):
-        acc.setdefault("token_ids", []).extend(choice["token_ids"])
-    if choice.get("prompt_token_ids"):  # sent once, in a choice's first chunk
-        acc["prompt_token_ids"] = choice["prompt_token_ids"]
-    if choice.get("finish_reason"):
-        acc["finish_reason"] = choice["finish_reason"]
-    lp = choice.get("logprobs")
-    if lp:
-        acc.setdefault("_logprobs", []).extend(_logprob_values(lp))
-
-
-def _logprob_values(lp: dict[str, Any]) -> list[float]:
-    if "content" in lp:  # chat: [{"token", "logprob", ...}]
-        return [float(item["logprob"]) for item in lp.get("content") or []]
-    # A token without a logprob stays visible (NaN): never a plausible 0.0 an IS correction would trust.
-    return [float(x) if x is not None else math.nan for x in lp.get("token_logprobs") or []]
-
-
 def _sample_of(choice: dict[str, Any], chat: bool) -> Sample:
     text = (choice.get("message") or {}).get("content") if chat and "message" in choice else choice.get("text")
     token_ids = choice.get("token_ids")
     if "_logprobs" in choice:
         logprobs: list[float] | None = choice["_logprobs"]
     else:
-        logprobs = _logprob_values(choice["logprobs"]) if choice.get("logprobs") else None
+        logprobs = logprob_values(choice["logprobs"]) if choice.get("logprobs") else None
     return Sample(
         text=text or "",
         token_ids=tuple(token_ids) if token_ids is not None else None,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode
 
-__all__ = ["ControlState", "Decision", "Observation", "Progress", "Trial", "initial_state", "kv_estimate_cap",
+__all__ = ["ControlState", "Decision", "Observation", "Progress", "Trial", "fresh", "initial_state", "kv_estimate_cap",
            "step", "watch_progress"]
 
 
@@ -57,6 +57,7 @@ class Observation:
     kv_usage: float | None = None  # 0..1
     preemptions_total: float | None = None
     need: int = 0  # samples (n) of the largest request waiting in the pool; 0: none, or unknown
+    lag: float = 0.0  # seconds between asking for these numbers and their answer (t is the answer's time)
 
 
 @dataclass(frozen=True)
@@ -135,15 +136,32 @@ def initial_state(cap: int, cfg: ControllerConfig, group_size: int, preset: int 
     return ControlState(cap=min(max(cap, floor), ceiling), floor=floor, ceiling=ceiling)
 
 
-def kv_estimate_cap(preset_cap: int, kv_tokens: int | None, expected_tokens: int, ratio: float) -> tuple[int, str]:
-    """First cap: the preset, unless the engine's KV cache holds fewer sequences of the expected size."""
+def kv_estimate_cap(preset_cap: int, kv_tokens: int | None, expected_tokens: int, ratio: float,
+                    upper: int | None = None) -> tuple[int, str]:
+    """First cap: what the engine's KV cache holds of sequences of the expected size (× ``ratio``), below the
+    preset when it holds fewer; above it, up to ``upper`` (the engine's batch limit × ratio), when it holds
+    more: the context-length preset is a starting point, not a ceiling. ``upper`` None: never above it."""
     if not kv_tokens or expected_tokens <= 0:
         return preset_cap, "preset by context length"
     fits = max(1, kv_tokens // expected_tokens)
     est = math.ceil(fits * ratio)
+    why = f"KV holds {kv_tokens} tokens = {fits} sequences of {expected_tokens} tokens (×{ratio})"
     if est < preset_cap:
-        return est, f"KV holds {kv_tokens} tokens = {fits} sequences of {expected_tokens} tokens (×{ratio})"
+        return est, why
+    if upper is not None and est > preset_cap and upper > preset_cap:
+        return min(est, upper), why + (f", up to the batch limit {upper}" if est > upper else "")
     return preset_cap, "preset by context length (KV has room for more)"
+
+
+def fresh(state: ControlState, obs: Observation, cfg: ControllerConfig) -> bool:
+    """Is ``obs`` a measurement? Not when its answer came late (``lag`` above ``max_scrape_lag`` of the window
+    since the last measurement: the counters are from some moment in that lag, so a rate over the window is
+    off by as much), nor when the window is shorter than half the interval, or half a second if the interval
+    is longer (two looks back to back: noise). The first look always is."""
+    if state.last_t is None:
+        return True
+    window = obs.t - state.last_t
+    return window >= 0.5 * min(cfg.interval_s, 1.0) and obs.lag <= cfg.max_scrape_lag * window
 
 
 MAX_RECORDS = 8  # caps whose record is kept (the newest)
@@ -289,8 +307,13 @@ def _decide(state: ControlState, obs: Observation, preempted: float,
 
 
 def step(state: ControlState, obs: Observation, cfg: ControllerConfig) -> tuple[ControlState, Decision]:
-    """Advance one engine's controller by one observation."""
+    """Advance one engine's controller by one observation (one that is no measurement changes nothing but
+    the floor: :func:`fresh`)."""
     old = state.cap
+    if not fresh(state, obs, cfg):
+        if obs.need > old:
+            return replace(state, cap=obs.need), Decision(obs.need, old, f"a waiting request needs {obs.need} samples")
+        return state, Decision(old, old, None)
     nxt, preempted = _measure(state, obs, cfg)
     cap, reason, opened = old, None, False
     if cfg.mode != ControllerMode.off:

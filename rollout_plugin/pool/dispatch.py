@@ -23,8 +23,10 @@ from collections.abc import Callable, Sequence
 
 from rollout_plugin.errors import PoolError
 from rollout_plugin.pool.admission import Admission
+from rollout_plugin.pool.cuts import Cut
 from rollout_plugin.pool.affinity import Affinity
 from rollout_plugin.pool.engine_client import EngineClient
+from rollout_plugin.pool.lifecycle import Refit
 from rollout_plugin.pool.ledger import Call, Ledger, Ticket, Unit
 from rollout_plugin.pool.limits import Limits
 from rollout_plugin.pool.membership import Membership
@@ -52,7 +54,8 @@ class Dispatcher(Admission, Outcomes, Membership):
                  rate_limits: RateLimits | None = None, backoff: tuple[float, float] = (0.5, 30.0),
                  rand: Callable[[], float] = random.random, metrics: PoolMetrics | None = None,
                  recover: Callable[[int], bool] | None = None, group_mode: str = "auto",
-                 split_threshold: float = 0.25, pack_timeout_s: float = 0.0, supervisor: Supervisor | None = None):
+                 split_threshold: float = 0.25, pack_timeout_s: float = 0.0, supervisor: Supervisor | None = None,
+                 can_refit: Callable[[], tuple[Refit, str | None]] | None = None, hopeless_s: float = 60.0):
         if not clients:
             raise PoolError("a pool needs at least one engine")
         self.limits = limits
@@ -75,6 +78,10 @@ class Dispatcher(Admission, Outcomes, Membership):
         self._rand = rand
         self.metrics = metrics
         self._recover = recover or (lambda index: False)  # asked when an engine dies: will it come back?
+        # How a stale engine gets the pool's weights (and the source's description): the pool knows.
+        self._can_refit = can_refit or (lambda: (Refit.none, None))
+        self.hopeless_s = hopeless_s  # no engine can serve the current weights: fail after this long
+        self._hopeless_timer: asyncio.TimerHandle | None = None
         self.supervisor = supervisor or Supervisor()
         self.ledger = Ledger(len(clients))
         self.affinity = Affinity()
@@ -92,8 +99,11 @@ class Dispatcher(Admission, Outcomes, Membership):
     # -- public -----------------------------------------------------------------------------------
     @property
     def global_cap(self) -> int:
-        """Samples in flight across the pool (``max_concurrent`` groups of ``k``)."""
-        return self.limits.global_samples
+        """Samples in flight across the pool (``max_concurrent`` groups of ``k``); when derived, never below the
+        sum of the engines' caps (the controller's raises count)."""
+        if not self.limits.derived_global:
+            return self.limits.global_samples
+        return max(self.limits.global_samples, sum(e.cap for e in self._engines))
 
     @property
     def max_n(self) -> int:
@@ -172,6 +182,24 @@ class Dispatcher(Admission, Outcomes, Membership):
         self._on_change("pack", "pool", self.pack_size, size, reason)
         self.pack_size = size
 
+    def set_speed(self, index: int, speed: float) -> None:
+        """The monitor's verdict on an engine's decode speed against the fleet (routing weighs it)."""
+        self._engines[index].speed = speed
+
+    def move_calls(self, index: int, samples: int, avoid: frozenset[int] = frozenset()) -> int:
+        """Cut engine ``index``'s newest calls, at least ``samples`` samples of them, to go on elsewhere
+        (:data:`Cut.MOVE`: from their tokens when streamed), avoiding ``avoid`` too; returns the samples cut."""
+        moved = 0
+        for call in sorted((c for c in self.ledger.calls if c.engine == index), key=lambda c: -c.started):
+            if moved >= samples:
+                break
+            if call.task is not None and not call.task.done() and call.cancel_reason is None:
+                for u in call.units:
+                    u.avoid = u.avoid | avoid
+                self._cancel(call, Cut.MOVE)
+                moved += call.samples
+        return moved
+
     def reset_stats(self) -> None:
         now = self._clock()
         self._started = now
@@ -196,6 +224,7 @@ class Dispatcher(Admission, Outcomes, Membership):
         finally:
             if self._pack_timer is not None:
                 self._pack_timer.cancel()
+            self._hopeless_clock(None)
 
     def close(self) -> None:
         """Every open request gets an error record now; running calls are cancelled (see :meth:`aclose`)."""
@@ -206,7 +235,7 @@ class Dispatcher(Admission, Outcomes, Membership):
             self._resolve(ticket, Result(id=ticket.request.id, error=CLOSED, request=ticket.request,
                                          attempts=max((u.attempts for u in ticket.units), default=0)),
                           outcome="closed")
-        self._cancel_calls(lambda call: True, "closed")
+        self._cancel_calls(lambda call: True, Cut.CLOSED)
         self._wake.set()
 
     async def aclose(self, timeout_s: float = 10.0) -> None:
@@ -227,20 +256,20 @@ class Dispatcher(Admission, Outcomes, Membership):
             self._resolve(ticket, error=error)
             if ticket.future.done() and not ticket.future.cancelled():
                 ticket.future.exception()  # retrieved: the pool's __aexit__ raises it once, not every future
-        self._cancel_calls(lambda call: True, "failed")
+        self._cancel_calls(lambda call: True, Cut.FAILED)
         self._wake.set()
 
     # -- the one resolve path ---------------------------------------------------------------------
     def _finish(self, unit: Unit, result: Result) -> None:
         """A unit's outcome: the ticket's result (a whole request), or one piece of a split group's."""
         for call in self.ledger.finish(unit, result):
-            self._cancel(call, "abandoned")
+            self._cancel(call, Cut.ABANDONED)
         self._count(result)
 
     def _resolve(self, ticket: Ticket, result: Result | None = None, *, error: BaseException | None = None,
                  outcome: str | None = None) -> None:
         for call in self.ledger.resolve(ticket, result, error=error, outcome=outcome):
-            self._cancel(call, "abandoned")
+            self._cancel(call, Cut.ABANDONED)
         if result is not None:
             self._count(result)
 
@@ -249,12 +278,15 @@ class Dispatcher(Admission, Outcomes, Membership):
             series = self.metrics.series(result.engine or "none")
             (series.ok if result.ok else series.error).inc()
 
-    def _cancel(self, call: Call, reason: str) -> None:
+    def _cancel(self, call: Call, reason: Cut) -> None:
         if call.task is not None and not call.task.done():
-            call.cancel_reason = call.cancel_reason or reason
+            call.cancel_reason = call.cancel_reason or reason  # the first cause wins
             call.task.cancel()
 
-    def _cancel_calls(self, which: Callable[[Call], bool], reason: str) -> int:
+    def _cancel_calls(self, which: Callable[[Call], bool], reason: Cut | str) -> int:
+        """Cut the running calls ``which`` picks, for ``reason`` (a :class:`Cut`, or its value: an unknown
+        one raises ValueError here rather than being misread when the call settles)."""
+        reason = Cut(reason)
         calls = [c for c in self.ledger.calls if which(c)]
         for call in calls:
             self._cancel(call, reason)

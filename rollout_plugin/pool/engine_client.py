@@ -22,7 +22,7 @@ from typing import Protocol
 from rollout_plugin.types import Request, Sample
 
 __all__ = ["CallError", "EngineClient", "Generation", "Malformed", "Partial", "Progress", "RateLimited", "Rejected",
-           "TimedOut", "Unavailable", "check_reply", "looks_healthy", "new_progress"]
+           "TimedOut", "Unavailable", "check_reply", "looks_healthy", "new_progress", "verdict_for_status"]
 
 
 class CallError(Exception):
@@ -57,6 +57,18 @@ class Malformed(CallError):
     suspect = True
 
 
+def verdict_for_status(status: int | None, message: str, retry_after_s: float | None = None) -> CallError:
+    """The verdict for an error status an engine answered: an HTTP status, or the ``code`` of an error event inside
+    a stream (vLLM sends the status it would have answered). 429: rate limited; another status below 500: this
+    request is refused (vLLM: a validation error, a prompt too long: 400); 5xx (an engine error, the engine core
+    dead) or no status at all: the engine may be down."""
+    if status == 429:
+        return RateLimited(message, status=status, retry_after_s=retry_after_s)
+    if status is not None and status < 500:
+        return Rejected(message, status=status)
+    return Unavailable(message, status=status)
+
+
 @dataclass(frozen=True)
 class Generation:
     """What an engine returned for one request of a call (``prompt_ids``: the prompt as the engine
@@ -81,6 +93,9 @@ class Partial:
     text: str = ""
     prompt_token_ids: list[int] | None = None
     finish_reason: str | None = None
+    # The transport does not stream this call: no tokens here means "unknown", not "none yet" (a keep-mode
+    # weight update then cannot say where the new weights began in the sample).
+    blind: bool = False
 
 
 Progress = list[list[Partial]]  # [request][sample]
@@ -96,6 +111,10 @@ class EngineClient(Protocol):
     A client that can report output as it arrives sets ``reports_progress = True`` and accepts
     ``generate(requests, progress=...)``: it fills ``progress[i][j]`` for request ``i``, sample ``j``
     (:func:`new_progress`); it decides itself when that is worth the cost (e.g. streaming long calls only).
+
+    A client that can keep an engine's prefix cache apart per weight version sets ``salts_prefix_cache = True``
+    and accepts ``generate(requests, weight_version=v)``: ``v`` is the version the call runs under
+    (``Call.version``), so no call reuses KV blocks computed under other weights (vLLM's ``cache_salt``).
     """
 
     name: str

@@ -18,6 +18,7 @@ import asyncio
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from rollout_plugin.pool.cuts import Cut
 from rollout_plugin.pool.engine_client import Partial
 from rollout_plugin.pool.queue import UnitQueue
 from rollout_plugin.types import Request, Result, Sample
@@ -138,7 +139,7 @@ class Call:
     version: int
     started: float
     task: asyncio.Task[None] | None = None
-    cancel_reason: str | None = None  # set by whoever cancels it: what to do with its units
+    cancel_reason: Cut | None = None  # set by whoever cancels it: what to do with its units
     progress: list[list[Partial]] | None = None  # what streamed in so far, if the client reports it
     marks: list[tuple[list[list[int]] | None, int]] = field(default_factory=list)  # keep-mode weight updates
 

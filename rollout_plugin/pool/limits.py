@@ -34,6 +34,9 @@ class Limits:
     max_concurrent: int  # groups in flight across the pool
     engine_inflight: int  # samples in flight per engine = ceil(per_engine × ratio)
     http_connections: int  # per engine client
+    # max_concurrent was derived, not set: the global cap then follows the engines' caps as the controller
+    # raises them (a per-engine raise under a fixed global cap only moves work between engines).
+    derived_global: bool = False
 
     @property
     def global_samples(self) -> int:
@@ -59,4 +62,5 @@ def derive_limits(*, max_model_len: int, engines: int, k: int, ratio: float,
         max_concurrent=max_concurrent if max_concurrent is not None else derived,
         engine_inflight=engine_inflight,
         http_connections=engine_inflight,
+        derived_global=max_concurrent is None,
     )

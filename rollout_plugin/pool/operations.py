@@ -1,7 +1,8 @@
 """The pool's public operations beside generation: pause, resume, weight updates, step quotas, control calls.
 
-The gateway and the trainer adapters call these, never the dispatcher: one place decides how a weight
-update crosses in-flight work (:mod:`rollout_plugin.pool.weights`), and one fan-out (:meth:`control`)
+The gateway and the trainer adapters call these, never the dispatcher: one sequence, serialized, loads
+weights and undoes what it did when a step fails (:mod:`rollout_plugin.pool.update`; how in-flight work
+crosses it: :mod:`rollout_plugin.pool.weights`), and one fan-out (:meth:`control`)
 reaches every engine with one error behaviour: an answer per engine, never an exception for one engine.
 """
 
@@ -15,17 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from rollout_plugin.config.schema import WeightVerify
-from rollout_plugin.errors import EngineError
+from rollout_plugin.errors import EngineError, PoolError
 from rollout_plugin.pool.engine_client import CallError, EngineClient
 from rollout_plugin.pool.steps import Steps
-from rollout_plugin.pool.weights import (
-    ABORT_GRACE_S,
-    UpdateMode,
-    WeightSource,
-    check_identity,
-    engine_pause,
-    engine_resume,
-)
+from rollout_plugin.pool.update import update_sequence
+from rollout_plugin.pool.weights import UpdateMode, WeightSource, check_identity
 from rollout_plugin.types import Request
 
 log = logging.getLogger("rollout_plugin.pool.pool")
@@ -72,8 +67,12 @@ class Operations:
             await d.wait_idle()
 
     def resume(self, version: int | None = None) -> None:
-        """Admit again; ``version``: the weights every later result is tagged with."""
-        self._require().resume(version)
+        """Admit again; ``version``: the weights every later result is tagged with. Not while a weight update
+        is under way: it resumes admission itself when it ends (raises :class:`PoolError`)."""
+        d = self._require()
+        if self._updates.pending:
+            raise PoolError("pool.resume(): a weight update is under way; it resumes admission when it ends")
+        d.resume(version)
 
     @property
     def paused(self) -> bool:
@@ -87,69 +86,32 @@ class Operations:
         :mod:`rollout_plugin.pool.weights`): ``drain`` waits for in-flight samples, ``keep`` freezes them in
         the engines and resumes them under the new weights, ``continue`` aborts them engine-side and
         continues each from its tokens so far, ``restart`` (``abort=True``) generates them again.
-        ``max_staleness``: a sample may span at most this many versions; older work starts over."""
-        d = self._require()
+        ``max_staleness``: no result carries tokens more than this many versions older than ``version``; older
+        work starts over. One update at a time (:mod:`rollout_plugin.pool.update`): if the body or any step
+        raises, engines that paused resume, engines the body may have loaded leave rotation until refit, and
+        the old version stays."""
         mode = UpdateMode("restart" if abort else getattr(mode, "value", mode))
-        d.pause()
-        new = version if version is not None else d.weight_version + 1
-        frozen = loaded = False
-        try:
-            if mode is UpdateMode.restart:
-                d.abort_inflight()
-            elif mode is UpdateMode.continue_:
-                if await engine_pause(self, "abort"):
-                    d.cut_inflight("continue")  # an engine could not abort: cut our calls (streamed tokens stay)
-                elif not await d.wait_idle(timeout_s=ABORT_GRACE_S):
-                    # A call admitted just before the pause reached its engine after it: a paused vLLM queues it
-                    # until /resume, which comes only after this wait. It has no tokens yet: cut it, resend it.
-                    d.cut_inflight("continue")
-            elif mode is UpdateMode.keep:
-                if await engine_pause(self, "keep"):
-                    raise EngineError("weight_update(mode='keep') needs every engine in vLLM dev mode "
-                                      "(/pause?mode=keep): set engine.dev_mode=true, or use mode='drain'")
-                frozen = True
-            if mode is not UpdateMode.keep:
-                await d.wait_idle()
+        async with update_sequence(self, version, mode, max_staleness=max_staleness):
             yield
-            loaded = True
-            if frozen:
-                d.mark_inflight(new)  # the calls frozen across the update: their tokens from here are new
-            await self._adopt(new)
-        finally:
-            if frozen or mode is UpdateMode.continue_:
-                await engine_resume(self)
-            # A failed load keeps the old version: nothing may be tagged with weights that did not arrive.
-            d.resume(new if loaded else None, max_staleness=max_staleness if loaded else None)
 
-    def steps(self, source: Iterable[Request] | AsyncIterable[Request], *, in_flight: int) -> Steps:
-        """``async with pool.steps(requests, in_flight=M) as steps: groups = await steps.next(N)`` — step quota
-        with carry-over: M > N groups in flight, each step takes the first N to finish, the rest run on
+    def steps(self, source: Iterable[Request] | AsyncIterable[Request], *, in_flight: int | None = None,
+              max_staleness: int | None = None) -> Steps:
+        """``async with pool.steps(requests) as steps: groups = await steps.next(N)`` — step quota with
+        carry-over: M > N groups in flight (unset: relative to N), each step takes the first N to finish, the
+        rest run on; groups more than ``max_staleness`` versions old are not handed out
         (:mod:`rollout_plugin.pool.steps`)."""
         self._require()
-        return Steps(self, source, in_flight)
+        return Steps(self, source, in_flight, max_staleness=max_staleness)
 
     async def update_weights(self, version: int | None, source: WeightSource, *,
                              mode: UpdateMode | str = UpdateMode.drain, max_staleness: int | None = None) -> int:
-        """Load ``source`` into every engine under :meth:`weight_update`; the pool remembers it, so an engine
-        that restarts or joins later is refit from it before it rejoins. Returns the new version."""
-        async with self.weight_update(version, mode=mode, max_staleness=max_staleness):
-            await source.load(self, self._require().live_engines())
-            self._weight_source = source
-        stale = self._require().stale_engines()
-        if stale:  # engines that came back since the last update: refit them from this source too
-            await self._refit(stale)
+        """Load ``source`` into every engine in rotation, in the pool's one update sequence
+        (:mod:`rollout_plugin.pool.update`); the pool remembers it, so an engine that restarts or joins later is
+        refit from it before it rejoins. Returns the new version; on a failure the old one stays."""
+        mode = UpdateMode(getattr(mode, "value", mode))
+        async with update_sequence(self, version, mode, source=source, max_staleness=max_staleness) as engines:
+            await source.load(self, engines)
         return self.weight_version
-
-    async def _adopt(self, version: int) -> None:
-        """Tag every engine with ``version`` and check they agree (engine-reported, checksums)."""
-        if self.pool_cfg.verify_weights == WeightVerify.off:
-            return
-        names = self._require().live_engines()
-        reported = await check_identity(self, version, names,
-                                        checksum=self.pool_cfg.verify_weights == WeightVerify.checksum)
-        for name, got in reported.items():
-            if got is not None:  # engine-reported; engines that cannot say follow the pool's version
-                self._require().set_engine_version(self.engine_names.index(name), got)
 
     def live_engines(self) -> list[str]:
         """Engines in rotation (not dead, stale or retired)."""
@@ -179,18 +141,32 @@ class Operations:
 
     async def _refit(self, names: list[str]) -> None:
         """Load the pool's last weight source into stale engines, check them, and put them back in rotation;
-        without a source they stay out (and the log says how to fix that)."""
+        without a source they stay out (and the log says how to fix that). Never while an update loads: it
+        waits for the pool's update lock, then loads the weights of that moment."""
+        async with self._updates.lock:
+            await self._refit_locked(names)
+
+    async def _refit_locked(self, names: list[str]) -> None:
+        """:meth:`_refit`, the update lock held (the update sequence refits inside it)."""
         d = self._require()
-        if self._weight_source is None:
-            log.error("%s: stale -> stale (the pool has no weight source to refit it from: weights were loaded "
-                      "inside weight_update(); use pool.update_weights(version, source) so restarted engines "
-                      "can be refit)", ", ".join(names))
+        names = [n for n in names if n in d.stale_engines()]  # an update meanwhile may have refit them
+        if not names:
             return
-        log.info("%s: stale -> refitting (%s, weight version %d)", ", ".join(names),
-                 self._weight_source.description, d.weight_version)
-        await self._weight_source.load(self, names)
-        reported = await check_identity(self, d.weight_version, names,
-                                        checksum=self.pool_cfg.verify_weights == WeightVerify.checksum)
+        if self._weight_source is None:
+            log.error("%s: stays stale (the pool has no weight source to refit it from: weights were loaded "
+                      "inside weight_update(); use pool.update_weights(version, source) so restarted engines "
+                      "can be refit; callers get PoolError after pool.timeouts.hopeless_s)", ", ".join(names))
+            return
+        for name in names:  # stale -> refitting (the engine state machine, pool/lifecycle.py)
+            d.refitting(self.engine_names.index(name), self._weight_source.description)
+        try:
+            await self._weight_source.load(self, names)
+            reported = await check_identity(self, d.weight_version, names,
+                                            checksum=self.pool_cfg.verify_weights == WeightVerify.checksum)
+        except Exception as exc:  # refitting -> stale; the hopeless clock bounds the callers' wait
+            for name in names:
+                d.refit_failed(self.engine_names.index(name), f"{type(exc).__name__}: {exc}")
+            raise
         for name in names:
             d.rejoin(self.engine_names.index(name), reported.get(name))
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 
 from rollout_plugin.errors import PoolError
+from rollout_plugin.pool.cuts import Cut
 from rollout_plugin.pool.continuation import ABORTED, join_prefix, partial_sample, plan, segments
 from rollout_plugin.pool.engine_client import (CallError, Generation, RateLimited, Rejected, check_reply,
                                               looks_healthy)
@@ -42,10 +43,12 @@ class Outcomes:
                 await asyncio.sleep(delay)
                 delay = e.limiter.hold(self._clock())
         try:
-            if call.progress is not None:
-                generations = await e.client.generate(requests, progress=call.progress)  # type: ignore[call-arg]
-            else:
-                generations = await e.client.generate(requests)
+            kwargs: dict = {}
+            if call.progress is not None:  # tokens so far survive a cut
+                kwargs["progress"] = call.progress
+            if getattr(e.client, "salts_prefix_cache", False):  # no KV computed under other weights is reused
+                kwargs["weight_version"] = call.version
+            generations = await e.client.generate(requests, **kwargs)
             check_reply(e.client.name, requests, generations)
         except CallError as exc:
             if e.limiter is not None:
@@ -119,34 +122,50 @@ class Outcomes:
                     self._finish(u, Result(id=u.request.id, error=CLOSED, attempts=u.attempts,
                                            request=u.ticket.request))
             return
+        cut = call.cancel_reason  # None: cancelled by no one of ours; its units are simply sent again
+        name = self._engines[call.engine].client.name
         for i, u in reversed(list(enumerate(call.units))):
             if u.done:
                 continue
-            if call.cancel_reason == "dead":
+            if cut is not None and cut.avoids_engine:
                 u.avoid = u.avoid | {call.engine}
-            if call.cancel_reason in ("dead", "continue") and self._salvage(call, i, u):
+            counted = cut is not None and cut.counts
+            if counted and u.attempts > self.max_retries:  # engines keep dying under it: a fault to bound
+                self._give_up_unit(call, i, u, f"{name} {cut.value}: engines died under this request "
+                                               f"{u.attempts} times (pool.max_retries={self.max_retries})")
                 continue
-            u.attempts -= 1  # not the request's fault
+            if cut is not None and cut.salvages and self._salvage(call, i, u, counted=counted):
+                continue
+            if not counted:
+                u.attempts -= 1  # not the request's fault
             self.ledger.enqueue(u, front=True)
 
-    def _salvage(self, call: Call, i: int, unit: Unit) -> bool:
-        """Continue unit ``i`` of a cut call from what streamed in before the cut; False if nothing did."""
-        if call.progress is None or not any(p.token_ids for p in call.progress[i]):
-            return False
-        parts = call.progress[i]
+    def _so_far(self, call: Call, i: int, unit: Unit) -> list[Sample | None]:
+        """Unit ``i``'s samples as far as they got in this call (joined to its prefix); None: nothing known."""
         samples: list[Sample | None] = []
-        for j, p in enumerate(parts):
-            got = partial_sample(p, call.version)
+        for j, p in enumerate(call.progress[i] if call.progress is not None else [None] * unit.n):
+            got = partial_sample(p, call.version) if p is not None else Sample("")
             if got.token_ids:
                 got = join_prefix(unit.prefix, got, segments(call.version, call.marks, i, j, got.output_tokens))
             samples.append(got if got.token_ids else unit.prefix.sample if unit.prefix else None)
-        self._continue(unit, samples, unit.prefix.prompt_ids if unit.prefix else _prompt_ids(unit.request, parts))
+        return samples
+
+    def _salvage(self, call: Call, i: int, unit: Unit, *, counted: bool) -> bool:
+        """Continue unit ``i`` of a cut call from what streamed in before the cut; False if nothing did."""
+        if call.progress is None or not any(p.token_ids for p in call.progress[i]):
+            return False
+        prompt = unit.prefix.prompt_ids if unit.prefix else _prompt_ids(unit.request, call.progress[i])
+        self._continue(unit, self._so_far(call, i, unit), prompt, counted=counted)
         return True
 
-    def _continue(self, unit: Unit, samples: list[Sample | None], prompt_ids: Sequence[int] | None) -> None:
+    def _continue(self, unit: Unit, samples: list[Sample | None], prompt_ids: Sequence[int] | None, *,
+                  counted: bool = False) -> None:
         """Continue a cut unit's samples from the tokens they have: finished ones are kept, each unfinished
-        one goes on alone (prompt + its tokens), those with nothing to continue from start again."""
-        unit.attempts -= 1  # cut by us or by a weight update: not the request's fault
+        one goes on alone (prompt + its tokens), those with nothing to continue from start again.
+        ``counted``: the cut was a failure (or its engine died), and the try counts against every piece
+        (they inherit the unit's attempts): attempts are bounded per sample across continuations."""
+        if not counted:
+            unit.attempts -= 1  # cut by a weight update (or the staleness bound): not the request's fault
         p = plan(samples, prompt_ids, unit.ticket.request.sampling.max_tokens, unit.prefix)
         if (p.trivial and p.fresh == unit.n) or (unit.prefix is not None and p.continued == [unit.prefix]):
             self.ledger.enqueue(unit, front=True)  # nothing gained since it was sent: send it again as it is
@@ -174,8 +193,7 @@ class Outcomes:
                 u.attempts -= 1
                 self.ledger.enqueue(u, front=True)
             return
-        if exc.suspect and e.healthy and not e.suspect:
-            e.suspect = True
+        if exc.suspect and self.mark_suspect(e.index, str(exc)):
             self.supervisor.spawn(f"{e.client.name}-probe", self._probe(e, str(exc)),
                                   on_error=lambda err: self.mark_dead(e.index, f"probe failed: {err}"))
         elsewhere = any(x.available and x.index != e.index for x in self._engines)
@@ -184,11 +202,10 @@ class Outcomes:
                 continue
             if exc.retryable and u.attempts <= self.max_retries:
                 u.avoid = u.avoid | {e.index}
-                if self._salvage(call, i, u):
+                if self._salvage(call, i, u, counted=True):
                     continue  # the engine broke mid-call: its samples go on elsewhere from the tokens they had
             if not exc.retryable or u.attempts > self.max_retries:
-                self._finish(u, Result(id=u.request.id, engine=e.client.name, attempts=u.attempts, error=str(exc),
-                                       request=u.ticket.request))
+                self._give_up_unit(call, i, u, str(exc))
                 continue
             u.avoid = u.avoid | {e.index}
             if isinstance(exc, RateLimited) or not elsewhere:
@@ -208,6 +225,12 @@ class Outcomes:
                 self._finish(u, Result(id=u.request.id, engine=name, attempts=u.attempts, error=error,
                                        request=u.ticket.request))
 
+    def _give_up_unit(self, call: Call, i: int, unit: Unit, error: str) -> None:
+        """Unit ``i`` ends as an error record; the tokens its samples got so far stay in it (``partial``)."""
+        partial = tuple(s for s in self._so_far(call, i, unit) if s is not None)
+        self._finish(unit, Result(id=unit.request.id, engine=self._engines[call.engine].client.name,
+                                  attempts=unit.attempts, error=error, request=unit.ticket.request, partial=partial))
+
     def _backoff_done(self, unit: Unit) -> None:
         self.ledger.unhold(unit)
         if not unit.done:
@@ -215,13 +238,10 @@ class Outcomes:
             self._wake.set()
 
     async def _probe(self, e: EngineSlot, reason: str) -> None:
-        alive = await looks_healthy(e.client)
-        e.suspect = False
-        if alive:
-            log.info("%s: suspect -> healthy (health check passed)", e.client.name)
+        if await looks_healthy(e.client):
+            self.clear_suspect(e.index, "health check passed")
         else:
             self.mark_dead(e.index, reason)
-        self._wake.set()
 
 
 def _oldest(samples: Sequence[Sample], default: int) -> int:

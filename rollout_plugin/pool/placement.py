@@ -14,6 +14,7 @@ The Ray backend does not come here: Ray gives each replica its GPUs and sets the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -101,6 +102,21 @@ def _query_gpus(nvidia_smi: str) -> Optional[list[tuple[str, Optional[float]]]]:
     return gpus
 
 
+def keep_off_training_gpus(cfg: EngineConfig, inventory: GpuInventory, local_ranks: int) -> EngineConfig:
+    """``cfg`` with ``engine.trainer_devices`` set to the GPUs of this node's ``local_ranks`` training ranks when
+    it is unset (launched engines, ``engine.colocate`` false): an engine never lands on a training rank's GPU
+    unless asked. ``accelerate launch`` / torchrun give local rank ``i`` ``cuda:i``, the ``i``-th visible GPU.
+
+    The pool starts before the trainer loads its model: without this, vLLM takes 90 % of GPU 0 and the
+    trainer then runs out of memory there."""
+    if cfg.urls or cfg.colocate or cfg.trainer_devices or local_ranks < 1 or not inventory.devices:
+        return cfg
+    ranks = list(inventory.devices[:local_ranks])
+    log.info("engine.trainer_devices unset -> [%s] (the %d training rank(s)' GPUs, from %s; engine.colocate=true "
+             "shares them)", ",".join(ranks), local_ranks, inventory.source)
+    return dataclasses.replace(cfg, trainer_devices=ranks)
+
+
 def place_engines(inventory: GpuInventory, cfg: EngineConfig, engines: int, *,
                   colocated_utilization: Optional[float] = None) -> Placement:
     """One disjoint set of ``tensor_parallel_size`` GPUs per engine; raises :class:`ConfigError` naming the key.
@@ -149,7 +165,10 @@ def _check_count(p: Problems, usable: list[str], engines: int, tp: int, visible:
     where = f"engine.devices lists {len(wanted)}" if wanted else f"{visible} visible"
     if trainer and not colocate:
         where += f" without the trainer's ({','.join(trainer)})"
-    if tp > len(usable):
+    if not usable and trainer and not colocate:
+        p.add("engine.colocate", False, f"no GPU left for engines: {where}: 0 usable; share the training ranks' "
+              "GPUs on purpose (with engine.gpu_memory_utilization), or train on fewer ranks", True)
+    elif tp > len(usable):
         p.add("engine.tensor_parallel_size", tp, f"one engine needs {tp} GPUs; {where}: {len(usable)} usable",
               max(1, len(usable)))
     else:

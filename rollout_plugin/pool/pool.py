@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import httpx
 
@@ -21,6 +22,7 @@ from rollout_plugin.pool.control import ControllerConfig
 from rollout_plugin.pool.dispatch import Dispatcher
 from rollout_plugin.pool.engine_client import EngineClient
 from rollout_plugin.pool.launcher import EngineEndpoint, EngineProcess
+from rollout_plugin.pool.lifecycle import Refit
 from rollout_plugin.pool.limits import Limits, derive_limits
 from rollout_plugin.pool.metrics import PoolMetrics
 from rollout_plugin.pool.monitor import Monitor
@@ -32,6 +34,7 @@ from rollout_plugin.pool.server_check import DEV_MODE_ENDPOINTS, check_servers
 from rollout_plugin.pool.stats import PoolStats
 from rollout_plugin.pool.supervisor import Supervisor
 from rollout_plugin.pool.timeline import TimelineRecorder
+from rollout_plugin.pool.update import UpdateGate
 from rollout_plugin.pool.weights import WeightSource
 from rollout_plugin.types import Prompt, Request, Result
 
@@ -55,6 +58,18 @@ async def _served_model(url: str, api_key: str | None, timeout_s: float) -> str:
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
         raise EngineError(f"engine.urls: cannot list models at {api_base}/models ({exc}); "
                           f"set engine.served_model_name") from None
+
+
+@dataclass(frozen=True)
+class PushedWeights:
+    """A weight source the trainer pushes into every engine at each sync (:meth:`RolloutPool.expect_weight_pushes`):
+    nothing to load on demand; a refit after a sync only checks what the sync loaded."""
+
+    description: str
+    pushed: bool = True
+
+    async def load(self, pool: RolloutPool, engines: Sequence[str]) -> None:
+        return None  # the sync already loaded every engine
 
 
 class RolloutPool(Operations):
@@ -89,6 +104,7 @@ class RolloutPool(Operations):
         self._client_factory = client_factory  # HttpEngineClient's signature; the gateway passes its own
         self.warmup: list[WarmupReport] = []
         self._weight_source: WeightSource | None = None  # the last weights loaded by update_weights: refits use it
+        self._updates = UpdateGate()  # one weight update or refit at a time (pool/update.py)
 
     def _record_change(self, kind: str, engine: str, old: object, new: object, reason: str) -> None:
         if self._timeline is not None:
@@ -100,10 +116,12 @@ class RolloutPool(Operations):
         return self.provider.processes if isinstance(self.provider, LocalEngines) else []
 
     def _will_restart(self, index: int) -> bool:
-        """Called when an engine dies: restart it if we launched it and it has restarts left."""
+        """Asked by the dispatcher when an engine dies (it then moves dead -> restarting): restart it if we
+        launched it and it has restarts left."""
         if self.provider is None or self._supervisor is None or self._restarts[index] >= self.pool_cfg.max_restarts:
             return False
         self._restarts[index] += 1
+        log.info("%s: restart %d of %d", self._clients[index].name, self._restarts[index], self.pool_cfg.max_restarts)
         self._supervisor.spawn(f"{self._clients[index].name}-restart", self._restart(index),
                                on_error=lambda exc: self._restart_failed(index, exc))
         return True
@@ -114,8 +132,6 @@ class RolloutPool(Operations):
 
     async def _restart(self, index: int) -> None:
         name = self._clients[index].name
-        log.warning("%s: dead -> restarting (restart %d of %d)", name, self._restarts[index],
-                    self.pool_cfg.max_restarts)
         ep = await self.provider.replace(index)  # type: ignore[union-attr]  # failures: _restart_failed
         client = self._http_client(EngineEndpoint(name, ep.url, ep.api_key), self._clients[index].model)
         self._clients[index] = client
@@ -128,7 +144,50 @@ class RolloutPool(Operations):
             self.monitor.reset_engine(index)
         await old.aclose()
         if changed:
-            await self._refit([name])
+            await self._refit_stale([name])
+
+    def _refit_kind(self) -> tuple[Refit, str | None]:
+        """How a stale engine gets the pool's weights: from the source the pool holds, at the trainer's next
+        push (a source marked ``pushed``: TRL's NCCL transport), or not at all."""
+        source = self._weight_source
+        if source is None:
+            return Refit.none, None
+        return (Refit.pushed if getattr(source, "pushed", False) else Refit.held), source.description
+
+    def expect_weight_pushes(self, description: str) -> None:
+        """The trainer loads weights into every engine at each sync (TRL's NCCL transport) rather than giving
+        the pool a source it can load any time: an engine that restarts stale then waits for the next sync
+        (its load reaches every engine; :meth:`rejoin_after_push` checks it in) instead of failing the pool.
+        A later :meth:`update_weights` source replaces this."""
+        self._weight_source = PushedWeights(description)
+        self._require().fail_if_hopeless(f"weights now arrive by {description}")
+
+    def stale_engines(self) -> list[str]:
+        """Engines out of rotation until refit (they restarted or joined after the weights changed)."""
+        return self._require().stale_engines()
+
+    async def rejoin_after_push(self) -> list[str]:
+        """After a sync that loaded the current weights into every engine (stale ones too): each stale engine is
+        checked (version, checksums) and rejoins. Returns their names. Raises as the check does (they stay out)."""
+        stale = self._require().stale_engines()
+        if stale and self._refit_kind()[0] is Refit.pushed:
+            await self._refit(stale)
+        return stale
+
+    async def _refit_stale(self, names: list[str], *, reraise: bool = False) -> None:
+        """Refit engines that (re)joined with other weights, as the pool's weight source allows. A failed
+        refit leaves them stale (the dispatcher's hopeless clock then bounds every wait); it fails a restart
+        only in the log, an attach (``reraise``) in its caller."""
+        refit, source = self._refit_kind()
+        if refit is Refit.pushed:
+            log.warning("%s: stale until the next weight sync (%s)", ", ".join(names), source)
+            return
+        try:
+            await self._refit(names)
+        except Exception as exc:  # the engine stays stale and the wait is bounded: see fail_if_hopeless
+            log.error("%s: refit failed: %s: %s", ", ".join(names), type(exc).__name__, exc)
+            if reraise:
+                raise
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def __aenter__(self) -> RolloutPool:
@@ -163,6 +222,7 @@ class RolloutPool(Operations):
             rate_limits=RateLimits(rl.rpm, rl.tpm, rl.burst_s) if (rl.rpm or rl.tpm) else None,
             backoff=(self.pool_cfg.backoff_base_s, self.pool_cfg.backoff_cap_s),
             metrics=PoolMetrics(self.pool_cfg.metrics_port), recover=self._will_restart,
+            can_refit=self._refit_kind, hopeless_s=self.pool_cfg.timeouts.hopeless_s,
             group_mode=GroupMode(self.pool_cfg.groups.mode).value,
             split_threshold=self.pool_cfg.groups.split_threshold, pack_timeout_s=self.pool_cfg.pack_timeout_s,
             supervisor=sup)
@@ -170,7 +230,7 @@ class RolloutPool(Operations):
             d, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
             expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,
             ratio=self.pool_cfg.over_concurrency_ratio, clock=self._clock, timeline=self._timeline,
-            stall_s=self.pool_cfg.timeouts.stall_s)
+            stall_s=self.pool_cfg.timeouts.stall_s, max_num_seqs=self.engine_cfg.max_num_seqs)
         sup.spawn("dispatcher", d.run(), on_error=lambda exc: d.fail(PoolError(f"the dispatcher failed: {exc}")))
         sup.spawn("monitor", self.monitor.run())
         if self.provider is not None:
@@ -186,6 +246,7 @@ class RolloutPool(Operations):
         finally:
             if self._timeline is not None:
                 self._timeline.close()
+            await self._updates.quiesce(self.pool_cfg.timeouts.health_s * 6)  # no engine left paused by an update
             await self._close_clients()
             self._close_provider()
         if failure is not None and exc is None:
@@ -234,7 +295,7 @@ class RolloutPool(Operations):
         if self._given_up:
             log.info("pool: retrying given-up engine(s) %s (%s)", sorted(self._given_up), reason)
         for index in sorted(self._given_up):
-            if self._will_restart(index):
+            if self._require().restart(index, reason):
                 self._given_up.discard(index)
         if (not self._given_up and self._supervisor is not None and self.provider is not None
                 and self.provider.can_grow(len(self._clients))):
@@ -265,7 +326,7 @@ class RolloutPool(Operations):
         changed = dispatcher.weight_version != 0  # its weights are unknown: out until refit
         index = dispatcher.add_client(client, self.limits, stale=changed)
         if changed:
-            await self._refit([client.name])
+            await self._refit_stale([client.name], reraise=True)
         return index
 
     async def _close_clients(self) -> None:
@@ -332,11 +393,12 @@ class RolloutPool(Operations):
         return self._require().affinity.moved
 
     def retire_engine(self, name: str, reason: str) -> None:
-        """Take engine ``name`` out of rotation for good; what runs there finishes there."""
+        """Take engine ``name`` out of rotation for good; what runs there finishes there. A name that joined
+        again after it was retired (verl's hybrid replicas, at every weight sync) means its newest engine."""
         names = self.engine_names
         if name not in names:
             raise PoolError(f"retire_engine: no engine named {name!r} (engines: {', '.join(names)})")
-        self._require().retire(names.index(name), reason)
+        self._require().retire(len(names) - 1 - names[::-1].index(name), reason)
 
     def observe_metrics(self, texts: dict[str, str], now: float | None = None) -> None:
         """One controller step from these engines' /metrics texts (by engine name; others saw nothing)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+__all__ = ["EngineLoad", "pack_budget", "pick_engine", "pick_near", "split_group"]
+
 
 @dataclass(frozen=True)
 class EngineLoad:
@@ -12,6 +14,7 @@ class EngineLoad:
     inflight: int  # samples in flight
     cap: int  # samples allowed in flight
     healthy: bool = True
+    speed: float = 1.0  # decode speed against the fleet (pool/straggler.py): a slow engine fills up sooner
 
     @property
     def room(self) -> int:
@@ -19,7 +22,9 @@ class EngineLoad:
 
     @property
     def fill(self) -> float:
-        return self.inflight / self.cap if self.cap > 0 else 1.0
+        """In-flight ÷ cap, weighed by speed: an engine at a third of the fleet's speed looks three times as
+        full, so it gets a third of the new work (its share finishes when the others' does)."""
+        return self.inflight / (self.cap * self.speed) if self.cap > 0 and self.speed > 0 else 1.0
 
 
 def pick_engine(loads: Sequence[EngineLoad], need: int, avoid: frozenset[int] = frozenset()) -> int | None:

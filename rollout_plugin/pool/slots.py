@@ -1,4 +1,4 @@
-"""One engine as the dispatcher sees it: its client, cap, health and counters (no policy, no I/O)."""
+"""One engine as the dispatcher sees it: its client, cap, lifecycle state and counters (no policy, no I/O)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rollout_plugin.pool.engine_client import EngineClient, Generation
+from rollout_plugin.pool.lifecycle import EngineState
 from rollout_plugin.pool.ratelimit import RateLimiter
 from rollout_plugin.pool.stats import EngineStats
 
@@ -19,11 +20,12 @@ class EngineSlot:
     index: int
     client: EngineClient
     cap: int  # samples allowed in flight (the controller moves it)
-    healthy: bool = True
-    suspect: bool = False  # a call failed as if the engine were down: a probe decides
-    recovering: bool = False  # dead, but a restart is under way
-    stale: bool = False  # running, but may hold other weights than the pool's: out of rotation until refit
+    # Its place in the engine state machine (:mod:`.lifecycle`); only Membership moves it, through the table.
+    state: EngineState = EngineState.live
+    why: str = "started"  # the reason of the last transition (errors quote it)
+    before: EngineState = EngineState.absent  # the state it came from (stale after a failed refit is stuck)
     limiter: RateLimiter | None = None  # hosted APIs: RPM/TPM token buckets
+    speed: float = 1.0  # decode speed against the fleet (the monitor's verdict, pool/straggler.py): routing weighs it
     version: int = 0  # the weights it holds (engine-reported when it can say; results carry it)
     version_unknown: bool = True  # never read back from the engine: follows the pool's version
     calls: int = 0
@@ -36,9 +38,29 @@ class EngineSlot:
     since: float = 0.0
     peak: int = 0
 
+    # Derived from ``state`` (one source of truth); the names readers used when these were flags.
     @property
     def available(self) -> bool:
-        return self.healthy and not self.suspect
+        """In rotation: new calls may go here."""
+        return self.state is EngineState.live
+
+    @property
+    def healthy(self) -> bool:
+        """In rotation, or out only while a probe decides (what stats and the monitor count as up)."""
+        return self.state in (EngineState.live, EngineState.suspect)
+
+    @property
+    def suspect(self) -> bool:
+        return self.state is EngineState.suspect
+
+    @property
+    def recovering(self) -> bool:
+        return self.state is EngineState.restarting
+
+    @property
+    def stale(self) -> bool:
+        """Waiting for a refit (not one under way)."""
+        return self.state is EngineState.stale
 
     def account(self, before: int, after: int, now: float) -> None:
         """In-flight samples changed from ``before`` to ``after`` at ``now``."""
@@ -61,4 +83,4 @@ class EngineSlot:
     def stats(self, inflight: int, now: float, elapsed: float) -> EngineStats:
         mean = (self.area + inflight * (now - self.since)) / elapsed
         return EngineStats(self.client.name, self.healthy, inflight, self.cap, self.calls, self.requests, self.samples,
-                           self.output_tokens, self.failed_calls, mean, self.peak)
+                           self.output_tokens, self.failed_calls, mean, self.peak, state=self.state.value)

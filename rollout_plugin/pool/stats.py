@@ -18,6 +18,7 @@ class EngineStats:
     failed_calls: int
     mean_inflight: float
     peak_inflight: int
+    state: str = "live"  # its lifecycle state (rollout_plugin.pool.lifecycle.EngineState)
 
 
 @dataclass

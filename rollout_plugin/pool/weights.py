@@ -12,6 +12,9 @@ Modes (``RolloutPool.weight_update(version, mode=...)``), each measured in ``ben
   under the new weights, on any engine (:mod:`rollout_plugin.pool.continuation`).
 - ``restart``: in-flight requests are cancelled and generated again from scratch (the old ``abort=True``).
 
+The steps around these (pause, load, verify, adopt, resume), their one lock and what each failure undoes:
+:mod:`rollout_plugin.pool.update`.
+
 Identity: after a load the pool sets each engine's version (vLLM's ``/update_weight_version``), reads it
 back (``/weight_info``) and, with ``verify="checksum"``, compares ``/weight_checker`` checksums across
 engines: a mismatch names the engine. Results carry the version their engine reported. An engine that
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FolderWeights", "UpdateMode", "WeightSource", "check_identity", "engine_pause", "engine_resume"]
+__all__ = ["FolderWeights", "InPlaceWeights", "UpdateMode", "WeightSource", "check_identity", "engine_pause"]
 
 
 class UpdateMode(str, Enum):
@@ -77,6 +80,25 @@ class FolderWeights:
             log.warning("reset_prefix_cache did not succeed on every engine: %s", answers)
 
 
+@dataclass(frozen=True)
+class InPlaceWeights:
+    """Each engine reloads its own model path in place (vLLM's ``reload_weights`` without a path: the files the
+    trainer wrote where the engines load from; the gateway's ``/admin/reload_weights``)."""
+
+    timeout_s: float | None = 600.0
+
+    @property
+    def description(self) -> str:
+        return "the engines' own model path, reloaded in place"
+
+    async def load(self, pool: RolloutPool, engines: Sequence[str]) -> None:
+        _raise_failed(await pool.control("/collective_rpc", {"method": "reload_weights"}, timeout_s=self.timeout_s,
+                                         engines=engines))
+        answers = await pool.control("/reset_prefix_cache", timeout_s=self.timeout_s, engines=engines)
+        if not all(a.ok and (a.body or {}).get("success", True) is not False for a in answers):
+            log.warning("reset_prefix_cache did not succeed on every engine: %s", answers)
+
+
 def _raise_failed(answers: Sequence[ControlAnswer]) -> None:
     failed = [a for a in answers if not a.ok]
     if failed:
@@ -86,29 +108,22 @@ def _raise_failed(answers: Sequence[ControlAnswer]) -> None:
 ABORT_GRACE_S = 2.0  # aborted calls answer within this; a call still out after it never reached the engine
 
 
-async def engine_pause(pool: RolloutPool, mode: str) -> list[str]:
-    """vLLM's ``/pause?mode=…`` on every engine in rotation (a dead or restarting one is refit later); the
-    names of those that could not pause (not in dev mode)."""
-    answers = await pool.control(f"/pause?mode={mode}", timeout_s=pool.pool_cfg.timeouts.request_s,
-                                 engines=pool.live_engines())
+async def engine_pause(pool: RolloutPool, mode: str, engines: Sequence[str]) -> list[str]:
+    """vLLM's ``/pause?mode=…`` on ``engines``; the names of those that could not pause (not in dev mode,
+    or ``/pause`` answered 500: ``vllm/entrypoints/rl/online/api_router.py``)."""
+    answers = await pool.control(f"/pause?mode={mode}", timeout_s=pool.pool_cfg.timeouts.request_s, engines=engines)
     for a in answers:
         if not a.ok:
             log.warning("%s: running -> running (could not pause mode=%s: %s)", a.engine, mode, a.error)
     return [a.engine for a in answers if not a.ok]
 
 
-async def engine_resume(pool: RolloutPool) -> None:
-    for a in await pool.control("/resume", timeout_s=pool.pool_cfg.timeouts.health_s * 6,
-                                engines=pool.live_engines()):
-        if not a.ok:
-            log.error("%s: paused -> paused (resume failed: %s)", a.engine, a.error)
-
-
 async def check_identity(pool: RolloutPool, version: int, engines: Sequence[str], *,
                          checksum: bool) -> dict[str, int | None]:
     """Set ``version`` on ``engines``, read it back, and (``checksum``) compare weight checksums across them
-    and every other healthy engine. Returns each engine's reported version (None: the engine has no such
-    endpoint, e.g. not vLLM or not in dev mode). A mismatch raises :class:`EngineError` naming the engine."""
+    (engines out of rotation may hold other weights: they are not asked). Returns each engine's reported
+    version (None: the engine has no such endpoint, e.g. not vLLM or not in dev mode). A mismatch raises
+    :class:`EngineError` naming the engine."""
     await pool.control("/update_weight_version", {"new_version": str(version)}, engines=engines)
     reported: dict[str, int | None] = {}
     for a in await pool.control("/weight_info", method="GET", engines=engines):
@@ -117,13 +132,13 @@ async def check_identity(pool: RolloutPool, version: int, engines: Sequence[str]
         if a.ok and reported[a.engine] != version:
             raise EngineError(f"{a.engine}: reports weight version {text!r} after the update to {version}")
     if checksum:
-        await _compare_checksums(pool)
+        await _compare_checksums(pool, engines)
     return reported
 
 
-async def _compare_checksums(pool: RolloutPool) -> None:
+async def _compare_checksums(pool: RolloutPool, engines: Sequence[str]) -> None:
     answers = [a for a in await pool.control("/weight_checker", {"action": "checksum"},
-                                             timeout_s=pool.pool_cfg.timeouts.request_s)
+                                             timeout_s=pool.pool_cfg.timeouts.request_s, engines=engines)
                if a.ok and isinstance(a.body, dict) and a.body.get("checksums")]
     if len(answers) < 2:
         return

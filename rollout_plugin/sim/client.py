@@ -5,15 +5,26 @@ Lengths come from the request: ``metadata["sim_prompt_tokens"]`` (int) and
 decides by sampling, the workload decides up front, so every policy generates the same tokens.
 A dead engine fails its calls as a dropped connection does (retryable, suspect), answers
 ``healthy()`` with False and serves no ``/metrics``.
+
+Pieces of a group (a split group, samples generated again) and continued samples: a simulated sample's
+first token id is its length (what the engine "decided" when it started), so a sample continued from its
+tokens (prompt + tokens as the prompt, as the pool sends it) runs to the same length; samples that got no
+token before an abort go back to their group's bag (``groups``, shared by a run's clients), from which a
+piece of ``n`` < k samples draws. The control endpoints a weight update uses (vLLM dev mode's ``/pause``,
+``/resume``, ``/collective_rpc`` reload, ``/reset_prefix_cache``, ``/update_weight_version``,
+``/weight_info``) act on the simulated engine; a reload takes the profile's weight-transfer time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from functools import cache
+from typing import Any
+from urllib.parse import parse_qs
 
-from rollout_plugin.pool.engine_client import Generation, Unavailable
+from rollout_plugin.pool.engine_client import Generation, Progress, Rejected, Unavailable
 from rollout_plugin.pool.telemetry import EngineMetrics
 from rollout_plugin.sim.engine import EngineDied, SimEngine
 from rollout_plugin.types import Request, Sample
@@ -21,11 +32,25 @@ from rollout_plugin.types import Request, Sample
 PROMPT_KEY = "sim_prompt_tokens"
 OUTPUT_KEY = "sim_output_tokens"
 
+log = logging.getLogger(__name__)
+
 
 @cache
 def _sample(length: int) -> Sample:
-    # Samples are immutable: one shared instance per length keeps 10⁶ results cheap.
-    return Sample(text="", token_ids=(0,) * length, finish_reason="length")
+    # Samples are immutable: one shared instance per length keeps 10⁶ results cheap. Its first token id is
+    # its length: a continued sample says how long it is to run.
+    return Sample(text="", token_ids=((length,) + (0,) * (length - 1)) if length else (), finish_reason="length")
+
+
+@cache
+def _zeros(n: int) -> tuple[int, ...]:
+    return (0,) * n
+
+
+def _cut(target: int, done: int, first: bool) -> Sample:
+    """What an aborted sample had: ``done`` tokens (its first one its length, if it is the sample's first)."""
+    ids = ((target,) + _zeros(done - 1)) if first and done else _zeros(done)
+    return Sample(text="", token_ids=ids, finish_reason="abort")
 
 
 def metrics_text(m: EngineMetrics, model: str = "sim", block_size: int = 16) -> str:
@@ -56,25 +81,137 @@ def _metrics_text(m: EngineMetrics, block_size: int) -> MetricsText:
     return text
 
 
-class SimEngineClient:
-    """:class:`rollout_plugin.pool.client.EngineClient` backed by a :class:`SimEngine`."""
+def _report(engine: SimEngine, specs: Sequence[_Spec], seqs: list, progress: Progress) -> list[list[int]]:
+    """Fill ``progress`` with what a stream had delivered: each sample's tokens (its length first, if it is the
+    sample's first), finished ones whole. Returns the tokens each sample had, per request."""
+    out, i = [], 0
+    for spec, parts in zip(specs, progress):
+        cut = seqs[i:i + len(spec.outs)]
+        i += len(spec.outs)
+        had = [engine.generated(q) for q in cut]
+        first = not spec.continued
+        for part, target, done, q in zip(parts, spec.outs, had, cut):
+            if done:
+                part.token_ids = list((target,) + _zeros(done - 1)) if first else list(_zeros(done))
+                part.finish_reason = "length" if q.finished else None
+                if first:
+                    part.prompt_token_ids = list(_zeros(spec.prompt))
+        out.append(had)
+    return out
 
-    def __init__(self, engine: SimEngine):
+
+class _Spec:
+    """One request as the engine runs it: its prompt, its samples' lengths, and what it took from a bag."""
+
+    __slots__ = ("prompt", "outs", "continued", "bag")
+
+    def __init__(self, prompt: int, outs: list[int], continued: bool = False, bag: list[int] | None = None):
+        self.prompt, self.outs, self.continued, self.bag = prompt, outs, continued, bag
+
+
+class SimEngineClient:
+    """:class:`rollout_plugin.pool.client.EngineClient` backed by a :class:`SimEngine`. ``groups``: the bags
+    of samples not started, by request id, shared by every client of one run (pieces go to any engine)."""
+
+    def __init__(self, engine: SimEngine, groups: dict[str, list[int]] | None = None, *,
+                 stream_min_tokens: int | None = None):
         self.engine = engine
         self.name = engine.name
+        self.groups: dict[str, list[int]] = {} if groups is None else groups
+        # As the HTTP client (pool/client.py): calls this long stream (pool.stream_min_tokens), so their tokens so far
+        # are known at a cut; others are blind — a cut sample starts over, unless vLLM's abort answered with it.
+        self.stream_min_tokens = stream_min_tokens
+        self._streaming: dict[int, tuple[list[_Spec], list, Progress]] = {}
+        self.weight_version = "0"
+        self.calls = 0  # generate calls and /metrics scrapes: what a real client would send over HTTP
+        self.scrapes = 0
 
-    async def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        prompts = [int(r.metadata[PROMPT_KEY]) for r in requests]
-        outputs = [list(r.metadata[OUTPUT_KEY]) for r in requests]
-        call = self.engine.submit(prompts, outputs)
+    def _spec(self, r: Request) -> _Spec:
+        prompt = int(r.metadata[PROMPT_KEY])
+        outs = r.metadata[OUTPUT_KEY]
+        if isinstance(r.prompt, list) and len(r.prompt) > prompt and isinstance(r.prompt[0], int):  # continued
+            done = len(r.prompt) - prompt
+            return _Spec(len(r.prompt), [max(1, int(r.prompt[prompt]) - done)], continued=True)
+        if r.n == len(outs):  # the whole group (first send, or sent again as it was)
+            return _Spec(prompt, list(outs))
+        bag = self.groups.setdefault(r.id, list(outs))
+        taken = [bag.pop(0) for _ in range(min(r.n, len(bag)))]
+        if len(taken) < r.n:  # generated again after its continuation was dropped: it keeps a sibling's length
+            log.debug("%s: %d sample(s) beyond the bag take the group's first lengths", r.id, r.n - len(taken))
+            taken += list(outs[:r.n - len(taken)])
+        return _Spec(prompt, taken, bag=taken)
+
+    def _give_back(self, specs: Sequence[_Spec], request_ids: Sequence[str]) -> None:
+        for spec, rid in zip(specs, request_ids):
+            if spec.bag:
+                self.groups.setdefault(rid, [])[:0] = spec.bag
+
+    # A streamed call's tokens so far are filled when they matter — at a cut and at a keep-mode pause — where a
+    # real stream fills them as they arrive: the same state at those moments.
+    reports_progress = True
+
+    async def generate(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Generation]:
+        self.calls += 1
+        specs = [self._spec(r) for r in requests]
+        call = self.engine.submit([s.prompt for s in specs], [s.outs for s in specs])
+        streams = self.stream_min_tokens is not None and requests[0].sampling.max_tokens >= self.stream_min_tokens
+        if progress is not None and not streams:
+            for parts in progress:  # nothing streams in: what a sample has so far is unknown, not none
+                for p in parts:
+                    p.blind = True
+            progress = None
+        if progress is not None:
+            self._streaming[id(call)] = (specs, call.seqs, progress)
         try:
             await call.future
         except EngineDied as exc:
+            self._give_back(specs, [r.id for r in requests])
             raise Unavailable(f"{self.name}: {exc} (connection reset)") from None
         except asyncio.CancelledError:
             self.engine.abort(call)
+            self._cut(requests, specs, call.seqs, progress)
             raise
-        return [Generation(tuple(_sample(n) for n in outs), p) for p, outs in zip(prompts, outputs)]
+        finally:
+            self._streaming.pop(id(call), None)
+        if call.aborted:
+            return self._aborted(requests, specs, call.seqs)
+        return [Generation(tuple(_sample(n) for n in s.outs), s.prompt, None if s.continued else _zeros(s.prompt))
+                for s in specs]
+
+    def _cut(self, requests: Sequence[Request], specs: Sequence[_Spec], seqs: list,
+             progress: Progress | None) -> None:
+        """The pool cut the call: ``progress`` gets what a stream would have delivered by then (each sample's
+        tokens, finished ones whole). A request none of whose samples got a token is sent again as it was: what
+        it took from its bag goes back; otherwise its samples with no token go to the bag, for the fresh piece
+        the pool makes of them (those with tokens continue, each carrying its length)."""
+        if progress is None:
+            self._give_back(specs, [r.id for r in requests])
+            return
+        for r, spec, had in zip(requests, specs, _report(self.engine, specs, seqs, progress)):
+            if not any(had):
+                self._give_back([spec], [r.id])
+            elif not spec.continued:
+                self.groups.setdefault(r.id, []).extend(t for t, done in zip(spec.outs, had) if not done)
+
+    def _aborted(self, requests: Sequence[Request], specs: Sequence[_Spec], seqs: list) -> list[Generation]:
+        """vLLM's answer to a request aborted by ``/pause?mode=abort``: each sample's tokens so far, finish
+        reason ``abort`` (finished samples as they ended); samples with no token go back to the bag."""
+        out, i = [], 0
+        for r, spec in zip(requests, specs):
+            samples = []
+            for target in spec.outs:
+                q = seqs[i]
+                i += 1
+                if q.finished:
+                    samples.append(_sample(target))
+                    continue
+                samples.append(_cut(target, q.done, not spec.continued))
+                if not spec.continued:
+                    bag = self.groups.setdefault(r.id, [])  # from now on its pieces draw from the bag
+                    if not q.done:
+                        bag.append(target)
+            out.append(Generation(tuple(samples), spec.prompt, None if spec.continued else _zeros(spec.prompt)))
+        return out
 
     async def healthy(self) -> bool:
         return self.engine.alive
@@ -83,8 +220,40 @@ class SimEngineClient:
         return self.engine.metrics() if self.engine.alive else None
 
     async def metrics(self) -> str | None:
+        self.scrapes += 1
         m = self.metrics_now()
         return _metrics_text(m, self.engine.profile.block_size) if m is not None else None
 
     async def aclose(self) -> None:
         return None
+
+    # -- vLLM dev mode's control endpoints (vllm/entrypoints/rl/online/api_router.py, serve/dev) -------
+    async def admin(self, path: str, body: dict[str, Any] | None = None, *, timeout_s: float | None = None,
+                    method: str = "POST") -> Any:
+        route, _, query = path.partition("?")
+        if not self.engine.alive:
+            raise Unavailable(f"{self.name}: {method} {path}: connection refused")
+        if route == "/pause":
+            mode = parse_qs(query).get("mode", ["abort"])[0]
+            if mode not in ("abort", "keep"):
+                raise Rejected(f"{self.name}: /pause?mode={mode}: the simulator models abort and keep", status=400)
+            self.engine.pause(mode)
+            if mode == "keep":  # the pool marks where the new weights begin from what streamed in so far
+                for specs, seqs, progress in self._streaming.values():
+                    _report(self.engine, specs, seqs, progress)
+            return {"status": "paused"}
+        if route == "/resume":
+            self.engine.resume()
+            return {"status": "resumed"}
+        if route == "/collective_rpc":  # reload_weights: the profile's bytes over its transfer bandwidth
+            await asyncio.sleep(self.engine.profile.weight_load_s)
+            return {"results": [None]}
+        if route == "/reset_prefix_cache":
+            self.engine.invalidate_cache()
+            return None
+        if route == "/update_weight_version":
+            self.weight_version = str((body or {}).get("new_version"))
+            return None
+        if route == "/weight_info":
+            return {"weight_version": self.weight_version}
+        raise Rejected(f"{self.name}: {method} {path}: 404; the simulated engine lacks this endpoint", status=404)

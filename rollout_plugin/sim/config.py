@@ -41,6 +41,14 @@ class WorkloadConfig:
     # member does, so every session's next turn waits for the others (see benchmarks/RESULTS.md).
     chat: bool = True
     seed: int = 0  # the lengths drawn; every policy gets the same ones
+    # A whole RL run (single-turn only): `steps` trainer steps of `prompts` groups each; the trainer takes
+    # `train_s` per step, then the weights go to the engines (the profile's bytes over its bandwidth).
+    # Baselines run synchronously (generate the whole step, train, update); the pool keeps a step's quota
+    # plus carry-over in flight (pool.steps) and crosses updates in `update_mode` within `max_staleness`.
+    steps: int = 1
+    train_s: float = 0.0
+    update_mode: str = "continue"  # keep, continue, drain or restart (rollout_plugin.pool.weights.UpdateMode)
+    max_staleness: int = 1  # weight versions a trained sample may lag (one-step-off, as verl and AReaL run it)
 
 
 @dataclass

@@ -64,6 +64,7 @@ class SimCall:
     future: asyncio.Future
     seqs: list[Seq] = field(default_factory=list)
     left: int = 0
+    aborted: bool = False  # ended by ``pause(mode="abort")``: each seq's ``done`` is what it generated
 
 
 class SimEngine:
@@ -99,6 +100,8 @@ class SimEngine:
         self._done_k: list[float] = []
         self._timer: asyncio.TimerHandle | None = None
         self._end = 0.0
+        self.paused = False  # /pause: nothing is scheduled until resume()
+        self._kv_stale = False  # the weights changed under frozen sequences: their KV must be computed again
         # Counters (the /metrics a vLLM server exports).
         self.generation_tokens = 0.0
         self.prompt_tokens = 0.0
@@ -143,6 +146,7 @@ class SimEngine:
                 s.running, freed = False, True
                 self._running -= 1
                 self._k -= s.context_at_admit - s.admit_step
+                s.done += self._steps - s.admit_step  # what it generated: a stream had delivered it
         if freed or self._timer is None:
             self._replan_now()
 
@@ -165,6 +169,79 @@ class SimEngine:
         for c in calls.values():
             if not c.future.done():
                 c.future.set_exception(EngineDied(f"{self.name} died"))
+
+    def generated(self, s: Seq) -> int:
+        """Tokens ``s`` has generated so far (at the last step boundary the engine synced to)."""
+        if s.finished:
+            return s.target
+        return s.done + (self._steps - s.admit_step if s.running else 0)
+
+    def pause(self, mode: str) -> None:
+        """vLLM's ``/pause?mode=…`` (``vllm/v1/engine/async_llm.py`` ``pause_generation``): nothing new is
+        scheduled until :meth:`resume`; ``abort`` ends every unfinished request at once, answered with the
+        tokens it has (finish reason ``abort``); ``keep`` freezes them where they are, KV cache and all."""
+        if not self.alive:
+            return
+        if mode not in ("abort", "keep"):
+            raise ValueError(f"pause mode {mode!r}: the simulator models abort and keep")
+        self._sync_partial()
+        self.paused = True
+        if mode == "abort":
+            self._abort_all()
+
+    def resume(self) -> None:
+        """vLLM's ``/resume``. Sequences frozen across a weight load re-prefill their context (prompt share +
+        tokens so far): their KV was computed with the old weights (AReaL recomputes it so; vLLM's ``keep``
+        would go on from the stale KV — the re-prefill is the cost of doing it right)."""
+        if not self.alive or not self.paused:
+            return
+        self.paused = False
+        if self._kv_stale:
+            self._kv_stale = False
+            self._requeue_running()
+        self._replan_now()
+
+    def invalidate_cache(self) -> None:
+        """``/reset_prefix_cache`` after a weight load: cached KV belongs to the old weights."""
+        if self._running:
+            self._kv_stale = True
+            if not self.paused:
+                self._sync_partial()
+                self._kv_stale = False
+                self._requeue_running()
+                self._replan_now()
+
+    def _requeue_running(self) -> None:
+        """Every running sequence back to the head of the queue (admission order kept), to be prefilled again;
+        its tokens are kept. Not a preemption: the scheduler was not short of KV."""
+        running = [s for s in self._admitted if s.running]
+        for s in running:
+            s.done += self._steps - s.admit_step
+            s.running = False
+            s.preempted += 1  # its re-admission re-prefills prompt + done (counted in recomputed_tokens)
+        self._waiting.extendleft(reversed(running))
+        self._heap.clear()
+        self._admitted.clear()
+        self._running, self._k = 0, 0.0
+
+    def _abort_all(self) -> None:
+        calls: dict[int, SimCall] = {}
+        for s in itertools.chain((s for s in self._admitted if s.running), self._waiting):
+            if s.running:
+                s.done += self._steps - s.admit_step
+                s.running = False
+            calls[id(s.call)] = s.call
+        self._heap.clear()
+        self._admitted.clear()
+        self._waiting.clear()
+        self._running, self._k = 0, 0.0
+        for c in calls.values():
+            for s in c.seqs:
+                if not s.finished:
+                    s.aborted = True
+            if not c.future.done():
+                c.aborted = True
+                c.future.set_result(None)
 
     def metrics(self) -> EngineMetrics:
         j = self._steps_by(self.loop.time() - self._t0) if self._timer is not None else 0
@@ -280,6 +357,9 @@ class SimEngine:
 
     def _plan(self) -> None:
         """At a step boundary: preempt if KV is short, admit what fits, schedule the next event."""
+        if self.paused:
+            self._timer = None
+            return
         p = self.profile
         cap = p.kv_tokens
         half_block = p.block_size / 2

@@ -45,6 +45,13 @@ class EngineProfile:
     block_size: int = 16
     source: str = ""
     calibration: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # A weight update: the model's bytes over the trainer-to-engine transfer bandwidth (0: instant).
+    weight_bytes: float = 0.0
+    weight_transfer_bytes_per_s: float = 0.0
+
+    @property
+    def weight_load_s(self) -> float:
+        return self.weight_bytes / self.weight_transfer_bytes_per_s if self.weight_transfer_bytes_per_s else 0.0
 
 
 def builtin_profiles() -> list[str]:
@@ -61,7 +68,9 @@ def profile_from_dict(data: dict[str, Any]) -> EngineProfile:
                            float(step["per_prefill_token_s"]), float(step.get("per_admit_s", 0.0))),
             kv_tokens=int(eng["kv_tokens"]), max_num_seqs=int(eng["max_num_seqs"]),
             max_num_batched_tokens=int(eng["max_num_batched_tokens"]), block_size=int(eng.get("block_size", 16)),
-            source=str(data.get("source", "")), calibration=dict(data.get("calibration", {})))
+            source=str(data.get("source", "")), calibration=dict(data.get("calibration", {})),
+            weight_bytes=float(eng.get("weight_bytes", 0.0)),
+            weight_transfer_bytes_per_s=float(eng.get("weight_transfer_bytes_per_s", 0.0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise SimulationError(f"malformed engine profile {data.get('name', '?')!r}: {exc!r} "
                               f"(needs name, engine.{{kv_tokens,max_num_seqs,max_num_batched_tokens}}, "

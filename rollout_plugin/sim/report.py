@@ -56,6 +56,22 @@ def table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def run_table(results: Sequence[RunResult]) -> str:
+    """Multi-step runs (workload.steps > 1): what reached the trainer, against the best sync baseline."""
+    lines = ["| engines | policy | run (s) | useful tok/s | vs sync | wasted | max staleness | mean trained tokens "
+             "| busy |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    sync = {}
+    for r in results:
+        if r.policy not in (Policy.pool.value, Policy.pool_fixed.value):
+            sync[r.engines] = max(sync.get(r.engines, 0.0), r.useful_tokens_per_s)
+    for r in results:
+        rel = f"{r.useful_tokens_per_s / sync[r.engines]:.2f}x" if sync.get(r.engines) else "-"
+        waste = f"{r.wasted_tokens / r.useful_tokens:.1%}" if r.useful_tokens else "-"
+        lines.append(f"| {r.engines} | {r.policy} | {r.makespan_s:.1f} | {r.useful_tokens_per_s:,.0f} | {rel} | "
+                     f"{waste} | {r.max_staleness_seen} | {r.mean_trained_output_tokens:.1f} | {r.engine_busy:.0%} |")
+    return "\n".join(lines)
+
+
 def write_json(results: Sequence[RunResult], path: str | Path, meta: dict) -> None:
     Path(path).write_text(json.dumps({"meta": meta, "runs": [r.row() for r in results]}, indent=1) + "\n")
 

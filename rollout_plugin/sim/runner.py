@@ -16,11 +16,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from rollout_plugin.config.schema import (
+    ControllerConfig,
     ControllerMode,
     EngineConfig,
+    PoolConfig,
 )
 from rollout_plugin.errors import SimulationError
 from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.sim import rlrun
 from rollout_plugin.sim.baselines import (
     Baseline,
     FixedBatch,
@@ -53,6 +56,17 @@ class RunResult:
     wall_s: float  # real seconds the simulation took
     cpu_s: float = 0.0  # CPU seconds of this process (on a shared machine, wall time overstates)
     recomputed_tokens: float = 0.0  # prefilled again after preemptions (vLLM's recompute)
+    # The run as a trainer sees it (rlrun: workload.steps; a single step trains everything it generated).
+    steps: int = 1
+    useful_tokens: int = 0  # output tokens of samples that reached a training step
+    useful_tokens_per_s: float = 0.0  # over the run's simulated wall time (training included)
+    wasted_tokens: int = 0  # generated and not trained: cut and generated again, dropped, unfinished at the end
+    max_staleness_seen: int = 0  # weight versions between a trained sample's oldest tokens and the trainer's
+    mean_trained_output_tokens: float = 0.0
+    step_wait_s: tuple[float, ...] = ()  # per step: how long the trainer waited for its groups
+    dropped_groups: int = 0  # finished, but too stale when a step could take them (pool.steps max_staleness)
+    engine_calls: int = 0  # generate calls and /metrics scrapes sent: the HTTP a real client would pay for
+    metrics_scrapes: int = 0
 
     def row(self) -> dict:
         return asdict(self)
@@ -97,8 +111,9 @@ def _schedule_failures(engines: list[SimEngine], fleet: FleetConfig) -> None:
         loop.call_at(fleet.failure_at_s, e.fail)
 
 
-async def _drive_pool(policy: Policy, clients: list[SimEngineClient], sessions: list[Session], cfg: SimulateConfig,
-                      profile: EngineProfile) -> tuple[int, int, int, float]:
+def pool_configs(cfg: SimulateConfig, profile: EngineProfile,
+                 sessions: list[Session]) -> tuple[EngineConfig, PoolConfig, ControllerConfig]:
+    """The pool's configs as a user would set them for this workload."""
     wl = cfg.workload
     engine_cfg = EngineConfig(max_model_len=cfg.fleet.max_model_len, max_num_seqs=profile.max_num_seqs)
     pool_cfg = replace(cfg.pool, k=wl.k if wl.turns <= 1 else 1)
@@ -108,6 +123,13 @@ async def _drive_pool(policy: Policy, clients: list[SimEngineClient], sessions: 
         mean = statistics.mean(r.metadata[PROMPT_KEY] / len(r.metadata[OUTPUT_KEY]) + statistics.mean(
             r.metadata[OUTPUT_KEY]) for r in turns)
         ctl = replace(ctl, expected_tokens=int(mean))
+    return engine_cfg, pool_cfg, ctl
+
+
+async def _drive_pool(policy: Policy, clients: list[SimEngineClient], sessions: list[Session], cfg: SimulateConfig,
+                      profile: EngineProfile) -> tuple[int, int, int, float]:
+    wl = cfg.workload
+    engine_cfg, pool_cfg, ctl = pool_configs(cfg, profile, sessions)
     if policy == Policy.pool_fixed:
         ctl = replace(ctl, mode=ControllerMode.off)
     loop = asyncio.get_running_loop()
@@ -152,8 +174,11 @@ def _baseline(policy: Policy, clients: list[SimEngineClient], cfg: SimulateConfi
 
 def simulate(policy: Policy, n_engines: int, profile: EngineProfile, cfg: SimulateConfig,
              sessions: list[Session] | None = None) -> RunResult:
-    """Run one policy on ``n_engines`` simulated engines; returns simulated makespan and throughput."""
+    """Run one policy on ``n_engines`` simulated engines; returns simulated makespan and throughput
+    (``workload.steps`` > 1: a whole RL run, :mod:`rollout_plugin.sim.rlrun`)."""
     wl = cfg.workload
+    if wl.steps > 1:
+        return simulate_run(policy, n_engines, profile, cfg)
     if sessions is None:
         prompts = wl.prompts_per_engine * n_engines if wl.prompts_per_engine else wl.prompts
         sessions = build_sessions(wl, prompts)
@@ -162,7 +187,8 @@ def simulate(policy: Policy, n_engines: int, profile: EngineProfile, cfg: Simula
 
     async def main() -> RunResult:
         engines = build_fleet(n_engines, profile, cfg.fleet)
-        clients = [SimEngineClient(e) for e in engines]
+        groups: dict[str, list[int]] = {}  # one bag per group for every client: a group's pieces go anywhere
+        clients = [SimEngineClient(e, groups, stream_min_tokens=cfg.pool.stream_min_tokens) for e in engines]
         _schedule_failures(engines, cfg.fleet)
         loop = asyncio.get_running_loop()
         try:
@@ -179,11 +205,56 @@ def simulate(policy: Policy, n_engines: int, profile: EngineProfile, cfg: Simula
         if failed == 0 and tokens != expected:
             raise SimulationError(f"{policy.value}: generated {tokens} tokens, the workload has {expected}")
         busy = statistics.mean(min(1.0, e.busy_s / makespan) for e in engines) if makespan else 0.0
-        return RunResult(policy.value, n_engines, sum(len(s.turns) for s in sessions),
-                         sum(len(r.metadata[OUTPUT_KEY]) for s in sessions for r in s.turns), tokens, failed,
+        samples = sum(len(r.metadata[OUTPUT_KEY]) for s in sessions for r in s.turns)
+        return RunResult(policy.value, n_engines, sum(len(s.turns) for s in sessions), samples, tokens, failed,
                          makespan, tokens / makespan if makespan else 0.0, busy,
                          sum(e.preemptions for e in engines), cap_changes, 0.0,
-                         recomputed_tokens=sum(e.recomputed_tokens for e in engines))
+                         recomputed_tokens=sum(e.recomputed_tokens for e in engines),
+                         useful_tokens=tokens, useful_tokens_per_s=tokens / makespan if makespan else 0.0,
+                         mean_trained_output_tokens=tokens / samples if samples else 0.0,
+                         engine_calls=sum(c.calls for c in clients), metrics_scrapes=sum(c.scrapes for c in clients))
+
+    with parsed_metrics(not cfg.exact_metrics):
+        result = run_virtual(main())
+    return replace(result, wall_s=time.perf_counter() - wall0, cpu_s=time.process_time() - cpu0)
+
+
+def simulate_run(policy: Policy, n_engines: int, profile: EngineProfile, cfg: SimulateConfig) -> RunResult:
+    """A whole RL run of ``workload.steps`` steps (:mod:`rollout_plugin.sim.rlrun`)."""
+    wl = cfg.workload
+    prompts = wl.prompts_per_engine * n_engines if wl.prompts_per_engine else wl.prompts
+    sessions = build_sessions(wl, prompts * wl.steps)  # the first `prompts` are the single step's
+    steps = [sessions[i * prompts:(i + 1) * prompts] for i in range(wl.steps)]
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+
+    async def main() -> RunResult:
+        engines = build_fleet(n_engines, profile, cfg.fleet)
+        groups: dict[str, list[int]] = {}
+        clients = [SimEngineClient(e, groups, stream_min_tokens=cfg.pool.stream_min_tokens) for e in engines]
+        _schedule_failures(engines, cfg.fleet)
+        cap_changes = 0
+        try:
+            async with asyncio.timeout(cfg.horizon_s):
+                if policy in (Policy.pool, Policy.pool_fixed):
+                    fig, cap_changes = await rlrun.run_pool_steps(policy, clients, steps, cfg,
+                                                                  *pool_configs(cfg, profile, sessions))
+                else:
+                    fig = await rlrun.run_sync_steps(_baseline(policy, clients, cfg), clients, steps, wl.train_s)
+        except TimeoutError:
+            raise SimulationError(f"{policy.value} on {n_engines} engines did not finish {wl.steps} steps within "
+                                  f"horizon_s={cfg.horizon_s:g} simulated seconds (raise horizon_s)") from None
+        generated = sum(e.generation_tokens for e in engines)
+        wasted = rlrun.figures_check(fig, generated, policy.value)
+        wall = fig.end_s
+        return RunResult(policy.value, n_engines, len(sessions), sum(s.turns[0].n for s in sessions),
+                         round(generated), fig.failed, wall, generated / wall if wall else 0.0,
+                         rlrun.busy_share(engines, wall), sum(e.preemptions for e in engines), cap_changes, 0.0,
+                         recomputed_tokens=sum(e.recomputed_tokens for e in engines), steps=wl.steps,
+                         useful_tokens=fig.useful_tokens, useful_tokens_per_s=fig.useful_tokens / wall if wall else 0.0,
+                         wasted_tokens=wasted, max_staleness_seen=fig.max_staleness_seen,
+                         mean_trained_output_tokens=fig.useful_tokens / fig.trained_samples if fig.trained_samples
+                         else 0.0, step_wait_s=fig.step_s, dropped_groups=fig.dropped_groups,
+                         engine_calls=sum(c.calls for c in clients), metrics_scrapes=sum(c.scrapes for c in clients))
 
     with parsed_metrics(not cfg.exact_metrics):
         result = run_virtual(main())

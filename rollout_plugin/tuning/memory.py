@@ -6,6 +6,7 @@ and do not preempt, not to predict the last gigabyte. Every figure is in bytes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from rollout_plugin.tuning.spec import GIB, HardwareSpec, ModelSpec
@@ -17,6 +18,12 @@ ENGINE_FIXED_RESERVE_CPU = 1.0 * GIB
 # FSDP with fp32 master weights and AdamW: params 4 + grads 4 + two moments 8 bytes per parameter.
 TRAIN_STATE_BYTES_PER_PARAM = 16
 TRAIN_MARGIN = 4.0 * GIB  # fragmentation, NCCL, the allocator cache
+# vLLM's packed NCCL weight transfer (vllm/distributed/weight_transfer/packed_tensor.py
+# DEFAULT_PACKED_BUFFER_SIZE_BYTES / DEFAULT_PACKED_NUM_BUFFERS): each worker receives into this many buffers.
+NCCL_BUFFER_BYTES = 1 * GIB
+NCCL_NUM_BUFFERS = 2
+# Outside vLLM's budget besides the update: the CUDA context of a second process touching the GPU, allocator slack.
+UPDATE_MARGIN = 1.0 * GIB
 
 
 def kv_bytes_per_token(model: ModelSpec, tp: int = 1) -> int:
@@ -49,6 +56,28 @@ def engine_reserve_bytes(model: ModelSpec, hardware: HardwareSpec, *, tp: int, m
     activations *= model.dtype_bytes
     logits = max_num_seqs * model.vocab_size * 4
     return int(fixed + activations + logits)
+
+
+def nccl_update_bytes(model: ModelSpec | None, *, tp: int = 1, buffer_bytes: int = NCCL_BUFFER_BYTES,
+                      num_buffers: int = NCCL_NUM_BUFFERS) -> int:
+    """Per-GPU memory an engine worker takes *outside* vLLM's ``gpu_memory_utilization`` during an NCCL update.
+
+    The packed transfer's receive buffers (``num_buffers`` × ``buffer_bytes``, allocated by
+    ``packed_nccl_broadcast_consumer``) plus what layer-wise reload materialises: the largest layer, or the
+    embedding / LM head (vocab × hidden), split by TP. ``model`` None (a hub id, no config.json): buffers only.
+    """
+    layer = 0
+    if model is not None:
+        layer = max(weight_bytes(model) // max(1, model.num_layers),
+                    model.vocab_size * model.hidden_size * model.dtype_bytes) // max(1, tp)
+    return num_buffers * buffer_bytes + layer
+
+
+def utilization_leaving(memory_gib: float, utilization: float, outside_bytes: int) -> float:
+    """The largest of ``utilization`` and lower multiples of 0.05 that leaves ``outside_bytes`` plus
+    :data:`UPDATE_MARGIN` of each GPU outside vLLM's budget (0.0: it cannot)."""
+    free_share = 1 - (outside_bytes + UPDATE_MARGIN) / (memory_gib * GIB)
+    return round(min(utilization, math.floor(free_share * 20 + 1e-9) / 20), 2) if free_share > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from rollout_plugin.tuning.memory import (
     train_bytes_per_token,
     train_state_bytes_per_gpu,
     train_token_budget,
+    utilization_leaving,
 )
 from rollout_plugin.tuning.normalize import TrlBatch, VerlBatch, check_divisibility, trl_batch, verl_batch
 from rollout_plugin.tuning.spec import GIB, HARDWARE_PRESETS, HardwareSpec, ModelSpec, Pins, WorkloadSpec
@@ -314,16 +315,20 @@ def _utilization(model: ModelSpec, hw: HardwareSpec, w: WorkloadSpec, pins: Pins
 
 
 def colocated_utilization(model: ModelSpec, hw: HardwareSpec, train_gpus: int, *, offload: bool,
-                          notes: Optional[list[str]] = None) -> tuple[float, str]:
+                          notes: Optional[list[str]] = None, update_bytes: int = 0) -> tuple[float, str]:
     """The share of each GPU an engine may take next to a trainer on the same GPUs, and why.
 
     Also what the pool launches colocated engines with when ``engine.gpu_memory_utilization`` is unset.
+    ``update_bytes``: what a weight update takes outside vLLM's budget (:func:`.memory.nccl_update_bytes`).
     """
     if offload:
-        return UTIL_COLOCATED_OFFLOAD, ("colocated with parameter/optimizer offload: the trainer's state is on "
-                                        "the CPU during rollout")
+        util = UTIL_COLOCATED_OFFLOAD
+        if update_bytes:
+            util = max(UTIL_COLOCATED_RANGE[0], utilization_leaving(hw.gpu_memory_gib, util, update_bytes))
+        return util, ("colocated with parameter/optimizer offload: the trainer's state is on the CPU during rollout"
+                      + (f"; {update_bytes / GIB:.1f} GiB kept for the weight update" if update_bytes else ""))
     # Without offload the sharded fp32 parameters and Adam moments stay on the GPU during rollout.
-    resident = 12 * model.num_params / max(1, train_gpus) + 4 * GIB
+    resident = 12 * model.num_params / max(1, train_gpus) + 4 * GIB + update_bytes
     free = math.floor((1 - resident / (hw.gpu_memory_gib * GIB)) * 20) / 20
     low, high = UTIL_COLOCATED_RANGE
     util = round(min(high, max(low, free)), 2)
@@ -332,6 +337,16 @@ def colocated_utilization(model: ModelSpec, hw: HardwareSpec, train_gpus: int, *
                      f"{max(free, 0):.2f} of GPU memory for vLLM; set workload.offload=true or use more GPUs")
     return util, (f"colocated without offload: veRL's 0.5–0.7; the sharded training state keeps "
                   f"~{resident / GIB:.1f} GiB/GPU resident during rollout")
+
+
+def dedicated_utilization(hw: HardwareSpec, update_bytes: int = 0) -> tuple[float, str]:
+    """An engine alone on its GPUs: :data:`UTIL_DEDICATED`, lowered so a weight update's memory outside vLLM's
+    budget (``update_bytes``: NCCL receive buffers, layer-wise reload) still fits beside it."""
+    if not update_bytes:
+        return UTIL_DEDICATED, "dedicated engines: nothing else on the GPU"
+    util = utilization_leaving(hw.gpu_memory_gib, UTIL_DEDICATED, update_bytes)
+    return util, (f"dedicated engines, {update_bytes / GIB:.1f} GiB of each GPU kept outside vLLM's budget for the "
+                  f"NCCL weight update (receive buffers and layer-wise reload)")
 
 
 def _tp_candidates(model: ModelSpec, gpus_per_node: int, gpus: int) -> list[int]:

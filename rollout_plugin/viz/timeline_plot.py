@@ -36,8 +36,10 @@ REASON_CHARS = 110
 _SAMPLE_NUMBERS = ("inflight", "cap", "queued", "kv_usage", "running", "waiting", "preemptions", "tokens_per_s")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
-# Health states: anything that is not healthy is shaded; dead in red, the rest (suspect, draining…) amber.
-_HEALTH_COLORS = {"healthy": "#cfe8cf", "dead": "#d62728"}
+# Health states: anything that is not live is shaded; dead in red, the rest (suspect, stale…) amber. Timelines
+# written before the engine state machine (rollout_plugin.pool.lifecycle) called the live state "healthy".
+_LIVE = ("live", "healthy")
+_HEALTH_COLORS = {"live": "#cfe8cf", "healthy": "#cfe8cf", "dead": "#d62728"}
 _OTHER_HEALTH = "#ff9f1c"
 _UP, _DOWN = "#2ca02c", "#d62728"
 
@@ -208,8 +210,8 @@ def _direction(change: _Change) -> int:
 def _health_spans(engine: _Engine, end: float) -> list[tuple[float, float, str]]:
     """(start, end, state) bands; before the first change the engine is taken as its first ``old`` state."""
     if not engine.health:
-        return [(0.0, end, "healthy")]
-    spans, state, start = [], str(engine.health[0].old or "healthy"), 0.0
+        return [(0.0, end, "live")]
+    spans, state, start = [], str(engine.health[0].old or "live"), 0.0
     for change in engine.health:
         spans.append((start, change.t, state))
         start, state = change.t, str(change.new)
@@ -363,8 +365,8 @@ def _draw_strip(ax: Any, engine: _Engine, spans: list[tuple[float, float, str]],
             ax.text(frame.x(change.t), 0.66, frame.letter_of[_template(change.reason)], ha="center",
                     va="bottom", fontsize=7.5, color=color, fontweight="bold", clip_on=False)
             last = change.t / frame.end
-    state = spans[-1][2] if spans else "healthy"
-    status = state if state == "healthy" else f"{state} at {_fmt_t(spans[-1][0], frame)}"
+    state = spans[-1][2] if spans else "live"
+    status = state if state in _LIVE else f"{state} at {_fmt_t(spans[-1][0], frame)}"
     ax.set_title(f"{engine.name}  ·  {status}", fontsize=11, fontweight="bold", loc="left",
                  color="#a01010" if state == "dead" else "black")
 
@@ -374,7 +376,7 @@ def _draw_guides(panels: tuple[Any, ...], engine: _Engine, spans: list[tuple[flo
     """Unhealthy time shaded, health changes dashed, cap changes dotted, behind the data of every panel."""
     for ax in panels:
         for start, stop, state in spans:
-            if state != "healthy":
+            if state not in _LIVE:
                 ax.axvspan(frame.x(start), frame.x(stop), color=_HEALTH_COLORS.get(state, _OTHER_HEALTH),
                            alpha=0.12, lw=0)
         for change in engine.health:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from rollout_plugin.adapters.trl.backend import checked, group_requests, sample_logprobs
 from rollout_plugin.adapters.trl.callback import PREFIX, PoolMetrics
 from rollout_plugin.adapters.trl.compat import require_trl
-from rollout_plugin.adapters.trl.config import AsyncRolloutConfig, checked_async_config
+from rollout_plugin.adapters.trl.config import AsyncRolloutConfig, checked_async_config, resolved_in_flight
 from rollout_plugin.adapters.trl.versions import staleness_version, versions_spanned
 from rollout_plugin.adapters.trl.weights import reload_engines, write_weights
 from rollout_plugin.errors import TrainerAdapterError
@@ -85,7 +85,8 @@ class PoolRolloutWorker:
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.k = num_generations
         self.sampling = sampling if sampling.logprobs else SamplingParams(**{**sampling.__dict__, "logprobs": True})
-        self.in_flight = cfg.in_flight
+        self._cfg = cfg
+        self.in_flight = cfg.in_flight  # resolved by start(): fixed, or relative to groups_per_step
         self.rollout_buffer: queue.Queue = queue.Queue(maxsize=cfg.queue_maxsize)
         self.metrics_queue: queue.Queue = queue.Queue()
         self.model_version = 0
@@ -108,6 +109,7 @@ class PoolRolloutWorker:
 
     # -- RolloutWorkerProtocol ---------------------------------------------------------------------
     def start(self) -> None:
+        self.in_flight = resolved_in_flight(self._cfg)  # a ConfigError before any generation, naming the key
         self._stop.clear()
         self._last_put = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="trl-pool-rollouts", daemon=True)

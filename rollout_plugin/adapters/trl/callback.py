@@ -79,7 +79,8 @@ def weight_sync(trainer: Any, pool: SyncRolloutPool | None, weights: WeightsConf
     if str(getattr(cfg.transport, "value", cfg.transport)) == "nccl":
         from rollout_plugin.adapters.trl.nccl import NcclOptions
 
-        nccl = NcclOptions(host=cfg.nccl_host, port=cfg.nccl_port)
+        nccl = NcclOptions(host=cfg.nccl_host, port=cfg.nccl_port, buffer_bytes=cfg.nccl_buffer_mib << 20,
+                           num_buffers=cfg.nccl_num_buffers)
     return WeightSync(pool, folder, accelerator=trainer.accelerator, transport=cfg.transport, nccl=nccl,
                       timeout_s=cfg.timeout_s)
 

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from rollout_plugin.adapters.trl.config import Route, TrlGrpoConfig, WeightTransport
+from rollout_plugin.adapters.trl.config import Route, TrlGrpoConfig, WeightTransport, weights_problems
 from rollout_plugin.adapters.trl.plan import apply_plan
 from rollout_plugin.errors import ConfigError, ConfigProblem
 from rollout_plugin.verify.runner import load_verifier
 
 log = logging.getLogger(__name__)
+
+RUN_SUMMARY = "rollout_pool_run.json"  # written into trl.output_dir by train(): what scripts/gpu_smoke.sh reads
 
 
 def _load(key: str, path: str, kwargs: dict[str, Any] | None = None, call: bool = True) -> Any:
@@ -76,7 +81,7 @@ def planned_trl_kwargs(model_dir: str, num_generations: int, max_completion_leng
 
 def engine_problems(cfg: TrlGrpoConfig, cuda: bool | None = None) -> list[ConfigProblem]:
     """What the engines lack for weight sync (launched engines only: attached ones are checked when attached)."""
-    problems = []
+    problems = weights_problems(cfg.weights, cfg.engine.colocate)
     launched = not cfg.engine.urls
     if launched and not cfg.engine.dev_mode:
         problems.append(ConfigProblem("engine.dev_mode", False, "weight sync goes through vLLM's dev endpoints",
@@ -94,6 +99,27 @@ def engine_problems(cfg: TrlGrpoConfig, cuda: bool | None = None) -> list[Config
                                           "needs engines with a weight-transfer engine",
                                           "engine.extra_args=[--weight-transfer-config,'{\"backend\": \"nccl\"}']"))
     return problems
+
+
+def nccl_engine_utilization(cfg: TrlGrpoConfig, model_dir: str, inventory: Any) -> tuple[float | None, str]:
+    """``engine.gpu_memory_utilization`` for launched engines that take weights over NCCL, when unset: vLLM's
+    0.9 lowered until the transfer's receive buffers and layer-wise reload fit beside it (they live outside
+    vLLM's budget). None: nothing to decide (set already, another transport, no GPU memory known)."""
+    from rollout_plugin.tuning import HardwareSpec, load_hf_config
+    from rollout_plugin.tuning.memory import nccl_update_bytes
+    from rollout_plugin.tuning.planner import dedicated_utilization
+
+    e, w = cfg.engine, cfg.weights
+    if (w.transport is not WeightTransport.nccl or e.urls or e.gpu_memory_utilization is not None
+            or not getattr(inventory, "memory_gib", None)):
+        return None, ""
+    try:
+        model = load_hf_config(model_dir)
+    except Exception:  # a hub id: no config.json here; count the buffers alone
+        model = None
+    update = nccl_update_bytes(model, tp=max(1, e.tensor_parallel_size), buffer_bytes=w.nccl_buffer_mib << 20,
+                               num_buffers=w.nccl_num_buffers)
+    return dedicated_utilization(HardwareSpec("local", inventory.memory_gib, 1), update)
 
 
 def train(cfg: TrlGrpoConfig) -> Any:
@@ -121,6 +147,16 @@ def train(cfg: TrlGrpoConfig) -> Any:
         kwargs.setdefault("model_init_kwargs", {"dtype": "float32"})
     args = GRPOConfig(**kwargs)
     engine = dataclasses.replace(cfg.engine, model=model_dir) if not cfg.engine.urls else cfg.engine
+    if cfg.weights.transport is WeightTransport.nccl and not engine.urls:
+        from rollout_plugin.pool.placement import gpu_inventory
+
+        util, why = nccl_engine_utilization(cfg, model_dir, gpu_inventory())
+        if util is not None:
+            if util <= 0:
+                raise ConfigError(ConfigProblem("weights.nccl_buffer_mib", cfg.weights.nccl_buffer_mib,
+                                                f"the NCCL update does not fit beside the engine ({why})", 256))
+            log.info("engine.gpu_memory_utilization unset -> %s (%s)", util, why)
+            engine = dataclasses.replace(engine, gpu_memory_utilization=util)
     pool_cfg = cfg.pool if cfg.pool.k != 1 else dataclasses.replace(cfg.pool, k=args.num_generations)
     dataset = _load("dataset.path", cfg.dataset.path, cfg.dataset.kwargs)
     rewards: list[Callable] = [_load(f"rewards.{i}.path", r.path, r.kwargs, call=bool(r.kwargs))
@@ -134,5 +170,42 @@ def train(cfg: TrlGrpoConfig) -> Any:
             cb = RolloutPoolCallback(pool, weights=cfg.weights)
             trainer = GRPOTrainer(model=model_dir, reward_funcs=rewards, args=args, train_dataset=dataset,
                                   callbacks=[cb], rollout_func=cb.rollout_func)
+        initial = engine_weights(pool) if pool is not None else {}
         trainer.train()
+        if pool is not None:
+            write_run_summary(Path(args.output_dir) / RUN_SUMMARY, trainer, pool, initial)
     return trainer
+
+
+def engine_weights(pool: Any) -> dict[str, dict[str, Any]]:
+    """Per engine: its weight version (``/weight_info``) and one digest of its weight checksums
+    (``/weight_checker``); None where the engine could not say (not in dev mode, no checker)."""
+    versions = pool.run(lambda p: p.control("/weight_info", method="GET"))
+    sums = pool.run(lambda p: p.control("/weight_checker", {"action": "checksum"}))
+    out: dict[str, dict[str, Any]] = {a.engine: {"weight_version": (a.body or {}).get("weight_version") if a.ok
+                                                 else None, "checksum": None} for a in versions}
+    for a in sums:
+        found = a.body.get("checksums") if a.ok and isinstance(a.body, dict) else None
+        if found:
+            digest = hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:16]
+            out.setdefault(a.engine, {"weight_version": None})["checksum"] = digest
+    return out
+
+
+def write_run_summary(path: Path, trainer: Any, pool: Any, initial: dict[str, dict[str, Any]]) -> None:
+    """What the run did, for a script to check from a file rather than from log lines: steps, the pool's
+    weight version, and each engine's version and weight digest now and before training."""
+    final = engine_weights(pool)
+    digests = {v["checksum"] for v in final.values()}
+    summary = {
+        "steps": trainer.state.global_step, "max_steps": trainer.args.max_steps,
+        "pool_weight_version": pool.weight_version,
+        "engines": {name: {**now, "initial_checksum": initial.get(name, {}).get("checksum")}
+                    for name, now in final.items()},
+        "checksums_agree": len(digests) == 1 and None not in digests,
+        "weights_changed": all(v["checksum"] not in (None, initial.get(n, {}).get("checksum"))
+                               for n, v in final.items()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1))
+    log.info("run summary: %s", path)

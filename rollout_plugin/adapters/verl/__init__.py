@@ -10,7 +10,20 @@
 Nothing here imports verl, ray or torch at import time; :mod:`.actor` and :mod:`.check` do, when used.
 """
 
-from rollout_plugin.adapters.verl.admission import server_cap
-from rollout_plugin.adapters.verl.resolvers import plan_for, register, specs_from_verl
+from typing import Any
 
 __all__ = ["plan_for", "register", "server_cap", "specs_from_verl"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: verl imports .plugin through this package, and a failure in the resolvers' imports must reach the
+    # plugin (which turns it into a resolver error naming it) instead of failing the package silently in verl.
+    if name == "server_cap":
+        from rollout_plugin.adapters.verl.admission import server_cap
+
+        return server_cap
+    if name in ("plan_for", "register", "specs_from_verl"):
+        from rollout_plugin.adapters.verl import resolvers
+
+        return getattr(resolvers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

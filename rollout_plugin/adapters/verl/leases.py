@@ -36,14 +36,24 @@ class Lease:
     released: asyncio.Event = field(default_factory=asyncio.Event)
     ticket: asyncio.Future[Any] | None = None
 
+    @property
+    def server(self) -> str | None:
+        """The server the pool admitted it on (None while it waits)."""
+        done = self.admitted.done() and not self.admitted.cancelled()
+        return self.admitted.result() if done else None
+
 
 class Leases:
-    """Leases by the pool's request id and by verl's (oldest first, should a session's turns overlap)."""
+    """Open leases by the pool's request id and by verl's (oldest first, should a session's turns overlap)."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, Lease] = {}
         self._by_request: dict[str, deque[Lease]] = {}
         self._seq = itertools.count()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._by_id)
 
     def open(self, request_id: str) -> Lease:
         lease = Lease(request_id, f"lease-{next(self._seq)}")
@@ -54,14 +64,25 @@ class Leases:
     def get(self, lease_id: str) -> Lease | None:
         return self._by_id.get(lease_id)
 
-    def release(self, request_id: str) -> Lease | None:
-        """verl is done with the server: the oldest open lease of ``request_id`` ends (returned)."""
-        queue = self._by_request.get(request_id)
-        if not queue:
-            return None
-        lease = queue[0]
-        self._end(lease)
+    def release(self, request_id: str, server_id: str) -> Lease | None:
+        """verl is done with ``server_id``: the oldest open lease ``request_id`` holds *there* ends (returned).
+        None if it holds none there (its server was removed, which ended it): never another turn's lease."""
+        lease = next((x for x in self._by_request.get(request_id, ()) if x.server == server_id), None)
+        if lease is not None:
+            self._end(lease)
         return lease
+
+    def end_server(self, server_id: str) -> list[Lease]:
+        """``server_id`` left the pool: every lease admitted there ends (a late release finds none)."""
+        ended = [x for x in self._by_id.values() if x.server == server_id]
+        for lease in ended:
+            self._end(lease)
+        return ended
+
+    def close(self) -> None:
+        """The router closed: every lease ends (the pool resolves their requests)."""
+        for lease in list(self._by_id.values()):
+            self._end(lease)
 
     def drop(self, lease: Lease) -> None:
         """The acquiring caller is gone (timed out, cancelled): the request leaves the pool, any slot frees."""

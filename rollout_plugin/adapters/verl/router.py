@@ -17,6 +17,10 @@ verl 0.9.1's ``LLMServerClient`` does not retry a failed ``acquire_server`` (onl
 ``FullyAsyncLLMServerClient`` with ``only_hybrid`` retries, and only on "No available servers in load
 balancer"), so refusing outright would fail the step. The nearest real behaviour: wait, bounded by
 ``admission_timeout_s`` and ``max_waiting``; past either the router refuses with that message.
+A waiting acquire fails at once (RuntimeError, without that message: a retry cannot help) when the router
+closes or its pool fails. A lease is verl's (request id, server) pair: ``release_server`` ends exactly that
+one, and ``remove_servers`` ends the removed servers' leases (an acquire admitted there but not yet woken
+waits for another server; verl's late release for the removed server finds nothing to end).
 
 Plain Python: :mod:`.actor` wraps it as the Ray actor verl instantiates.
 """
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from rollout_plugin.adapters.verl.admission import server_cap
-from rollout_plugin.adapters.verl.leases import LEASE_PROMPT, LeaseClient, Leases
+from rollout_plugin.adapters.verl.leases import LEASE_PROMPT, Lease, LeaseClient, Leases
 from rollout_plugin.config.schema import (
     ControllerConfig,
     ControllerMode,
@@ -43,7 +47,7 @@ from rollout_plugin.config.schema import (
     TimeoutConfig,
 )
 from rollout_plugin.config.validate import Problems, nearest_key
-from rollout_plugin.errors import ConfigProblem
+from rollout_plugin.errors import ConfigProblem, PoolError
 from rollout_plugin.pool.launcher import EngineEndpoint
 from rollout_plugin.pool.pool import RolloutPool
 from rollout_plugin.types import Request
@@ -139,6 +143,7 @@ class PoolRouter:
         self._sessions = _LRU(self.settings.cache_size)  # request ids seen: a reused one is a session's next turn
         self._pool: Optional[RolloutPool] = None
         self._start_lock: Optional[asyncio.Lock] = None
+        self._closed = False
         self.counters: dict[str, int] = {"admitted": 0, "waited": 0, "refused": 0}
 
     # --- verl's protocol ---------------------------------------------------------------------------
@@ -150,30 +155,26 @@ class PoolRouter:
                                f"(router.max_waiting={self.settings.max_waiting})")
         if pool.queued:
             self.counters["waited"] += 1
-        lease = self._leases.open(request_id)
-        ticket = pool.submit(Request(lease.id, LEASE_PROMPT, affinity=self._affinity(request_id, prompt_ids)))
-        lease.ticket = ticket
-        try:
-            server_id = await asyncio.wait_for(asyncio.shield(lease.admitted), self.settings.admission_timeout_s)
-        except TimeoutError:
-            if lease.admitted.done():  # admitted in the same instant the wait ran out
-                return self._handle(lease.admitted.result())
+        deadline = asyncio.get_running_loop().time() + self.settings.admission_timeout_s
+        affinity = self._affinity(request_id, prompt_ids)
+        while True:
+            lease = self._leases.open(request_id)
+            try:
+                lease.ticket = self._submit(pool, Request(lease.id, LEASE_PROMPT, affinity=affinity))
+                server_id = await self._admitted(pool, lease, lease.ticket, deadline)
+            except BaseException:  # refused, closed, failed, or the caller is gone: no slot stays held
+                self._leases.drop(lease)
+                raise
+            if server_id in self._handles:
+                break
+            # Its server was removed (which ended the lease) before this acquire woke: wait for another.
             self._leases.drop(lease)
-            self.counters["refused"] += 1
-            stats = pool.stats()
-            raise RuntimeError(f"{NO_SERVER}: every server stayed at its cap for "
-                               f"{self.settings.admission_timeout_s:g} s (router.admission_timeout_s); "
-                               f"caps { {e.name: e.cap for e in stats.engines} }, "
-                               f"in flight { {e.name: e.inflight for e in stats.engines} }") from None
-        except asyncio.CancelledError:
-            self._leases.drop(lease)  # admitted or not, the caller is gone: its slot is freed
-            raise
         self._sessions.put(request_id, server_id)
         self.counters["admitted"] += 1
-        return self._handle(server_id)
+        return server_id, self._handles[server_id]
 
     async def release_server(self, server_id: str, request_id: Optional[str] = None) -> None:
-        lease = self._leases.release(request_id) if request_id is not None else None
+        lease = self._leases.release(request_id, server_id) if request_id is not None else None
         if lease is not None and lease.ticket is not None:
             await asyncio.wait([lease.ticket])  # the pool's books say the slot is free when this returns
 
@@ -192,10 +193,17 @@ class PoolRouter:
         log.info("servers: +%d -> %d", len(new), len(self._handles))
 
     async def remove_servers(self, server_ids: list[str]) -> None:
+        """The servers leave: out of rotation, and their leases end now (verl aborts what ran there; its late
+        release finds nothing to end). Acquires admitted there but not yet woken wait for another server."""
+        ended = []
         for sid in server_ids:
             if self._handles.pop(sid, None) is not None and self._pool is not None:
-                self._pool.retire_engine(sid, "removed by verl")  # its leases end when verl releases them
-        log.info("servers: -%d -> %d", len(server_ids), len(self._handles))
+                self._pool.retire_engine(sid, "removed by verl")
+                ended += self._leases.end_server(sid)
+        log.info("servers: -%d -> %d (%d lease(s) ended)", len(server_ids), len(self._handles), len(ended))
+        tickets = [x.ticket for x in ended if x.ticket is not None]
+        if tickets:
+            await asyncio.wait(tickets)  # the pool's books say their slots are free when this returns
 
     async def get_all_servers(self) -> list[str]:
         return list(self._handles)
@@ -221,9 +229,15 @@ class PoolRouter:
         return (await self.get_status())["total_inflight"]
 
     async def close(self) -> None:
+        """Waiting acquires fail now (RuntimeError), leases end, the pool closes; later acquires refuse."""
+        self._closed = True
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.__aexit__(None, None, None)
+            self._leases.close()
+            try:
+                await pool.__aexit__(None, None, None)
+            except PoolError as exc:  # already raised to every waiting acquire; closing still succeeds
+                log.warning("router: closed after the pool failed (%s)", exc)
 
     def observe(self, texts: Mapping[str, str], now: float) -> None:
         """One controller step per server from its /metrics text (public so tests can drive it)."""
@@ -240,19 +254,44 @@ class PoolRouter:
         keys.append(f"session:{request_id}")  # where this turn goes, the session's next one prefers
         return tuple(dict.fromkeys(keys)) or None
 
-    def _handle(self, server_id: str) -> tuple[str, Any]:
-        if server_id not in self._handles:  # removed while this request waited to be woken
-            raise RuntimeError(f"{NO_SERVER}: server {server_id} was removed")
-        return server_id, self._handles[server_id]
+    def _submit(self, pool: RolloutPool, request: Request) -> asyncio.Future[Any]:
+        try:
+            return pool.submit(request)
+        except PoolError as exc:  # verl's protocol raises RuntimeError (not its retried NO_SERVER message)
+            raise RuntimeError(f"rollout-plugin router: {exc}") from exc
+
+    async def _admitted(self, pool: RolloutPool, lease: Lease, ticket: asyncio.Future[Any], deadline: float) -> str:
+        """The server the pool admitted ``lease`` on; RuntimeError when the router closed, the pool failed
+        (both at once: the pool resolves the lease's request, ``ticket``) or the admission timeout ran out."""
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        await asyncio.wait([lease.admitted, ticket], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if lease.admitted.done():
+            return lease.admitted.result()
+        if ticket.done() and not ticket.cancelled():
+            exc = ticket.exception()
+            why = (f"the pool failed: {exc}" if exc is not None else
+                   "the router closed" if self._closed else f"the pool ended the request: {ticket.result().error}")
+            raise RuntimeError(f"rollout-plugin router: {why} while request {lease.request_id} waited for a server")
+        self.counters["refused"] += 1
+        stats = pool.stats()
+        raise RuntimeError(f"{NO_SERVER}: every server stayed at its cap for "
+                           f"{self.settings.admission_timeout_s:g} s (router.admission_timeout_s); "
+                           f"caps { {e.name: e.cap for e in stats.engines} }, "
+                           f"in flight { {e.name: e.inflight for e in stats.engines} }")
 
     async def _started(self) -> RolloutPool:
-        if self._pool is not None:
-            return self._pool
-        if self._start_lock is None:
-            self._start_lock = asyncio.Lock()
-        async with self._start_lock:
-            if self._pool is None:
-                self._pool = await self._start_pool()
+        if self._pool is None and not self._closed:
+            if self._start_lock is None:
+                self._start_lock = asyncio.Lock()
+            async with self._start_lock:
+                if self._pool is None and not self._closed:
+                    pool = await self._start_pool()
+                    if self._closed:  # close() ran while it started: it must not outlive the router
+                        await pool.__aexit__(None, None, None)
+                    else:
+                        self._pool = pool
+        if self._closed or self._pool is None:
+            raise RuntimeError("rollout-plugin router: closed (no server is handed out after close())")
         return self._pool
 
     async def _start_pool(self) -> RolloutPool:
