@@ -159,7 +159,8 @@ else
     STEPS=3
     LAUNCH=("$TRL_PYTHON" -m accelerate.commands.launch --num_processes 2 --multi_gpu -m rollout_plugin.cli.main)
     TRL=(--recipe "$ROOT/recipes/trl/gpu_qwen_gsm8k.yaml" engine.model="$MODEL" trainer_model="$MODEL"
-         engine.devices='[0,1]' engine.colocate=true engine.gpu_memory_utilization="$TRL_GPU_UTIL" pool.engines=2
+         engine.devices='[0,1]' engine.trainer_devices='[0,1]' engine.colocate=true
+         engine.gpu_memory_utilization="$TRL_GPU_UTIL" pool.engines=2
          trl.per_device_train_batch_size=8 trl.gradient_accumulation_steps=1 trl.max_completion_length=128)
 fi
 TRL_JUDGE='import json, sys
