@@ -25,8 +25,9 @@ from rollout_plugin.pool.launcher import EngineProcess, cpu_binding, engine_core
 from rollout_plugin.pool.telemetry import EngineMetrics, parse_vllm_metrics
 from rollout_plugin.types import Request, Result, SamplingParams
 
-__all__ = ["KEY", "MAX_MODEL_LEN", "GroupSpec", "Meter", "Rounds", "Sampler", "check_results", "freeze_core", "header",
-           "launch_engine", "longest_gap", "misfits", "requests_of", "sigkill", "skewed_specs", "steady_rate"]
+__all__ = ["KEY", "MAX_LOAD", "MAX_MODEL_LEN", "GroupSpec", "Meter", "Rounds", "Sampler", "check_load",
+           "check_results", "freeze_core", "header", "launch_engine", "longest_gap", "misfits", "order", "requests_of",
+           "sample_requests", "sigkill", "skewed_specs", "steady_rate"]
 
 KEY = "bench"
 MAX_MODEL_LEN = 1024
@@ -62,6 +63,14 @@ def requests_of(specs: Sequence[GroupSpec], k: int, prefix: str) -> list[Request
     return [Request(f"{prefix}-{i}", list(s.prompt), n=k,
                     sampling=SamplingParams(max_tokens=s.length, temperature=1.0, ignore_eos=True))
             for i, s in enumerate(specs)]
+
+
+def sample_requests(specs: Sequence[GroupSpec], k: int, prefix: str) -> list[Request]:
+    """The same groups as one ``n=1`` request per sample (``k`` per group, the group's prompt each): how verl's
+    agent loop and TRL's per-sample clients ask, and the issue-22 workload ("one request per sample")."""
+    return [Request(f"{prefix}-{i}-{j}", list(s.prompt), n=1,
+                    sampling=SamplingParams(max_tokens=s.length, temperature=1.0, ignore_eos=True))
+            for i, s in enumerate(specs) for j in range(k)]
 
 
 def misfits(results: Sequence[Result]) -> list[str]:
@@ -242,6 +251,27 @@ def steady_rate(series: Sequence[tuple[float, float]], lo: float = 0.2, hi: floa
     return (b[1] - a[1]) / (b[0] - a[0])
 
 
+MAX_LOAD = 3.0  # issue 22: "a quiet machine (load ≤ 3 at start)"
+
+
+def check_load(allow: bool, limit: float = MAX_LOAD) -> float:
+    """The 1-minute load average now; above ``limit`` the run stops (timings on a busy machine say more about
+    the machine than the contenders), unless ``allow``: then a loud warning, and the figures are not valid."""
+    load = os.getloadavg()[0]
+    if load > limit:
+        msg = f"1-minute load average {load:.1f} > {limit:g}: the machine is not quiet"
+        if not allow:
+            raise SystemExit(f"{msg}; wait for it to settle (or pass --allow-load for a smoke run)")
+        print(f"\n!!! WARNING: {msg}; these timings are NOT valid figures !!!\n", flush=True)
+    return load
+
+
+def order(names: Sequence[str], r: int) -> list[str]:
+    """Round ``r``'s order: the contenders alternate, the first one rotating (no contender always first)."""
+    names = list(names)
+    return names[r % len(names):] + names[:r % len(names)]
+
+
 @dataclass
 class Run:
     values: dict[str, float]
@@ -270,6 +300,10 @@ class Rounds:
 
     def worst(self, name: str, key: str) -> float:
         return max((r.values[key] for r in self.runs.get(name, []) if key in r.values), default=float("nan"))
+
+    def lowest(self, name: str, key: str) -> float:
+        """The worst round of a figure where more is better (tokens/s)."""
+        return min((r.values[key] for r in self.runs.get(name, []) if key in r.values), default=float("nan"))
 
     def table(self, columns: Sequence[tuple[str, str]], per_round: str | None = None,
               extra: Callable[[str], Sequence[str]] | None = None, extra_headers: Sequence[str] = ()) -> None:

@@ -8,10 +8,27 @@ Workloads are GRPO-shaped: groups of k samples (``n=k``), token-id prompts, logn
 
     .venv/bin/python benchmarks/tail.py multistep [--steps 10] [--groups 64] [--k 8] [--rounds 3]
     .venv/bin/python benchmarks/tail.py skewed    [--steps 4]  [--groups 64] [--k 8] [--rounds 3]
+    .venv/bin/python benchmarks/tail.py pair      [--groups 64] [--k 8] [--rounds 5] [--unit sample]
     .venv/bin/python benchmarks/tail.py hetero    [--groups 64] [--k 8] [--kv-tokens 2048] [--rounds 5]
     .venv/bin/python benchmarks/tail.py failover  [--groups 32] [--k 8] [--kill-at 0.3] [--rounds 3]
     .venv/bin/python benchmarks/tail.py idle      [--groups 48] [--k 8] [--cap 64] [--rounds 3]
     .venv/bin/python benchmarks/tail.py <which> --quick     # a smoke run: tiny sizes, timings meaningless
+
+Issue 22's real-CPU-pair targets, on a quiet machine (each refuses to start above load 3), one after another; the
+times are estimates for this 2-core VM, from a --quick run (hetero: 2 min 18 s, of which ~1.5 min engine start-up)
+and the figures in RESULTS.md and issue 22:
+
+    .venv/bin/python benchmarks/tail.py pair   --groups 64 --k 8 --rounds 5                   # ~4-6 min
+    .venv/bin/python benchmarks/tail.py hetero --groups 64 --k 8 --kv-tokens 2048 --rounds 5  # ~5-8 min
+    .venv/bin/python benchmarks/tail.py multistep --steps 4 --groups 32 --rounds 5 \
+        --contenders drain-every-step,quota+keep,quota+continue                               # ~10-12 min
+    .venv/bin/python benchmarks/tail.py multistep --rounds 3      # full size, 10 × 64, 4 contenders: ~30-35 min
+
+pair/hetero: one step (512 samples, ~65k tokens) per contender per round, 4 contenders (static, verl, pool, pool_off)
+× 5 rounds; at the issue's figures (4.6-5.3 s per homogeneous step, 6.8-9.4 s starved) plus ~1-2 s per run to wait
+for idle engines and open the pool, ~25 s (pair) / ~40 s (hetero) per round, and ~1.5-2 min to start the engines.
+multistep at 4 × 32: ~25-36 s per contender run (RESULTS.md: 5.6-9.0 s per step), 3 contenders × 5 rounds, plus
+~2 min start-up; at 10 × 64 each run is ~5× longer.
 
 multistep  10 steps, each asking for 64 groups of 8, on 2 engines, a real weight reload after every step
            (``pool.update_weights(v, FolderWeights(<the model's own folder>), mode=...)``: the same weights,
@@ -32,7 +49,10 @@ multistep  10 steps, each asking for 64 groups of 8, on 2 engines, a real weight
            (generated ÷ useful, from the engines' own token counters). Caveat: the quota hands back the groups
            that finish first, so its groups are shorter on average than the source's ("mean len" column);
            tokens/s counts only what was handed back. ``--max-staleness`` bounds how many versions a sample may
-           span (default: unbounded). Target (issue 13): the best mode ≥ 1.3× drain-every-step's tokens/s.
+           span (default: unbounded). Target (issue 13): the best mode ≥ 1.3× drain-every-step's tokens/s;
+           issue 22: ≥ 1.2×. Every contender, drain-every-step included, runs through the same RolloutPool (so the
+           same aiohttp client): the baseline is ``pool.generate`` of the step's groups, then a drain update.
+           Refuses to start above load 3 like ``pair``; ends with a ``SUMMARY multistep`` line.
 skewed     A homogeneous pair, skewed lengths, no weight updates: step makespan against the ideal = the step's
            tokens ÷ the pair's steady-state tokens/s, measured in the same round (a uniform workload of the same
            size, every sample in flight; the rate between 20 % and 80 % of each engine's tokens, from its
@@ -42,13 +62,22 @@ skewed     A homogeneous pair, skewed lengths, no weight updates: step makespan 
            each step with the carried groups half done). A step can't end before its longest sample, which on
            these engines is a sizeable share of the ideal: the quota is how a step stops waiting for it.
            Target: quota ≤ 1.1× the ideal.
-hetero     A heterogeneous pair: engine0 normal, engine1 KV-starved (``--num-gpu-blocks-override``; vLLM's CPU
-           blocks hold 128 tokens, so 2048 KV tokens = 16 blocks; the real size is read back from /metrics and
-           printed). One step of 64 groups × 8 per round, ≥ 5 rounds. Contenders: static (half the groups to
-           each engine up front, one raw ``n=k`` request per group: TRL server mode / static DP) and the pool
-           (attached to both, default caps and adaptive controller, one pool kept across rounds as a trainer
-           would; ``--fresh-pool`` for one per round). Targets: the pool's median ≤ 0.8× static's, and its worst
-           round ≤ static's median.
+pair       Issue 22's real CPU pair, homogeneous: one GRPO step of 64 groups × 8 per round (one ``n=1`` request
+           per sample, 512 in all; ``--unit group`` for one ``n=k`` request per group), ≥ 5 interleaved rounds.
+           Every contender runs on the pool's own aiohttp transport (``HttpEngineClient``, built as the pool builds
+           it), so the client costs the same for all (benchmarks/_tail_pair.py):
+             static    TRL server mode / static DP: group i → engine i mod 2, every request at once;
+             verl      verl's router: least in flight by request count, no cap, every request at once;
+             pool      RolloutPool, defaults (adaptive controller);   pool_off  the same, ``controller.mode=off``.
+           The baselines are ``rollout_plugin/sim/baselines.py``'s, on the real clients. A fresh pool per run,
+           opened off the clock (``--keep-pools``: one per contender kept across rounds, whose controller then
+           also watches the other contenders' traffic). Prints each run, the load average (1/5/15 min) at each
+           round's start and end, a Markdown table (median, worst, ÷ static median) and two ``SUMMARY`` lines.
+           Refuses to start when the 1-minute load is above 3 (``--allow-load``: a loud warning instead; --quick
+           implies it). Targets (issue 22): pool median ≤ 1.0× static's, pool worst ≤ 1.3× static's median.
+hetero     The same with engine1 KV-starved (``--num-gpu-blocks-override``; vLLM's CPU blocks hold 128 tokens,
+           so ``--kv-tokens 2048`` = 16 blocks; the real size is read back from /metrics and printed). Same
+           contenders, same targets.
 failover   Kill one of two engines mid-step, once it has generated ``--kill-at`` of its expected share: SIGSTOP
            its engine core (generation stops; the API server still flushes what was made and counts it), read
            its token counter until it settles, then SIGKILL the whole process group. Counted from the engines'
@@ -74,18 +103,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _tail_util beside this script, however it is run
 
+from _tail_pair import pair_step  # noqa: E402
 from _tail_util import (  # noqa: E402
-    KEY, MAX_MODEL_LEN, GroupSpec, Meter, Rounds, Sampler, check_results, freeze_core, header, launch_engine,
-    longest_gap, misfits, requests_of, sigkill, skewed_specs, steady_rate)
+    KEY, MAX_MODEL_LEN, GroupSpec, Meter, Rounds, Sampler, check_load, check_results, freeze_core, header,
+    launch_engine, longest_gap, misfits, order, requests_of, sigkill, skewed_specs, steady_rate)
 
 from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolConfig  # noqa: E402
 from rollout_plugin.model.embedded import resolve_model  # noqa: E402
@@ -96,6 +125,7 @@ QUICK = {  # tiny sizes for a smoke run (the engines' start-up still takes what 
     "multistep": dict(steps=2, groups=4, k=2, mean=32, rounds=3),
     "skewed": dict(steps=2, groups=4, k=2, mean=32, rounds=3),
     "hetero": dict(groups=8, k=2, mean=32, rounds=3),
+    "pair": dict(groups=8, k=2, mean=32, rounds=3),
     "failover": dict(groups=8, k=2, mean=96, rounds=3),
     "idle": dict(groups=8, k=2, mean=96, cap=4, rounds=3),
 }
@@ -103,6 +133,7 @@ DEFAULTS = {
     "multistep": dict(steps=10, groups=64, k=8, rounds=3),
     "skewed": dict(steps=4, groups=64, k=8, rounds=3),
     "hetero": dict(groups=64, k=8, rounds=5),
+    "pair": dict(groups=64, k=8, rounds=5),
     "failover": dict(groups=32, k=8, rounds=3),
     "idle": dict(groups=48, k=8, rounds=3),
 }
@@ -127,11 +158,6 @@ async def still_whole(pool: RolloutPool, meter: Meter, label: str) -> None:
     if down or unread:
         raise SystemExit(f"{label}: engine(s) {down or unread} died, hung or restarted during the run (see the pool's "
                          f"log above and logs/bench/); the numbers so far are not valid")
-
-
-def order(names: list[str], r: int) -> list[str]:
-    """Round ``r``'s order: the contenders alternate, the first one rotating (no contender always first)."""
-    return names[r % len(names):] + names[:r % len(names)]
 
 
 # -- multistep ---------------------------------------------------------------------------------------------
@@ -200,16 +226,18 @@ async def multistep(args) -> None:
         raise SystemExit(f"--contenders: unknown {unknown}; choose from {', '.join(MULTISTEP)}")
     # enough groups for every step plus what the quota keeps in flight
     specs = skewed_specs(args.steps * args.groups + 2 * args.in_flight, seed=13, mean=args.mean, sigma=args.sigma)
+    load_at_start = check_load(args.allow_load or args.quick)
     rounds = Rounds(args.rounds)
     async with launched(args.model_dir, args.k) as pool:
         meter = meter_of(pool)
         for r in range(args.rounds):
-            print(f"round {r + 1}/{args.rounds}", flush=True)
+            print(f"round {r + 1}/{args.rounds}: load average at start {os.getloadavg()[0]:.1f}", flush=True)
             for name in order(names, r):
                 fn, mode = MULTISTEP[name]
                 await rounds.measure(name, lambda: fn(pool, meter, specs, args, mode, f"{name}-r{r}"),
                                      "tok/s,step s,update s,generated/useful")
                 await still_whole(pool, meter, f"{name}, round {r + 1}")
+            print(f"round {r + 1}/{args.rounds}: load average at end {os.getloadavg()[0]:.1f}", flush=True)
         await meter.aclose()
     base = rounds.median("drain-every-step", "tok/s")
     header(f"multistep: 2 engines, {args.steps} steps × {args.groups} groups × k={args.k}, lognormal lengths "
@@ -219,8 +247,12 @@ async def multistep(args) -> None:
                   ("mean len", "mean len"), ("generated ÷ useful", "generated/useful")], per_round="tok/s",
                  extra=lambda n: [f"{rounds.median(n, 'tok/s') / base:.2f}×"], extra_headers=["vs drain-every-step"])
     best = max(rounds.runs, key=lambda n: rounds.median(n, "tok/s"))
-    print(f"\nbest: {best}, {rounds.median(best, 'tok/s') / base:.2f}× drain-every-step's useful tokens/s "
-          f"(target ≥ 1.3)")
+    worst = rounds.lowest(best, "tok/s")
+    print(f"\nSUMMARY multistep: drain-every-step median {base:.0f} tok/s | best {best} median "
+          f"{rounds.median(best, 'tok/s'):.0f} tok/s = {rounds.median(best, 'tok/s') / base:.2f}× (issue 22 target "
+          f"≥ 1.2), its worst round {worst:.0f} tok/s = {worst / base:.2f}× | "
+          + " | ".join(f"{n} {rounds.median(n, 'tok/s') / base:.2f}×" for n in rounds.runs)
+          + f" | load {load_at_start:.1f} at start")
 
 
 # -- skewed ------------------------------------------------------------------------------------------------
@@ -281,86 +313,6 @@ async def skewed(args) -> None:
     print(f"\nquota: {rounds.median('quota', '× ideal'):.2f}× ideal (steps 2+: "
           f"{rounds.median('quota', '× ideal, steps 2+'):.2f}×), "
           f"no quota {rounds.median('no-quota', '× ideal'):.2f}× (target ≤ 1.1×)")
-
-
-# -- hetero ------------------------------------------------------------------------------------------------
-async def static_split(http: httpx.AsyncClient, urls: list[str], model: str, specs: list[GroupSpec],
-                       k: int) -> int:
-    async def group(i: int, s: GroupSpec) -> int:
-        body = {"model": model, "prompt": list(s.prompt), "n": k, "max_tokens": s.length, "ignore_eos": True,
-                "temperature": 1.0}
-        resp = await http.post(f"{urls[i % 2]}/v1/completions", json=body)
-        resp.raise_for_status()
-        return resp.json()["usage"]["completion_tokens"]
-
-    return sum(await asyncio.gather(*(group(i, s) for i, s in enumerate(specs))))
-
-
-async def hetero(args) -> None:
-    blocks = max(1, args.kv_tokens // 128)  # vLLM's CPU backend: 128-token blocks unless --block-size
-    procs = [launch_engine(0, 2, args.model_dir),
-             launch_engine(1, 2, args.model_dir, extra=["--num-gpu-blocks-override", str(blocks)])]
-    try:
-        await asyncio.gather(*(p.wait_ready() for p in procs))
-        urls = [p.url for p in procs]
-        meter = Meter(urls, [KEY, KEY])
-        kv = [m.kv_tokens for m in await meter.all()]
-        print(f"KV tokens per engine (from /metrics): {kv}", flush=True)
-        specs = skewed_specs(args.groups, seed=19, mean=args.mean, sigma=args.sigma)
-        total = sum(s.length for s in specs) * args.k
-        http = httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=3600,
-                                 limits=httpx.Limits(max_connections=4096))
-        engine = EngineConfig(urls=urls, api_key=KEY, served_model_name=args.model_dir, max_model_len=MAX_MODEL_LEN)
-        ctl = ControllerConfig(expected_tokens=args.expected_tokens)
-        pool = None if args.fresh_pool else await RolloutPool(engine, PoolConfig(k=args.k), ctl).__aenter__()
-        rounds = Rounds(args.rounds)
-
-        async def run_static() -> dict[str, float]:
-            t0 = time.perf_counter()
-            tokens = await static_split(http, urls, args.model_dir, specs, args.k)
-            return {"makespan s": time.perf_counter() - t0, "tokens": tokens}
-
-        async def run_pool(label: str) -> dict[str, float]:
-            t0 = time.perf_counter()
-            if pool is None:
-                async with RolloutPool(engine, PoolConfig(k=args.k), ctl) as fresh:
-                    tokens = check_results(await fresh.generate(requests_of(specs, args.k, label)), label)
-            else:
-                tokens = check_results(await pool.generate(requests_of(specs, args.k, label)), label)
-            return {"makespan s": time.perf_counter() - t0, "tokens": tokens}
-
-        try:
-            await static_split(http, urls, args.model_dir, specs[:2], 2)  # warm both engines
-            for r in range(args.rounds):
-                print(f"round {r + 1}/{args.rounds}", flush=True)
-                for name in order(["static", "pool"], r):
-                    await meter.wait_quiet()
-                    got = await rounds.measure(name, run_static if name == "static" else
-                                               (lambda: run_pool(f"pool-r{r}")), "makespan s,tokens")
-                    if got["tokens"] != total:
-                        raise SystemExit(f"{name} made {got['tokens']} tokens, expected {total}")
-        finally:
-            if pool is not None:
-                await pool.__aexit__(None, None, None)
-            await http.aclose()
-            await meter.aclose()
-    finally:
-        for p in procs:
-            p.stop()
-    st = rounds.median("static", "makespan s")
-    header(f"hetero: engine0 normal + engine1 KV-starved ({kv[1]} KV tokens), {args.groups} groups × k={args.k} "
-           f"({total} tokens), lognormal lengths (mean {args.mean:.0f}, σ {args.sigma}); pool "
-           f"{'fresh per round' if args.fresh_pool else 'kept across rounds'}", args.rounds)
-    rounds.table([("median makespan (s)", "makespan s")], per_round="makespan s",
-                 extra=lambda n: [_f(rounds.worst(n, "makespan s")), f"{rounds.median(n, 'makespan s') / st:.2f}×",
-                                  f"{rounds.worst(n, 'makespan s') / st:.2f}×"],
-                 extra_headers=["worst (s)", "median ÷ static median", "worst ÷ static median"])
-    print(f"\npool median ÷ static median = {rounds.median('pool', 'makespan s') / st:.2f} (target ≤ 0.8); "
-          f"pool worst ÷ static median = {rounds.worst('pool', 'makespan s') / st:.2f} (target ≤ 1.0)")
-
-
-def _f(v: float) -> str:
-    return f"{v:.1f}"
 
 
 # -- failover ----------------------------------------------------------------------------------------------
@@ -473,11 +425,12 @@ async def idle(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["multistep", "skewed", "hetero", "failover", "idle"])
+    ap.add_argument("which", choices=["multistep", "skewed", "pair", "hetero", "failover", "idle"])
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (timings meaningless)")
-    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3; hetero 5)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3; pair/hetero 5)")
     ap.add_argument("--steps", type=int, help="steps per run (multistep 10, skewed 4)")
-    ap.add_argument("--groups", type=int, help="groups per step (multistep/skewed/hetero 64, failover 32, idle 48)")
+    ap.add_argument("--groups", type=int, help="groups per step (multistep/skewed/pair/hetero 64, failover 32, "
+                                               "idle 48)")
     ap.add_argument("--k", type=int, help="samples per group (8)")
     ap.add_argument("--mean", type=float, default=150.0, help="mean sample length in tokens (150)")
     ap.add_argument("--sigma", type=float, default=0.8, help="σ of the log of the lengths (0.8)")
@@ -485,8 +438,15 @@ def main() -> None:
     ap.add_argument("--max-staleness", type=int, default=None, help="multistep: versions a sample may span")
     ap.add_argument("--contenders", help="multistep: comma-separated, from " + ", ".join(MULTISTEP))
     ap.add_argument("--kv-tokens", type=int, default=2048, help="hetero: engine1's KV cache (tokens)")
-    ap.add_argument("--expected-tokens", type=int, default=None, help="hetero: controller hint (default: none)")
-    ap.add_argument("--fresh-pool", action="store_true", help="hetero: a new pool every round")
+    ap.add_argument("--expected-tokens", type=int, default=None, help="pair/hetero: controller hint (default: none)")
+    ap.add_argument("--unit", choices=["sample", "group"], default="sample",
+                    help="pair/hetero: one n=1 request per sample (issue 22, default) or one n=k request per group")
+    ap.add_argument("--keep-pools", action="store_true",
+                    help="pair/hetero: one pool per pool contender kept across rounds (its controller then also "
+                         "sees the other contenders' traffic); default: a fresh pool per run, opened off the clock")
+    ap.add_argument("--allow-load", action="store_true",
+                    help="pair/hetero/multistep: run even if the 1-minute load is above 3 (a loud warning; "
+                         "--quick implies it)")
     ap.add_argument("--kill-at", type=float, default=0.3, help="failover: share of the victim's tokens at the kill")
     ap.add_argument("--cap", type=int, default=64, help="idle: per-engine cap (samples), so work queues")
     ap.add_argument("--update-at", type=float, default=0.3, help="idle: share of the tokens made before the update")
@@ -500,7 +460,8 @@ def main() -> None:
         raise SystemExit(f"--rounds={args.rounds}: medians need at least 3 interleaved rounds")
     args.in_flight = args.in_flight or -(-3 * args.groups // 2)
     args.model_dir = resolve_model("embedded:tiny-llama")
-    asyncio.run({"multistep": multistep, "skewed": skewed, "hetero": hetero, "failover": failover,
+    asyncio.run({"multistep": multistep, "skewed": skewed, "pair": lambda a: pair_step(a, starved=False),
+                 "hetero": lambda a: pair_step(a, starved=True), "failover": failover,
                  "idle": idle}[args.which](args))
 
 

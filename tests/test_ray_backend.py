@@ -280,7 +280,7 @@ def test_collect_across_two_ray_nodes_survives_losing_one(ray_cluster, model_dir
     assert len(ids) == prompts * k and set(ids.values()) == {1}, "a sample is missing or written twice"
     assert not (tmp_path / "out.errors.jsonl").exists() or not (tmp_path / "out.errors.jsonl").read_text()
     assert {r["engine"] for r in rows} == {"engine0", "engine1"}
-    assert "engine1: healthy -> dead" in logs  # the pool noticed, it did not just get lucky
+    assert "engine1: live -> dead" in logs  # the pool noticed, it did not just get lucky
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["samples"] == prompts * k and summary["failed_prompts"] == 0
 
