@@ -98,6 +98,24 @@ def test_engine_arrival_joins_at_the_next_step_boundary():
     assert math.isclose(t1, joined + 10 * 0.012 + 87 * 0.011)
 
 
+def test_a_sequence_held_back_by_the_prefill_budget_joins_at_the_next_step():
+    # Two 6,000-token prompts, budget 8,192: the second does not fit beside the first, so it goes in at the
+    # next step (vLLM V1 schedules every step), not when the first finishes (it did: 20 steps, not 11).
+    p = 1e-6
+    profile = replace(PROFILE, step=replace(STEP, per_prefill_token_s=p))
+
+    async def main():
+        engine = SimEngine("e", profile)
+        await engine.submit([6000, 6000], [[10], [10]]).future
+        return asyncio.get_running_loop().time(), engine
+
+    t, engine = run_virtual(main())
+    first = 0.011 + 6000 * p  # step 1: one running, its prompt prefilled
+    second = 0.012 + 6000 * p  # step 2: the second joins and is prefilled
+    assert math.isclose(t, first + second + 8 * 0.012 + 0.011)
+    assert engine.generation_tokens == 20
+
+
 def test_engine_respects_max_num_seqs_and_preempts_when_kv_runs_out():
     slots = replace(PROFILE, max_num_seqs=2)
     [t] = _makespans(slots, [(0.0, 8, [10, 10, 10, 10])])

@@ -11,11 +11,16 @@ The tokens it generated are kept (vLLM keeps the output, not its KV); only the p
 outside the model (``per_admit_s``: HTTP, tokenizing) is not paid again. Not modelled: prefix-cache
 hits on the freed blocks (vLLM may find some still cached), so re-prefill here is an upper bound.
 
-Nothing is stepped per token: between events (a completion, KV exhaustion, an arrival) the batch
-is constant, so the engine jumps over ``m`` steps at once — step time grows linearly with the
-context, so the span of ``m`` steps is a closed-form quadratic in ``m``. Per-sequence state is
-kept relative to a global step counter (finish step, admission step), so a jump is O(1) and a
-completion is a heap pop.
+Prefill budget: a step prefills whole sequences up to ``max_num_batched_tokens`` (an over-budget one
+alone, as the step's first); the rest join at the next step, as vLLM V1's scheduler gives every step's
+budget to its queue. vLLM chunks an over-budget prompt over several steps instead; with step time linear
+in prefill tokens the total is the same, only the first token of that sequence comes a step or two early.
+
+Nothing is stepped per token: between events (a completion, KV exhaustion, an arrival, a step whose
+budget held the queue back) the batch is constant, so the engine jumps over ``m`` steps at once — step
+time grows linearly with the context, so the span of ``m`` steps is a closed-form quadratic in ``m``.
+Per-sequence state is kept relative to a global step counter (finish step, admission step), so a jump
+is O(1) and a completion is a heap pop.
 
 GRPO groups share their prompt (vLLM's prefix cache): each of a group's ``k`` sequences carries
 ``prompt / k`` tokens of prompt KV and prefill cost, which sums to the one shared copy.
@@ -383,6 +388,7 @@ class SimEngine:
         # Admit: FIFO, while a slot, KV room and prefill budget remain.
         prefill, admitted = 0.0, 0
         budget = p.max_num_batched_tokens - self._running
+        budget_bound = False  # the head waits only for this step's token budget: it goes in at the next step
         waiting = self._waiting
         while waiting and self._running < p.max_num_seqs:
             s = waiting[0]
@@ -390,8 +396,11 @@ class SimEngine:
                 waiting.popleft()
                 continue
             ctx = s.context_at_admit
-            if self._running and (kv_used() + ctx + half_block + 1 > cap or (prefill and ctx > budget)):
+            if self._running and kv_used() + ctx + half_block + 1 > cap:
                 break  # (an idle engine takes its head even if oversized: it would never fit otherwise)
+            if prefill and ctx > budget:
+                budget_bound = True
+                break
             waiting.popleft()
             s.running, s.admit_step = True, steps
             self._running += 1
@@ -410,14 +419,18 @@ class SimEngine:
         if not self._running:
             self._timer = None
             return
-        self._plan_segment(cap - kv_used(), prefill, admitted)
+        self._plan_segment(cap - kv_used(), prefill, admitted, next_step=budget_bound)
 
-    def _plan_segment(self, kv_room: float, prefill: float, admitted: int) -> None:
+    def _plan_segment(self, kv_room: float, prefill: float, admitted: int, *, next_step: bool = False) -> None:
         """Walk completions in finish order until one matters outside the engine (its call is done,
-        or a freed slot could admit a waiting sequence) or KV runs out; the batch shrinks at each."""
+        or a freed slot could admit a waiting sequence) or KV runs out; the batch shrinks at each.
+        ``next_step``: the queue's head waits only for the next step's prefill budget, so the segment is one
+        step (``vllm/v1/core/sched/scheduler.py`` ``schedule``: every step, running requests first, then
+        waiting ones while ``token_budget`` lasts). One-step segments last only while a prefill backlog
+        drains, at least one sequence admitted each."""
         step, slow = self.profile.step, self.slowdown
         steps0, running, k = self._steps, self._running, self._k
-        limit = max(1, int(kv_room // running))
+        limit = 1 if next_step else max(1, int(kv_room // running))
         admit_on_free = bool(self._waiting)
         heap, done, done_steps, done_k = self._heap, self._done, self._done_steps, self._done_k
         left: dict[int, int] = {}
