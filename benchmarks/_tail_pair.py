@@ -1,7 +1,7 @@
 """Issue 22's real CPU pair (``tail.py pair`` / ``tail.py hetero``): one GRPO step, every contender on the pool's
 own transport, interleaved rounds.
 
-Every contender sends through :class:`~rollout_plugin.pool.client.HttpEngineClient` (aiohttp), built as the pool
+Every contender sends through :class:`~rollout_plugin.pool.transport.http.HttpEngineClient` (aiohttp), built as the pool
 builds its own (``RolloutPool._http_client``, the pool's default timeouts), so the client's CPU per call is the
 same for all: on httpx a static split lost 3–4 s of CPU per step to its client and looked 1.7× slower than it is.
 The baselines are the simulator's own (``rollout_plugin/sim/baselines.py``), run on these real clients:
@@ -28,8 +28,8 @@ from _tail_util import (
     sample_requests, skewed_specs)
 
 from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolConfig
-from rollout_plugin.pool.client import HttpEngineClient
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.transport.http import HttpEngineClient
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.sim.baselines import Baseline, LeastInflight, StaticSplit
 from rollout_plugin.sim.workload import Session
 from rollout_plugin.types import Request, Result

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 
 from rollout_plugin.config.schema import EngineConfig
-from rollout_plugin.pool.launcher import EngineProcess, cpu_binding, engine_cores, reserve_ports
-from rollout_plugin.pool.telemetry import EngineMetrics, parse_vllm_metrics
+from rollout_plugin.pool.engines.launcher import EngineProcess, cpu_binding, engine_cores, reserve_ports
+from rollout_plugin.pool.observe.telemetry import EngineMetrics, parse_vllm_metrics
 from rollout_plugin.types import Request, Result, SamplingParams
 
 __all__ = ["KEY", "MAX_LOAD", "MAX_MODEL_LEN", "GroupSpec", "Meter", "Rounds", "Sampler", "check_load",

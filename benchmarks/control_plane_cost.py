@@ -22,8 +22,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from rollout_plugin.pool.client import _group_choices
-from rollout_plugin.pool.telemetry import parse_vllm_metrics
+from rollout_plugin.pool.transport.http import _group_choices
+from rollout_plugin.pool.observe.telemetry import parse_vllm_metrics
 
 READ = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:num_preemptions",
         "vllm:generation_tokens", "vllm:prompt_tokens_total", "vllm:cache_config_info")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from fakes import FakeEngine  # noqa: E402
 
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, PoolConfig  # noqa: E402
-from rollout_plugin.pool.pool import RolloutPool  # noqa: E402
+from rollout_plugin.pool.api.pool import RolloutPool  # noqa: E402
 from rollout_plugin.types import Request, SamplingParams  # noqa: E402
 
 

@@ -41,7 +41,7 @@ import httpx
 
 from rollout_plugin.config.schema import EngineConfig
 from rollout_plugin.model.embedded import resolve_model
-from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
+from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
 
 BODY = {"prompt": "Count: 1 2 3", "max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
 

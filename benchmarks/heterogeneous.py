@@ -28,8 +28,8 @@ import httpx
 
 from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolConfig
 from rollout_plugin.model.embedded import resolve_model
-from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.types import Request, SamplingParams
 
 

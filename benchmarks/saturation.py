@@ -33,8 +33,8 @@ import httpx
 from rollout_plugin.collect.dataset import load_examples
 from rollout_plugin.config.schema import EngineConfig, PoolConfig
 from rollout_plugin.model.embedded import resolve_model
-from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.types import Request, SamplingParams
 
 # Run from a file with a main guard: vLLM starts its engine worker with spawn, which re-imports __main__.

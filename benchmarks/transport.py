@@ -47,10 +47,10 @@ from rollout_plugin.config.schema import (  # noqa: E402
     PoolConfig,
     PrewarmConfig,
 )
-from rollout_plugin.pool.client import HttpEngineClient, Reply, sampling_body  # noqa: E402
-from rollout_plugin.pool.engine_client import Malformed, TimedOut, Unavailable  # noqa: E402
-from rollout_plugin.pool.pool import RolloutPool  # noqa: E402
-from rollout_plugin.pool.sse import aiter_events  # noqa: E402
+from rollout_plugin.pool.transport.http import HttpEngineClient, Reply, sampling_body  # noqa: E402
+from rollout_plugin.pool.core.engine_client import Malformed, TimedOut, Unavailable  # noqa: E402
+from rollout_plugin.pool.api.pool import RolloutPool  # noqa: E402
+from rollout_plugin.pool.transport.sse import aiter_events  # noqa: E402
 from rollout_plugin.types import Request, SamplingParams  # noqa: E402
 
 MODEL = "shaped"
@@ -83,8 +83,8 @@ class HttpxEngineClient(HttpEngineClient):
         return Reply(resp.status_code, resp.content, resp.headers)
 
     async def _post_stream(self, path: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from rollout_plugin.pool.client import raise_for_status as _raise_for_status
-        from rollout_plugin.pool.sse import merge_choice as _merge_delta
+        from rollout_plugin.pool.transport.http import raise_for_status as _raise_for_status
+        from rollout_plugin.pool.transport.sse import merge_choice as _merge_delta
 
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         merged: dict[int, dict[str, Any]] = {}

@@ -29,7 +29,7 @@ from rollout_plugin.collect.job import collect  # noqa: E402
 from rollout_plugin.config.schema import (  # noqa: E402
     CollectConfig, EngineConfig, PoolConfig, Progress, SamplingConfig, VerifyConfig, VerifyTiming)
 from rollout_plugin.model.embedded import resolve_model  # noqa: E402
-from rollout_plugin.pool.launcher import EngineProcess, reserve_ports  # noqa: E402
+from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports  # noqa: E402
 from rollout_plugin.verify.job import VerifyJobConfig, verify_file  # noqa: E402
 
 VERIFIER = "verifiers_for_tests:slow_length"

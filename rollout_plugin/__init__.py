@@ -21,9 +21,9 @@ from rollout_plugin.errors import (
     RolloutPluginError,
     VerifierError,
 )
-from rollout_plugin.pool.stats import PoolStats
-from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
-from rollout_plugin.pool.weights import FolderWeights, UpdateMode
+from rollout_plugin.pool import PoolStats
+from rollout_plugin.pool import RolloutPool, SyncRolloutPool
+from rollout_plugin.pool import FolderWeights, UpdateMode
 from rollout_plugin.types import Request, Result, Sample, SamplingParams, Segment
 from rollout_plugin.verify import VerifierRunner, VerifyCache, VerifyJobConfig
 

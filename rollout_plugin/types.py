@@ -6,6 +6,7 @@ A :class:`Request` is one prompt and the number of samples wanted for it (a GRPO
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -88,6 +89,12 @@ class Sample:
     def versions(self) -> tuple[int, ...]:
         """The weight versions that produced this sample, oldest first."""
         return tuple(sorted({s.version for s in self.segments}))
+
+
+def oldest_version(samples: Iterable[Sample], default: int) -> int:
+    """The oldest weight version any of ``samples``' tokens came from (the staleness bound); ``default`` when no
+    sample says (no segments: every token then came from the version the engine held)."""
+    return min((seg.version for s in samples for seg in s.segments), default=default)
 
 
 @dataclass(frozen=True)

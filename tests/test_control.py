@@ -8,9 +8,9 @@ from dataclasses import replace
 
 from fakes import FakeEngine
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, PoolConfig
-from rollout_plugin.pool.control import Observation, initial_state, kv_estimate_cap, step
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.telemetry import parse_vllm_metrics
+from rollout_plugin.pool.policy.caps import Observation, initial_state, kv_estimate_cap, step
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.observe.telemetry import parse_vllm_metrics
 from rollout_plugin.types import Request
 
 CFG = ControllerConfig()
@@ -391,7 +391,7 @@ def test_after_kv_pressure_raises_stop_below_the_cap_that_met_it():
 
 async def test_monitor_applies_pack_size_decisions_and_records_them(tmp_path):
     from rollout_plugin.config.schema import PackControlConfig
-    from rollout_plugin.pool.telemetry import EngineMetrics
+    from rollout_plugin.pool.observe.telemetry import EngineMetrics
 
     now = [0.0]
     engine = FakeEngine("a")

@@ -1,4 +1,4 @@
-"""Why a call was cut (:class:`~rollout_plugin.pool.cuts.Cut`) and the attempt bound across continuations.
+"""Why a call was cut (:class:`~rollout_plugin.pool.core.cuts.Cut`) and the attempt bound across continuations.
 
 Issue 19, item 1: a retryable failure after the first token gave the attempt back, so a failure that recurs
 after some tokens (a proxy's idle timeout, a repeatable server error) looped for ever. Each test runs on the
@@ -12,9 +12,9 @@ import asyncio
 import pytest
 
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, PoolConfig
-from rollout_plugin.pool.cuts import Cut
-from rollout_plugin.pool.engine_client import Generation, Unavailable
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.core.cuts import Cut
+from rollout_plugin.pool.core.engine_client import Generation, Unavailable
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.sim.loop import run_virtual
 from rollout_plugin.types import Request, Sample, SamplingParams
 

@@ -9,8 +9,8 @@ import pytest
 from fakes import FakeEngine
 from rollout_plugin.config.schema import PoolConfig
 from rollout_plugin.errors import PoolError
-from rollout_plugin.pool.engine_client import Unavailable
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.core.engine_client import Unavailable
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.types import Request, SamplingParams
 
 
@@ -327,7 +327,7 @@ async def test_pack_timeout_sends_a_partial_pack_when_it_expires():
 
 
 async def test_an_engine_added_at_runtime_takes_work_and_grows_the_global_cap():
-    from rollout_plugin.pool.telemetry import EngineMetrics
+    from rollout_plugin.pool.observe.telemetry import EngineMetrics
 
     a, b = FakeEngine("a"), FakeEngine("b")
     a.gate = asyncio.Event()
@@ -351,7 +351,7 @@ async def test_an_engine_added_at_runtime_takes_work_and_grows_the_global_cap():
 
 
 def pool_limits_for(pool: RolloutPool, engines: int):
-    from rollout_plugin.pool.pool import pool_limits
+    from rollout_plugin.pool.api.pool import pool_limits
 
     return pool_limits(pool.engine_cfg, pool.pool_cfg, engines)
 

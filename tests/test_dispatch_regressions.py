@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
+import re
 import threading
 import time
 from pathlib import Path
@@ -12,9 +12,9 @@ import pytest
 
 from fakes import FakeEngine
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, GroupConfig, PoolConfig
-from rollout_plugin.errors import EngineError, PoolError
-from rollout_plugin.pool.engine_client import RateLimited
-from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
+from rollout_plugin.errors import EngineError, PoolError, TrainerAdapterError
+from rollout_plugin.pool.core.engine_client import RateLimited
+from rollout_plugin.pool import RolloutPool, RpcAnswer, SyncRolloutPool, require_ok
 from rollout_plugin.types import Request, SamplingParams
 
 PACKAGE = Path(__file__).parents[1] / "rollout_plugin"
@@ -181,7 +181,7 @@ async def test_retry_after_is_capped_by_the_backoff_cap():
 
 
 def test_launched_engines_are_stopped_all_at_once():
-    from rollout_plugin.pool.launcher import stop_all
+    from rollout_plugin.pool.engines.launcher import stop_all
 
     barrier = threading.Barrier(3, timeout=10)  # passes only if all three stops run at the same time
     stopped = []
@@ -246,7 +246,7 @@ def test_sync_stats_run_on_the_pools_loop():
 # 7 ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shared", [True, False])
 async def test_admission_work_per_request_is_flat_in_queued_distinct_params(shared):
-    from rollout_plugin.pool import queue as queue_module
+    from rollout_plugin.pool.core import queue as queue_module
 
     counts = {}
     for size in (1000, 8000):
@@ -273,16 +273,34 @@ async def test_admission_work_per_request_is_flat_in_queued_distinct_params(shar
 
 # 9 ------------------------------------------------------------------------------------------------
 def test_policy_never_sees_http_and_front_ends_never_reach_inside_the_pool():
-    for name in ("dispatch.py", "admission.py", "outcomes.py", "membership.py", "ledger.py", "routing.py"):
-        policy = (PACKAGE / "pool" / name).read_text()
+    pool = PACKAGE / "pool"
+    for path in [*(pool / "dispatch").glob("*.py"), pool / "core" / "ledger.py", pool / "policy" / "routing.py"]:
+        policy = path.read_text()
         for word in ("httpx", "aiohttp", "status", "429", "500"):
-            assert word not in policy, f"{name} mentions {word!r}: policy must see verdicts only"
+            assert word not in policy, f"{path.name} mentions {word!r}: policy must see verdicts only"
     for path in [PACKAGE / "gateway" / "app.py", *(PACKAGE / "adapters").rglob("*.py")]:
         text = path.read_text()
         assert "_dispatcher" not in text and ".dispatcher" not in text, f"{path.name} reaches inside the pool"
 
 
-def test_control_calls_have_one_error_behaviour():
-    src = inspect.getsource(RolloutPool.call_engines)
-    assert "self.control(" in src  # call_engines is control() plus "every engine must succeed"
+def test_engine_calls_have_one_error_behaviour():
+    """One helper turns failed engine answers into an error (issue 20: there were three): it names every failed
+    engine, the call and why, adds the dev-mode fix on a 404, and no module keeps a copy of the check."""
+    call = "POST /collective_rpc"
+    answers = [RpcAnswer("e0", 200, {"ok": True}, call=call),
+               RpcAnswer("e1", 500, error="e1: POST /collective_rpc: HTTP 500: boom", call=call),
+               RpcAnswer("e2", 404, call=call)]
+    assert require_ok(answers[:1]) == answers[:1]
+    with pytest.raises(EngineError) as failed:
+        require_ok(answers)
+    assert str(failed.value) == ("POST /collective_rpc failed on 2 of 3 engines: e1: HTTP 500: boom; e2: HTTP 404 "
+                                 "(the engine needs vLLM's dev endpoints (engine.dev_mode=true, "
+                                 "i.e. VLLM_SERVER_DEV_MODE=1))")
+    with pytest.raises(TrainerAdapterError, match="^POST /collective_rpc failed on 2 of 3 engines: e1"):
+        require_ok(answers, error=TrainerAdapterError)
+    # A failed engine answer checked and raised on the spot (the three old copies' shape): only in the one helper.
+    copy = re.compile(r"not \w+\.ok\b.*\n(?:.*\n){0,3}?\s*raise .*\.(engine|status)\b")
+    home = PACKAGE / "pool" / "transport" / "rpc.py"
+    copies = [p.relative_to(PACKAGE) for p in PACKAGE.rglob("*.py") if p != home and copy.search(p.read_text())]
+    assert copies == [], copies
 

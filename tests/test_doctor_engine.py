@@ -10,7 +10,7 @@ import pytest
 
 from rollout_plugin.cli.main import main
 from rollout_plugin.config.schema import EngineConfig
-from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
+from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolConfig, TimeoutConfig
-from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.types import Request, SamplingParams
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -119,8 +119,11 @@ async def test_a_sample_whose_engine_is_killed_continues_from_its_tokens_elsewhe
     """Streamed calls: the pool saw each sample's tokens as they came; after SIGKILL, every unfinished
     sample goes on on the other engine from prompt + its tokens, for exactly the rest of its budget."""
     budget = 900  # long: on a loaded machine the victim must still be mid-sample when it is killed
+    # A SIGKILL is seen by the refused connections, not by the stall detector; a short stall_s would let a
+    # loaded 2-core machine (a fresh engine's first batches) take the victim out before it streamed a token,
+    # and the precondition below would never hold (CI, stop 24).
     pool_cfg = PoolConfig(per_engine=8, pack_size=4, stream_min_tokens=256,
-                          timeouts=TimeoutConfig(request_s=600, health_s=2, stall_s=STALL_S))
+                          timeouts=TimeoutConfig(request_s=600, health_s=2, stall_s=180))
     reqs = [Request(f"s{i}", [1, 10 + i, 20, 30], n=2, sampling=SamplingParams(max_tokens=budget, ignore_eos=True))
             for i in range(12)]
     async with RolloutPool(pair(live_engine, victim), pool_cfg, ControllerConfig(mode="off")) as pool:
@@ -130,6 +133,9 @@ async def test_a_sample_whose_engine_is_killed_continues_from_its_tokens_elsewhe
                 await asyncio.sleep(0.05)  # polling the pool: work under way
             while not any(p.token_ids for c in pool._dispatcher.ledger.calls if c.engine == 1 and c.progress
                           for parts in c.progress for p in parts):
+                if not pool.stats().engines[1].healthy:  # the precondition cannot hold any more: say so
+                    pytest.fail("the victim left rotation before it streamed a token; nothing to continue "
+                                f"(timeline: {pool.stats().engines[1]})")
                 await asyncio.sleep(0.05)  # the victim has streamed some tokens
         kill_group(signal.SIGKILL)(victim)
         results = await asyncio.wait_for(task, 400)
@@ -208,6 +214,6 @@ async def test_a_killed_launched_engine_is_restarted_and_the_run_completes(model
     assert restarted != killed
     events = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     health = [(e["old"], e["new"]) for e in events if e["kind"] == "health"]
-    # the engine state machine (pool/lifecycle.py): a failed call may first make it suspect
+    # the engine state machine (pool/core/lifecycle.py): a failed call may first make it suspect
     assert health[0][0] == "live" and health[-3:] == [("suspect" if len(health) == 4 else "live", "dead"),
                                                       ("dead", "restarting"), ("restarting", "live")], health

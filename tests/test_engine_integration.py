@@ -7,9 +7,9 @@ import pytest
 
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
 from rollout_plugin.errors import EngineError, EngineStartError
-from rollout_plugin.pool.client import HttpEngineClient
-from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
-from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
+from rollout_plugin.pool.transport.http import HttpEngineClient
+from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
+from rollout_plugin.pool import RolloutPool, SyncRolloutPool
 from rollout_plugin.types import Request, SamplingParams
 
 pytestmark = pytest.mark.engine
@@ -121,7 +121,7 @@ async def test_unreachable_engine_is_marked_dead_and_its_work_moves(live_engine)
 
 
 async def test_an_engine_attached_at_runtime_joins_rotation(live_engine):
-    from rollout_plugin.pool.launcher import EngineEndpoint
+    from rollout_plugin.pool.engines.launcher import EngineEndpoint
 
     engine, pool_cfg = attached(live_engine, per_engine=8, pack_size=4)
     reqs = [Request(f"r{i}", f"Count to {i}:", sampling=SamplingParams(max_tokens=16, ignore_eos=True))

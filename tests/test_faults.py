@@ -13,7 +13,7 @@ from rollout_plugin.config.schema import (
     RateLimitConfig,
     TimeoutConfig,
 )
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.types import Request
 
 OFF = ControllerConfig(mode=ControllerMode.off)

@@ -13,7 +13,7 @@ from aiohttp import web
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, PoolConfig
 from rollout_plugin.gateway.app import Gateway, build_app
 from rollout_plugin.gateway.relay import PassThroughClient, Relay
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.api.pool import RolloutPool
 from vllm_shaped_server import serve_app
 
 

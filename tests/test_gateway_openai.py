@@ -18,7 +18,7 @@ from gateway_harness import eventually, running_gateway
 from rollout_plugin.config.schema import EngineConfig, PoolConfig
 from rollout_plugin.gateway.app import Gateway
 from rollout_plugin.gateway.relay import PassThroughClient, Relay
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.api.pool import RolloutPool
 
 pytestmark = pytest.mark.engine
 

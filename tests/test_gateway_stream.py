@@ -18,7 +18,7 @@ from gateway_harness import EchoEngine, eventually, running_gateway
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, PoolConfig
 from rollout_plugin.gateway.app import Gateway
 from rollout_plugin.gateway.relay import PassThroughClient, Relay
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.api.pool import RolloutPool
 
 CALLERS = 8
 

@@ -17,7 +17,7 @@ import pytest
 
 from rollout_plugin.config.schema import EngineConfig, PoolConfig
 from rollout_plugin.errors import ConfigError, TrainerAdapterError
-from rollout_plugin.pool.placement import GpuInventory, place_engines
+from rollout_plugin.pool.engines.placement import GpuInventory, place_engines
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "scripts" / "gpu_smoke.sh"
@@ -67,15 +67,15 @@ class _SummaryPool:
         self.moved = moved
 
     def run(self, fn):
-        from rollout_plugin.pool.operations import ControlAnswer
+        from rollout_plugin.pool import RpcAnswer
 
         def answer(path, body=None, method="POST", **_):
             if path == "/weight_info":
-                return [ControlAnswer(e, 200, {"weight_version": "2"}) for e in ("engine0", "engine1")]
+                return [RpcAnswer(e, 200, {"weight_version": "2"}) for e in ("engine0", "engine1")]
             sums = {"w": "new" if self.moved else "old"}
-            return [ControlAnswer(e, 200, {"checksums": sums}) for e in ("engine0", "engine1")]
+            return [RpcAnswer(e, 200, {"checksums": sums}) for e in ("engine0", "engine1")]
 
-        return fn(SimpleNamespace(control=answer))
+        return fn(SimpleNamespace(engine_rpc=answer))
 
 
 def test_item4_trl_steps_pass_from_the_run_summary_not_a_log_line(tmp_path):
@@ -412,7 +412,7 @@ def test_item1_the_verl_router_needs_nothing_of_vllm_032_from_a_024_server():
     import asyncio
 
     from rollout_plugin.adapters.verl.router import PoolRouter
-    from rollout_plugin.pool.telemetry import parse_vllm_metrics
+    from rollout_plugin.pool.observe.telemetry import parse_vllm_metrics
 
     m = parse_vllm_metrics(_Vllm024.METRICS)
     assert (m.running, m.waiting, m.kv_usage, m.generation_tokens_total) == (1, 0, 0.25, 42.0)

@@ -14,7 +14,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import rollout_plugin, rollout_plugin.pool, rollout_plugin.config, rollout_plugin.collect, rollout_plugin.verify
 import rollout_plugin.cli.main, rollout_plugin.cli.collect, rollout_plugin.model.embedded, rollout_plugin.tuning
-import rollout_plugin.pool.provider  # pool.backend=ray imports ray only when chosen
+import rollout_plugin.pool.engines.backends  # pool.backend=ray imports ray only when chosen
 from rollout_plugin import RolloutPool, SyncRolloutPool, Request, Result
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'vllm', 'transformers'})
 print('heavy:', heavy)

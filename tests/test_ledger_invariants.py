@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from chaos import ACTIONS, ChaosEngine
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, GroupConfig, GroupMode, PoolConfig
 from rollout_plugin.errors import PoolError
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.sim.loop import run_virtual
 from rollout_plugin.types import Request, SamplingParams
 

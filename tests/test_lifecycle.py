@@ -1,4 +1,4 @@
-"""An engine's life is one state machine (rollout_plugin.pool.lifecycle), and nothing waits forever on it.
+"""An engine's life is one state machine (rollout_plugin.pool.core.lifecycle), and nothing waits forever on it.
 
 Issue 19 item 2, through the public API on virtual time: one engine, weights loaded inside
 ``weight_update()`` with no source (as the gateway's ``/admin/reload_weights`` does), the engine dies and
@@ -18,14 +18,15 @@ import pytest
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, PoolConfig, TimeoutConfig
 from rollout_plugin.config.validate import Problems, check_pool
 from rollout_plugin.errors import ConfigError, PoolError
-from rollout_plugin.pool.dispatch import Dispatcher
-from rollout_plugin.pool.engine_client import Unavailable
-from rollout_plugin.pool.launcher import EngineEndpoint
-from rollout_plugin.pool.lifecycle import (TRANSITIONS, EngineState, IllegalTransition, Outlook, Refit, check,
+from rollout_plugin.pool.dispatch.dispatcher import Dispatcher
+from rollout_plugin.pool.core.engine_client import Unavailable
+from rollout_plugin.pool.engines.launcher import EngineEndpoint
+from rollout_plugin.pool.core.lifecycle import (TRANSITIONS, EngineState, IllegalTransition, Outlook, Refit, check,
                                            outlook)
-from rollout_plugin.pool.limits import derive_limits
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.weights import FolderWeights
+from rollout_plugin.pool.policy.limits import derive_limits
+from rollout_plugin.pool import require_ok
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.weights.sources import FolderWeights
 from rollout_plugin.sim.loop import run_virtual
 from rollout_plugin.types import Request, SamplingParams
 from rollout_plugin.viz import load_timeline, plot_timeline
@@ -73,16 +74,16 @@ def test_the_dispatcher_moves_through_the_table_records_each_change_and_refuses_
     async def main():
         changes = []
         d = dispatcher(on_change=lambda *args: changes.append(args[2:4]))
-        d._recover = lambda index: True  # it comes back: the pool does not fail under the test
+        d.membership._recover = lambda index: True  # it comes back: the pool does not fail under the test
         path = [(S.suspect, "a call failed"), (S.dead, "probe failed"), (S.restarting, "restart 1"),
                 (S.stale, "restarted"), (S.refitting, "loading"), (S.live, "refit"), (S.retired, "done")]
         for new, why in path:
-            d._move(0, new, why)
+            d.membership._move(0, new, why)
         assert changes == [(old.value, new.value) for (old, _), (new, _) in zip([(S.live, "")] + path, path)]
         slot = d._engines[0]
         assert (slot.state, slot.why, slot.healthy, slot.available) == (S.retired, "done", False, False)
         with pytest.raises(IllegalTransition):
-            d._move(0, S.live, "a bug")
+            d.membership._move(0, S.live, "a bug")
         assert slot.state is S.retired and len(changes) == len(path)  # nothing happened
     run_virtual(main())
 
@@ -179,8 +180,8 @@ def requests(count: int, tag: str = "r") -> list[Request]:
 async def load_without_a_source(pool: RolloutPool, version: int) -> None:
     """What the gateway's /admin/reload_weights does: the load inside weight_update(), no WeightSource."""
     async with pool.weight_update(version):
-        await pool.call_engines("/collective_rpc", {"method": "reload_weights",
-                                                    "kwargs": {"weights_path": f"w{version}"}})
+        require_ok(await pool.engine_rpc("/collective_rpc", {"method": "reload_weights",
+                                                             "kwargs": {"weights_path": f"w{version}"}}))
 
 
 def test_a_stale_engine_with_no_source_fails_waiting_callers_within_the_bound():
@@ -275,7 +276,7 @@ def test_a_stale_engine_under_pushed_weights_waits_for_the_next_sync_then_serves
             await asyncio.sleep(60)  # well past hopeless_s: the pool waits for the sync, it does not fail
             assert not waiting.done() and pool.stats().engines[0].state == "stale"
             async with pool.weight_update(2):  # the next sync: its load reaches every engine, stale ones too
-                await pool.control("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": "w2"}})
+                await pool.engine_rpc("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": "w2"}})
             assert await pool.rejoin_after_push() == ["e0"]
             results = await asyncio.wait_for(waiting, timeout=60)
         assert all(r.ok and r.weight_version == 2 for r in results)

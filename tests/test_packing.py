@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rollout_plugin.config.schema import PackControlConfig
-from rollout_plugin.pool.packing import PackObservation, initial_pack_state, pack_step, sizes
+from rollout_plugin.pool.policy.packing import PackObservation, initial_pack_state, pack_step, sizes
 
 CFG = PackControlConfig(window_s=5.0, min_gain=0.05, decay=1.0, reprobe_every=1000)
 

@@ -17,9 +17,9 @@ import pytest
 from rollout_plugin.config.schema import CollectConfig, EngineConfig, PoolBackend, PoolConfig
 from rollout_plugin.config.validate import validate_collect
 from rollout_plugin.errors import ConfigError, EngineError
-from rollout_plugin.pool.placement import DEDICATED_UTILIZATION, GpuInventory, gpu_inventory, place_engines
-from rollout_plugin.pool.provider import LocalEngines, _colocated_utilization
-from rollout_plugin.pool.ray_backend import check_ray_gpus
+from rollout_plugin.pool.engines.placement import DEDICATED_UTILIZATION, GpuInventory, gpu_inventory, place_engines
+from rollout_plugin.pool.engines.provider import LocalEngines, _colocated_utilization
+from rollout_plugin.pool.engines.ray_backend import check_ray_gpus
 from rollout_plugin.tuning import HARDWARE_PRESETS, MODEL_PRESETS, colocated_utilization
 
 EIGHT = GpuInventory(tuple(str(i) for i in range(8)), "nvidia-smi", 79.6)
@@ -216,7 +216,7 @@ def test_ray_replicas_must_see_exactly_their_own_gpus():
 def test_a_trainer_already_on_cuda_without_declared_gpus_is_flagged(monkeypatch):
     from types import SimpleNamespace
 
-    from rollout_plugin.pool.provider import _trainer_here_undeclared
+    from rollout_plugin.pool.engines.provider import _trainer_here_undeclared
 
     fake = SimpleNamespace(cuda=SimpleNamespace(is_initialized=lambda: True))
     monkeypatch.setitem(sys.modules, "torch", fake)

@@ -108,7 +108,7 @@ def test_more_engines_than_columns_wrap_and_a_title_overrides_meta(tmp_path):
 
 
 def test_what_the_pool_s_recorder_writes_is_what_the_plotter_reads(tmp_path):
-    from rollout_plugin.pool.timeline import TimelineRecorder
+    from rollout_plugin.pool.observe.timeline import TimelineRecorder
 
     recorder = TimelineRecorder(tmp_path / "pool.timeline.jsonl", ["engine0", "engine1"], t0=100.0, title="pool")
     for step in range(40):

@@ -40,8 +40,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, GroupConfig, GroupMode, PoolConfig
 from rollout_plugin.config.schema import TimeoutConfig, WeightVerify
 from rollout_plugin.errors import EngineError, PoolError
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.weights import FolderWeights, UpdateMode
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.weights.sources import FolderWeights, UpdateMode
 from rollout_plugin.sim.loop import VirtualTimeLoop
 from rollout_plugin.types import Request, Result, SamplingParams
 from vllm_fake_client import CORRUPT, FakeCluster, FakeProvider, weights_of
@@ -457,7 +457,7 @@ def test_the_fake_engine_queues_while_paused_and_aborts_with_the_tokens_so_far()
     """The fault model the machine relies on, through the real client: a paused engine queues a call until
     /resume (it does not refuse it); /pause?mode=abort ends a running call with its tokens and finish "abort";
     a restarted process holds the initial weights."""
-    from rollout_plugin.pool.engine_client import new_progress
+    from rollout_plugin.pool.core.engine_client import new_progress
     from rollout_plugin.sim.loop import run_virtual
 
     async def main():

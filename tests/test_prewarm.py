@@ -12,9 +12,9 @@ import pytest
 
 from fakes import FakeEngine
 from rollout_plugin.config.schema import EngineConfig, PoolConfig, PrewarmConfig
-from rollout_plugin.pool.engine_client import Unavailable
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.prewarm import prewarm, shared_prefix, warm_requests
+from rollout_plugin.pool.core.engine_client import Unavailable
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.engines.prewarm import prewarm, shared_prefix, warm_requests
 from rollout_plugin.types import Request, SamplingParams
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rollout_plugin.errors import ConfigError
-from rollout_plugin.pool.ratelimit import RateLimiter, RateLimits, TokenBucket, backoff_delay
+from rollout_plugin.pool.policy.ratelimit import RateLimiter, RateLimits, TokenBucket, backoff_delay
 
 
 def send_times(limiter: RateLimiter, n: int, tokens: int = 0, start: float = 0.0, gap: float = 0.0) -> list[float]:

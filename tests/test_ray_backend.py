@@ -29,7 +29,7 @@ import pytest
 from rollout_plugin.config.schema import CollectConfig, PoolBackend, RayConfig, RayPlacement
 from rollout_plugin.config.validate import validate_collect
 from rollout_plugin.errors import ConfigError
-from rollout_plugin.pool.ray_backend import NODE_AFFINITY_UNIT, replica_bundle, spread_target
+from rollout_plugin.pool.engines.ray_backend import NODE_AFFINITY_UNIT, replica_bundle, spread_target
 
 RAY = Path(sys.executable).with_name("ray")
 CLI = [sys.executable, "-m", "rollout_plugin.cli.main", "collect"]
@@ -302,7 +302,7 @@ def node_with(resource: str) -> str:
 @pytest.mark.slow
 async def test_spread_placement_node_loss_and_replacement_on_a_new_node(ray_cluster, tmp_path):
     from rollout_plugin.config.schema import EngineConfig
-    from rollout_plugin.pool.ray_backend import RayEngines
+    from rollout_plugin.pool.engines.ray_backend import RayEngines
 
     engine = EngineConfig(model="fake", python=fake_python(tmp_path), log_dir=str(tmp_path / "logs"),
                           startup_timeout_s=120)
@@ -341,7 +341,7 @@ async def test_spread_placement_node_loss_and_replacement_on_a_new_node(ray_clus
 @pytest.mark.slow
 async def test_pool_gives_up_on_a_lost_node_then_refills_the_slot_when_a_node_joins(ray_cluster, tmp_path):
     from rollout_plugin.config.schema import EngineConfig, PoolConfig, PrewarmConfig
-    from rollout_plugin.pool.pool import RolloutPool
+    from rollout_plugin.pool.api.pool import RolloutPool
 
     engine = EngineConfig(model="fake", python=fake_python(tmp_path), log_dir=str(tmp_path / "logs"),
                           startup_timeout_s=120)
@@ -369,7 +369,7 @@ async def test_pool_gives_up_on_a_lost_node_then_refills_the_slot_when_a_node_jo
 @pytest.mark.slow
 async def test_a_joining_node_adds_an_engine_up_to_max_engines(ray_cluster, tmp_path):
     from rollout_plugin.config.schema import EngineConfig, PoolConfig, PrewarmConfig
-    from rollout_plugin.pool.pool import RolloutPool
+    from rollout_plugin.pool.api.pool import RolloutPool
 
     engine = EngineConfig(model="fake", python=fake_python(tmp_path), log_dir=str(tmp_path / "logs"),
                           startup_timeout_s=120)

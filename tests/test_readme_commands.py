@@ -1,9 +1,11 @@
-"""Every command the README and recipes/ show is checked: the CPU ones run, the GPU/cluster ones at least parse.
+"""Every command the README, docs/ and recipes/ show is checked: the CPU ones run, the GPU/cluster ones at least parse.
 
-Commands come from README.md's fenced ```bash blocks, the Makefile's `demo` line, the header lines of
-recipes/*.sh and recipes/verl/*.sh ("Run:", "Check first:") and the first line of recipes/trl/*.yaml. Each
-is matched by the first RULE whose program and subcommand fit; a command no rule matches fails
-test_every_documented_command_is_classified, so a new README command must be classified here.
+Commands come from the fenced ```bash blocks of README.md and of every docs/*.md page, the Makefile's `demo`
+line, the header lines of recipes/*.sh and recipes/verl/*.sh ("Run:", "Check first:") and the first line of
+recipes/trl/*.yaml. Each is matched by the first RULE whose program and subcommand fit; a command no rule
+matches fails test_every_documented_command_is_classified, so a new README or docs command must be classified
+here. The README itself stays short: exactly the two set-up commands, under README_MAX_LINES lines, and a map
+that links every docs/ page.
 
 Actions (each rule states why it has the one it has):
 - run:    run as written, in-process, in a scratch folder (recipes/ linked in);
@@ -17,8 +19,9 @@ Actions (each rule states why it has the one it has):
 - skip:   with the stated reason.
 
 Commands run in document order and share one scratch folder, as a reader following the README would: the
-doctor line reads the rollouts the collect lines wrote. A later line that writes an output an earlier one
-wrote gets overwrite=true (README lines are independent examples).
+README first, then the docs/ pages in the order its map links them (docs/doctor.md's doctor line reads the
+rollouts the README's collect lines wrote). A later line that writes an output an earlier one wrote gets
+overwrite=true (documented lines are independent examples).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ PLACEHOLDER_OVERRIDES = "__YOUR_OVERRIDES__"
 SMALL = {"limit": "2", "sampling.max_tokens": "8"}  # attach: unless the command sets them
 SIM_MAX_ENGINES = 8  # simulate: fleets above this are cut to it (the README's 1,024 engines take minutes)
 SERVE_START_S = 180
+README_MAX_LINES = 250  # issue 20: a README a newcomer reads to the end; the rest lives in docs/
+SETUP_COMMANDS = ["make demo", "make test"]  # the README's only set-up commands
 
 
 # ---------------------------------------------------------------------------------------------- extraction
@@ -53,11 +58,11 @@ SERVE_START_S = 180
 
 @dataclass(frozen=True)
 class Command:
-    source: str  # where it is documented: README.md:27, recipes/verl/x.sh:5
+    source: str  # where it is documented: README.md:27, docs/verl.md:5, recipes/verl/x.sh:5
     text: str  # as documented (continuation lines joined, trailing comment dropped)
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()  # leading VAR=value assignments
-    block: str = ""  # the README block (serve and its curl share one)
+    block: str = ""  # the fenced block it is in (serve and its curl share one)
 
     @property
     def program(self) -> str:
@@ -86,8 +91,10 @@ def _command(source: str, text: str, block: str = "") -> Command:
     return Command(source, shown, tuple(words), tuple(env), block)
 
 
-def readme_commands() -> list[Command]:
-    text = (ROOT / "README.md").read_text()
+def fenced_commands(path: Path) -> list[Command]:
+    """The commands in a Markdown file's fenced ```bash blocks, continuation lines joined, comments dropped."""
+    rel = path.relative_to(ROOT).as_posix()
+    text = path.read_text()
     out = []
     for block in re.finditer(r"^```bash\n(.*?)^```", text, re.M | re.S):
         first = text.count("\n", 0, block.start(1)) + 1
@@ -100,8 +107,24 @@ def readme_commands() -> list[Command]:
                 line = line.rstrip()[:-1] + " " + lines[i].strip()
             i += 1
             if line.strip() and not line.strip().startswith("#"):
-                out.append(_command(f"README.md:{first + start}", line.strip(), block=f"README.md:{first}"))
+                out.append(_command(f"{rel}:{first + start}", line.strip(), block=f"{rel}:{first}"))
     return out
+
+
+def readme_commands() -> list[Command]:
+    return fenced_commands(ROOT / "README.md")
+
+
+def docs_pages() -> list[Path]:
+    """docs/*.md in the order the README's map links them (a reader's order), then any page it does not link."""
+    linked = re.findall(r"\]\((docs/[\w.-]+\.md)[)#]", (ROOT / "README.md").read_text())
+    pages = sorted(ROOT.glob("docs/*.md"))
+    order = {p: i for i, p in enumerate(dict.fromkeys(ROOT / rel for rel in linked))}
+    return sorted(pages, key=lambda p: (order.get(p, len(order)), p.name))
+
+
+def docs_commands() -> list[Command]:
+    return [cmd for page in docs_pages() for cmd in fenced_commands(page)]
 
 
 def _header_command(line: str) -> str | None:
@@ -137,7 +160,7 @@ def makefile_commands() -> list[Command]:
 
 def documented() -> list[Command]:
     seen: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], Command] = {}
-    for cmd in [*readme_commands(), *makefile_commands(), *recipe_commands()]:
+    for cmd in [*readme_commands(), *docs_commands(), *makefile_commands(), *recipe_commands()]:
         seen.setdefault((cmd.argv, cmd.env), cmd)  # the same line in two places is checked once
     return list(seen.values())
 
@@ -177,6 +200,9 @@ RULES = [
          "from the Makefile and run here"),
     Rule("pip install", lambda c: c.program in ("pip", "pip3") and c.sub == "install", "skip",
          "installs packages: the suite already runs in an installed venv, with no index to reach"),
+    Rule("venv", lambda c: c.program.startswith("python") and c.argv[1:3] == ("-m", "venv"), "skip",
+         "creates a venv and installs into it (docs/gpu.md's two environments): the suite already runs in an "
+         "installed venv, with no index to reach; scripts/trainer_venv.sh builds the trainers' one"),
     Rule("flags", _hydra_flag, "run", "--help/--cfg/--info/--version answer at once"),
     Rule("verl trainer", lambda c: c.program.startswith("python") and c.argv[1:3] == ("-m", "verl.trainer.main_ppo"),
          "verl", "a GPU job: its overrides go through `rollout-plugin verl-check`, as the README advises"),
@@ -216,7 +242,7 @@ COMMANDS = documented()
 
 
 def test_every_documented_command_is_classified():
-    assert readme_commands() and makefile_commands()
+    assert readme_commands() and docs_commands() and makefile_commands()
     found = {c.source.split(":")[0] for c in recipe_commands()}
     for recipe in [*ROOT.glob("recipes/*.sh"), *ROOT.glob("recipes/*/*.sh"), *ROOT.glob("recipes/*/*.yaml")]:
         assert str(recipe.relative_to(ROOT)) in found, f"{recipe}: no command found in its header"
@@ -232,10 +258,34 @@ def test_rules_are_general_and_each_is_used():
         "rollout-plugin simulate", "rollout-plugin plan model=qwen2.5-7b", "rollout-plugin verify input=x.jsonl",
         "rollout-plugin doctor run=x.jsonl", "rollout-plugin collect --help", "make demo", "pip install x",
         "python -m verl.trainer.main_ppo a=1", "bash recipes/collect_grpo.sh", "curl http://127.0.0.1:1/v1/models",
-        "bash scripts/trainer_venv.sh")]
+        "bash scripts/trainer_venv.sh", "python3 -m venv .venv && .venv/bin/pip install -e .[verl]")]
     assert all(classify(p) is not None for p in probes)
     assert classify(_command("probe", "rollout-plugin no-such-command")) is None
     assert classify(_command("probe", "docker run x")) is None
+
+
+SETUP_RULES = ("make", "pip install", "venv")  # the rules that install or build environments
+
+
+def test_readme_has_exactly_the_two_setup_commands():
+    """Everything a newcomer installs goes through `make demo` / `make test`; other installs live in docs/."""
+    setup = [c.text for c in readme_commands() if (r := classify(c)) is not None and r.name in SETUP_RULES]
+    assert setup == SETUP_COMMANDS
+
+
+def test_readme_is_short_and_maps_every_docs_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < README_MAX_LINES, f"README.md has {len(lines)} lines: move detail into a docs/ page"
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)[)#]", "\n".join(lines)))
+    unlinked = [p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.md")
+                if p.relative_to(ROOT).as_posix() not in linked]
+    assert not unlinked, f"docs pages missing from the README's map: {unlinked}"
+    missing = [rel for rel in linked if not (ROOT / rel).exists()]
+    assert not missing, f"the README links docs pages that do not exist: {missing}"
+    broken = [f"{page.name} -> {target}" for page in ROOT.glob("docs/*.md")
+              for target in re.findall(r"\]\(([\w.-]+\.(?:md|png))[)#]", page.read_text())
+              if not (page.parent / target).exists()]
+    assert not broken, f"docs pages link pages or images that do not exist: {broken}"
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -246,7 +296,7 @@ class Workspace:
     root: Path
     engine: object = None  # LiveEngine, when a case needed it
     model_dir: str = ""
-    served: dict[str, str] = field(default_factory=dict)  # README block -> gateway URL
+    served: dict[str, str] = field(default_factory=dict)  # fenced block -> gateway URL
     procs: list[subprocess.Popen] = field(default_factory=list)
     verl: dict[str, tuple[int, str]] | None = None
 
@@ -467,9 +517,14 @@ def _curl(cmd: Command, ws: Workspace) -> tuple[int, str]:
     return (0 if ok else 1), proc.stdout[:2000]
 
 
-@pytest.mark.parametrize("cmd", [pytest.param(c, id=f"{c.source} {c.program} {c.sub}".strip(), marks=[
-    pytest.mark.engine] if (r := classify(c)) is not None and (r.action in ENGINE_ACTIONS or c.sub == "doctor") else [])
-    for c in COMMANDS])
+def _needs_engine(c: Command) -> bool:
+    """Runs on the session engine, or reads what a collect line wrote on it (doctor's run, verify's input)."""
+    return (r := classify(c)) is not None and (r.action in ENGINE_ACTIONS or c.sub in ("doctor", "verify"))
+
+
+@pytest.mark.parametrize("cmd", [pytest.param(c, id=f"{c.source} {c.program} {c.sub}".strip(),
+                                              marks=[pytest.mark.engine] if _needs_engine(c) else [])
+                                 for c in COMMANDS])
 def test_documented_command(cmd: Command, workspace: Workspace, request, capsys, monkeypatch):
     rule = classify(cmd)
     assert rule is not None, f"{cmd.source}: no rule for {cmd.text!r} (see test_every_documented_command_is_classified)"

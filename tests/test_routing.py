@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rollout_plugin.pool.routing import EngineLoad, pick_engine, split_group
+from rollout_plugin.pool.policy.routing import EngineLoad, pick_engine, split_group
 
 
 def loads(*pairs, unhealthy=()) -> list[EngineLoad]:
@@ -38,7 +38,7 @@ def test_dead_engines_get_no_piece():
 
 
 def test_affinity_keeps_a_key_on_its_home_until_the_imbalance_gate_opens():
-    from rollout_plugin.pool.routing import pick_near
+    from rollout_plugin.pool.policy.routing import pick_near
 
     near = lambda ls, home, own, threshold=0.25: pick_near(ls, 1, frozenset(), home, own, threshold)  # noqa: E731
     assert near(loads((8, 8), (8, 8)), None, 0) is None  # every engine at its cap: wait
@@ -56,7 +56,7 @@ def test_affinity_keeps_a_key_on_its_home_until_the_imbalance_gate_opens():
 
 
 def test_a_request_with_several_keys_follows_the_first_key_that_has_a_home():
-    from rollout_plugin.pool.affinity import Affinity
+    from rollout_plugin.pool.core.affinity import Affinity
 
     a = Affinity()
     a.placed(("group:1", "session:x"), 1, 1)  # first turn: the group had no home; both keys now live on 1

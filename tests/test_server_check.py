@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rollout_plugin.errors import EngineError
-from rollout_plugin.pool.server_check import (
+from rollout_plugin.pool.engines.server_check import (
     DEV_MODE_ENDPOINTS,
     ENDPOINTS,
     VLLM_FLOOR,

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from rollout_plugin.errors import SimulationError
-from rollout_plugin.pool.telemetry import parse_vllm_metrics
+from rollout_plugin.pool.observe.telemetry import parse_vllm_metrics
 from rollout_plugin.sim.calibrate import fit, predict_makespan
 from rollout_plugin.sim.client import SimEngineClient
 from rollout_plugin.sim.config import Policy, SimulateConfig
@@ -193,7 +193,7 @@ def test_metrics_count_completions_inside_a_segment():
 
 
 def test_dead_engine_fails_calls_as_a_dropped_connection():
-    from rollout_plugin.pool.client import CallError
+    from rollout_plugin.pool.transport.http import CallError
 
     async def main():
         e = SimEngine("e", PROFILE)
@@ -247,7 +247,7 @@ def _cfg(**workload) -> SimulateConfig:
 def test_real_pool_through_the_simulator_keeps_its_invariants(monkeypatch):
     """Every request exactly once, each engine's in-flight samples never above its cap at dispatch (straggler moves
     off: a moved call is sent again by design)."""
-    from rollout_plugin.pool import dispatch
+    from rollout_plugin.pool.dispatch import dispatcher as dispatch
 
     seen: dict[str, int] = {}
     violations: list[tuple] = []

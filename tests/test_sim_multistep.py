@@ -184,7 +184,7 @@ def test_simulate_cli_refuses_a_multi_turn_multi_step_run(capsys):
 # -- pool.steps: in flight relative to the step, staleness-aware submission --------------------------
 def test_steps_submit_no_group_a_step_could_not_take_within_the_staleness_bound():
     from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolConfig
-    from rollout_plugin.pool.pool import RolloutPool
+    from rollout_plugin.pool.api.pool import RolloutPool
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -222,7 +222,7 @@ def test_the_trainer_adapters_in_flight_follows_the_step():
 
 
 def test_a_cut_streamed_call_reports_the_tokens_a_stream_would_have_delivered():
-    from rollout_plugin.pool.engine_client import new_progress
+    from rollout_plugin.pool.core.engine_client import new_progress
 
     async def main():
         groups: dict = {}
@@ -245,7 +245,7 @@ def test_a_cut_streamed_call_reports_the_tokens_a_stream_would_have_delivered():
 
 
 def test_an_unstreamed_call_is_blind_as_the_http_clients_are_by_default():
-    from rollout_plugin.pool.engine_client import new_progress
+    from rollout_plugin.pool.core.engine_client import new_progress
 
     async def main():
         client = SimEngineClient(SimEngine("e", PROFILE))  # pool.stream_min_tokens unset: nothing streams

@@ -21,11 +21,11 @@ from gateway_harness import running_gateway
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig, PrewarmConfig
 from rollout_plugin.gateway.app import Gateway
 from rollout_plugin.gateway.relay import PassThroughClient, Relay, StreamCut, gateway_request
-from rollout_plugin.pool.client import HttpEngineClient
-from rollout_plugin.pool.engine_client import CallError, RateLimited, Rejected, Unavailable, new_progress
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.sse import Chunk, Done, StreamedAnswer, StreamError, parse_event
-from rollout_plugin.pool.weights import FolderWeights
+from rollout_plugin.pool.transport.http import HttpEngineClient
+from rollout_plugin.pool.core.engine_client import CallError, RateLimited, Rejected, Unavailable, new_progress
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.transport.sse import Chunk, Done, StreamedAnswer, StreamError, parse_event
+from rollout_plugin.pool.weights.sources import FolderWeights
 from rollout_plugin.sim.loop import run_virtual
 from rollout_plugin.types import Request, SamplingParams
 from vllm_like import VllmLike

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rollout_plugin.pool.straggler import EngineRate, EngineShare, judge_speeds, plan_moves
+from rollout_plugin.pool.policy.straggler import EngineRate, EngineShare, judge_speeds, plan_moves
 from rollout_plugin.sim.config import Policy, SimulateConfig
 from rollout_plugin.sim.profile import EngineProfile, StepModel
 from rollout_plugin.sim.runner import simulate

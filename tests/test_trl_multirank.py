@@ -23,7 +23,7 @@ pytest.importorskip("trl")
 torch = pytest.importorskip("torch")
 
 from rollout_plugin import EngineConfig, PoolConfig, SyncRolloutPool  # noqa: E402
-from rollout_plugin.pool.launcher import reserve_ports  # noqa: E402
+from rollout_plugin.pool.engines.launcher import reserve_ports  # noqa: E402
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -46,7 +46,7 @@ LAUNCH = {
 @pytest.fixture(scope="module")
 def engine(live_engine):
     """The session's engine; its original weights are put back when the module is done."""
-    from rollout_plugin.adapters.trl.weights import reload_engines
+    from rollout_plugin.adapters.common.weights import reload_engines
 
     yield live_engine
     eng = EngineConfig(urls=[live_engine.url], api_key=live_engine.api_key, max_model_len=1024)

@@ -31,7 +31,7 @@ def high_ids_reward(prompts, completions, completion_ids, **kwargs):
 @pytest.fixture(scope="module")
 def pool(live_engine):
     """The session's engine (dev mode) behind a pool; its original weights are put back afterwards."""
-    from rollout_plugin.adapters.trl.weights import reload_engines
+    from rollout_plugin.adapters.common.weights import reload_engines
 
     eng = EngineConfig(urls=[live_engine.url], api_key=live_engine.api_key, max_model_len=1024)
     with SyncRolloutPool(eng, PoolConfig(k=K)) as p:

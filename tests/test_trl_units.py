@@ -42,7 +42,7 @@ def _trainer_args(**over):
 
 
 def test_trainer_sampling_maps_trl_settings_and_asks_for_logprobs():
-    from rollout_plugin.adapters.trl.backend import trainer_sampling
+    from rollout_plugin.adapters.trl.sampling import trainer_sampling
 
     sp = trainer_sampling(_trainer_args(top_k=5))
     assert sp == SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, top_k=5, logprobs=True)
@@ -50,7 +50,7 @@ def test_trainer_sampling_maps_trl_settings_and_asks_for_logprobs():
 
 
 def test_trainer_sampling_refuses_all_unsupported_settings_at_once():
-    from rollout_plugin.adapters.trl.backend import trainer_sampling
+    from rollout_plugin.adapters.trl.sampling import trainer_sampling
 
     with pytest.raises(TrainerAdapterError) as err:
         trainer_sampling(_trainer_args(repetition_penalty=1.1, min_p=0.05))
@@ -58,7 +58,7 @@ def test_trainer_sampling_refuses_all_unsupported_settings_at_once():
 
 
 def test_failed_rollouts_fail_the_step_and_good_ones_unpack_in_group_order():
-    from rollout_plugin.adapters.trl.backend import checked, unpack
+    from rollout_plugin.adapters.common.translate import checked, unpack
 
     req = Request("a", [1, 2], n=2)
     ok = Result("a", samples=(Sample("x", (5, 6), (-0.1, -0.2)), Sample("y", (7,), (-0.3,))), weight_version=4,
@@ -74,7 +74,7 @@ def test_weights_are_written_under_the_checkpoint_names_vllm_loads(model_dir, tm
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from rollout_plugin.adapters.trl.weights import named_weights, write_weights
+    from rollout_plugin.adapters.common.weights import named_weights, write_weights
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     path = write_weights(named_weights(model), tmp_path, dtype=torch.bfloat16)
@@ -146,8 +146,8 @@ def test_attach_refuses_what_it_cannot_serve():
 
 
 def test_pool_metrics_report_tokens_per_second_between_snapshots():
-    from rollout_plugin.adapters.trl.callback import PoolMetrics
-    from rollout_plugin.pool.stats import EngineStats, PoolStats
+    from rollout_plugin.adapters.common.metrics import PoolLogMetrics
+    from rollout_plugin.pool.observe.stats import EngineStats, PoolStats
 
     class Pool:  # the stats a SyncRolloutPool reports, in memory
         weight_version = 2
@@ -160,7 +160,7 @@ def test_pool_metrics_report_tokens_per_second_between_snapshots():
         def run(self, fn):
             return None  # no engine telemetry yet
 
-    pool, metrics = Pool(), PoolMetrics()
+    pool, metrics = Pool(), PoolLogMetrics()
     first = metrics.snapshot(pool)
     assert "tokens_per_s" not in first and first["inflight"] == 3 and first["queued"] == 5
     pool.tokens, pool.elapsed = 500, 2.0
@@ -307,7 +307,7 @@ def test_a_short_answer_from_the_pool_is_refused_on_every_rank():
 
 
 def test_a_pool_on_another_rank_is_refused_with_the_fix():
-    from rollout_plugin.adapters.trl.backend import check_one_pool
+    from rollout_plugin.adapters.common.ranks import check_one_pool
 
     check_one_pool(SimpleNamespace(is_main_process=True, process_index=0, num_processes=2), object())
     check_one_pool(SimpleNamespace(is_main_process=False, process_index=1, num_processes=2), None)
@@ -319,7 +319,7 @@ def test_a_pool_on_another_rank_is_refused_with_the_fix():
 
 @pytest.mark.parametrize("logprobs, got", [(None, "got none"), ((-0.1,), "got 1 for 2 tokens")])
 def test_missing_logprobs_fail_the_step_naming_the_engine_and_the_fix(logprobs, got):
-    from rollout_plugin.adapters.trl.backend import unpack
+    from rollout_plugin.adapters.common.translate import unpack
 
     bad = Result("q7", samples=(Sample("x", (5, 6), (-0.1, -0.2)), Sample("y", (7, 8), logprobs)), engine="engine1")
     with pytest.raises(TrainerAdapterError) as err:
@@ -346,7 +346,7 @@ def test_the_logprobs_mode_warning_is_trls_own():
 
     from trl.trainer import grpo_trainer
 
-    from rollout_plugin.adapters.trl.backend import logprobs_mode_warnings
+    from rollout_plugin.adapters.trl.sampling import logprobs_mode_warnings
 
     def info(mode):
         return {"vllm_config": {"model_config": {"logprobs_mode": mode}}}
@@ -472,7 +472,7 @@ def test_folder_sync_writes_then_reloads_every_engine_then_resets_caches(tmp_pat
 
 
 def test_attach_warns_as_trl_does_about_engines_without_processed_logprobs():
-    from rollout_plugin.adapters.trl.backend import warn_biased_logprobs
+    from rollout_plugin.adapters.trl.sampling import warn_biased_logprobs
 
     with RecordingEngine(logprobs_mode="raw_logprobs") as a, RecordingEngine() as b, _pool_over(a, b) as pool:
         grpo = SimpleNamespace(args=SimpleNamespace(vllm_importance_sampling_correction=True))
@@ -551,12 +551,12 @@ def test_nccl_transport_re_forms_the_group_for_a_stale_engine_and_refits_it_at_t
     pytest.importorskip("vllm.distributed.weight_transfer.nccl_engine")
     from rollout_plugin.adapters.trl.nccl import NcclOptions
     from rollout_plugin.adapters.trl.weights import WeightSync
-    from rollout_plugin.pool.lifecycle import EngineState
+    from rollout_plugin.pool.core.lifecycle import EngineState
 
     async def b_restarted_stale(p):  # as RolloutPool._restart leaves an engine once the weights have moved
         d = p._require()
         for state in (EngineState.dead, EngineState.restarting, EngineState.stale):
-            d._move(1, state, "test: SIGKILL, restarted")
+            d.membership._move(1, state, "test: SIGKILL, restarted")
         return p.stale_engines()
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
@@ -643,8 +643,8 @@ def _spanning_group(rid: str = "g") -> Result:
 
 
 def test_completions_carry_their_spans_and_their_oldest_version():
-    from rollout_plugin.adapters.trl.backend import unpack
-    from rollout_plugin.adapters.trl.versions import staleness_version, versions_spanned
+    from rollout_plugin.adapters.common.translate import unpack
+    from rollout_plugin.adapters.common.versions import staleness_version, versions_spanned
 
     group = _spanning_group()
     _, _, versions, spans = unpack([group])
@@ -662,6 +662,42 @@ def _worker(tok=None, **settings):
     tok = tok or SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: ["t"] * len(ids))
     return PoolRolloutWorker(None, [], [lambda prompts, completions, completion_ids, **kw: [1.0, 0.0]], tok,
                              num_generations=2, sampling=SamplingParams(max_tokens=8), **settings)
+
+
+class _ThinkingTokenizer:
+    """A chat template whose output says whether ``enable_thinking=False`` reached it (last id 0, else 9)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, return_dict, **kwargs):
+        return {"input_ids": [1, 0 if kwargs.get("enable_thinking") is False else 9]}
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["t"] * len(ids)
+
+
+def test_both_trl_routes_render_chat_prompts_with_the_trainers_chat_template_kwargs():
+    """One renderer (adapters.common.translate): the async worker used to drop ``chat_template_kwargs``."""
+    from rollout_plugin.adapters.trl.rollout import make_rollout_func
+
+    chat = [{"role": "user", "content": "hi"}]
+    kwargs = {"enable_thinking": False}
+    sent: list[Request] = []
+
+    def generate(requests):
+        sent.extend(requests)
+        return [Result(r.id, samples=tuple(Sample("x", (5,), (-0.1,)) for _ in range(r.n))) for r in requests]
+
+    pool = SimpleNamespace(generate=generate)
+    args = SimpleNamespace(chat_template_kwargs=kwargs, max_completion_length=4, temperature=1.0)
+    trainer = SimpleNamespace(processing_class=_ThinkingTokenizer(), args=args, num_generations=2,
+                              model=SimpleNamespace(training=True), accelerator=_one_process())
+    callback = SimpleNamespace(trainer=trainer, weights=None, pool=pool)
+    out = make_rollout_func(callback)([chat, chat], trainer)
+    assert out["prompt_ids"] == [[1, 0], [1, 0]] and [r.prompt for r in sent] == [[1, 0]]
+
+    worker = _worker(_ThinkingTokenizer(), in_flight=1, chat_template_kwargs=kwargs)
+    worker.pool = SimpleNamespace(run=lambda fn: object())  # _fill only submits: no pool loop needed
+    worker._fill(iter([{"prompt": chat}]))
+    assert [ids for _, ids in worker._rows.values()] == [[1, 0]]
 
 
 def test_trls_own_staleness_drop_judges_a_spanning_group_by_its_oldest_token(monkeypatch):
@@ -714,7 +750,7 @@ SHORT, HALF, LONG = 3, 5, 10  # tokens: fast prompts; where slow ones stop under
 def _carry_engine():
     from vllm_like import STEP_S, VllmLike
 
-    from rollout_plugin.pool.engine_client import Generation
+    from rollout_plugin.pool.core.engine_client import Generation
 
     class CarryEngine(VllmLike):
         """Prompt ``[m, *tokens so far]``: m % 4 == 0 is slow (LONG tokens), else fast (SHORT). A slow sample

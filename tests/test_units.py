@@ -10,10 +10,10 @@ from rollout_plugin.cli.app import compose
 from rollout_plugin.config.schema import CollectConfig, EngineConfig, PoolConfig
 from rollout_plugin.config.validate import validate_collect
 from rollout_plugin.errors import ConfigError
-from rollout_plugin.pool.launcher import cpu_binding
-from rollout_plugin.pool.limits import derive_limits, preset_per_engine_cap
-from rollout_plugin.pool.routing import EngineLoad, pick_engine
-from rollout_plugin.pool.sse import iter_events
+from rollout_plugin.pool.engines.launcher import cpu_binding
+from rollout_plugin.pool.policy.limits import derive_limits, preset_per_engine_cap
+from rollout_plugin.pool.policy.routing import EngineLoad, pick_engine
+from rollout_plugin.pool.transport.sse import iter_events
 from rollout_plugin.verify.builtin import last_number_match
 
 

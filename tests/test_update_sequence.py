@@ -22,9 +22,9 @@ from rollout_plugin.config.schema import ControllerConfig, ControllerMode, Group
 from rollout_plugin.errors import EngineError
 from rollout_plugin.gateway.app import Gateway, build_app
 from rollout_plugin.gateway.relay import PassThroughClient, Relay
-from rollout_plugin.pool.engine_client import Unavailable
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.weights import FolderWeights
+from rollout_plugin.pool.core.engine_client import Unavailable
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.weights.sources import FolderWeights
 from rollout_plugin.sim.loop import run_virtual
 from rollout_plugin.types import Request, SamplingParams
 from vllm_like import VllmLike
@@ -219,7 +219,7 @@ def test_a_refit_waits_for_the_update_under_way_and_loads_its_weights():
             update = asyncio.ensure_future(pool.update_weights(2, b))
             await b.started.wait()
             pool._dispatcher.replace_client(1, es[1], stale=True)  # e1 restarted meanwhile: stale
-            refit = asyncio.ensure_future(pool._refit(["e1"]))
+            refit = asyncio.ensure_future(pool._ops.refit(["e1"]))
             await asyncio.sleep(1.0)
             assert log[-1] == ("start", "w2")  # nothing else loads while the update does
             b.gate.set()

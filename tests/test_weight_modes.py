@@ -13,9 +13,10 @@ import pytest
 
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, PoolConfig
 from rollout_plugin.errors import EngineError
-from rollout_plugin.pool.launcher import EngineEndpoint
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.weights import FolderWeights
+from rollout_plugin.pool.engines.launcher import EngineEndpoint
+from rollout_plugin.pool import require_ok
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.weights.sources import FolderWeights
 from rollout_plugin.sim.loop import run_virtual
 from rollout_plugin.types import Request, SamplingParams
 from vllm_like import VllmLike
@@ -156,8 +157,8 @@ def test_a_restarted_engine_stays_out_until_refit(with_source):
                 await pool.update_weights(1, FolderWeights("w1"))
             else:
                 async with pool.weight_update(1):
-                    await pool.call_engines("/collective_rpc", {"method": "reload_weights",
-                                                                "kwargs": {"weights_path": "w1"}})
+                    require_ok(await pool.engine_rpc("/collective_rpc", {"method": "reload_weights",
+                                                                         "kwargs": {"weights_path": "w1"}}))
             es[0].dead = True
             pool._dispatcher.mark_dead(0, "test: killed")
             for _ in range(200):  # the restart runs as a supervised helper

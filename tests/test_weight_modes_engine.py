@@ -16,8 +16,8 @@ import pytest
 
 from engine_fixtures import engine_counter
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.weights import FolderWeights
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.weights.sources import FolderWeights
 from rollout_plugin.types import Request, SamplingParams
 
 pytestmark = pytest.mark.engine

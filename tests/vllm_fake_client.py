@@ -3,7 +3,7 @@
 The pool's own HTTP client talks to :class:`FakeVllm` through :class:`FakeSession`, a stand-in for the
 ``aiohttp.ClientSession`` the client opens: the request bodies, SSE chunks, status codes and transport
 errors are vLLM's wire shapes, and the verdict for each (``Unavailable``, an ok generation, ...) is whatever
-``rollout_plugin/pool/client.py`` makes of them today — so a parser that ignores an in-stream error shows up
+``rollout_plugin/pool/transport/http.py`` makes of them today — so a parser that ignores an in-stream error shows up
 as a truncated "ok" sample, as it would against a real server. Behaviours and the vLLM files they copy
 (paths under ``vllm/``):
 
@@ -44,8 +44,8 @@ from typing import Any
 import aiohttp
 
 from rollout_plugin.errors import EngineError
-from rollout_plugin.pool.client import HttpEngineClient
-from rollout_plugin.pool.launcher import EngineEndpoint
+from rollout_plugin.pool.transport.http import HttpEngineClient
+from rollout_plugin.pool.engines.launcher import EngineEndpoint
 
 __all__ = ["CONTROL_S", "CORRUPT", "FakeCluster", "FakeProvider", "FakeSession", "FakeVllm", "RELOAD_S", "STEP_S",
            "weights_of"]

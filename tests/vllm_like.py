@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Sequence
 
 from chaos import shared_params
-from rollout_plugin.pool.engine_client import Generation, Rejected, Unavailable
+from rollout_plugin.pool.core.engine_client import Generation, Rejected, Unavailable
 from rollout_plugin.types import Request, Sample
 
 STEP_S = 0.01  # virtual seconds per token

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("rollout_plugin.cli.doctor", "read a run's summary and timeline and say what to change"),
 }
 
-log = logging.getLogger("rollout_plugin")
+log = logging.getLogger(__name__)
 
 
 def _usage() -> str:

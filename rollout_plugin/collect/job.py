@@ -19,8 +19,8 @@ from rollout_plugin.collect.dataset import Example, load_examples
 from rollout_plugin.collect.output import RolloutWriter, sample_id, summary_path, timeline_path
 from rollout_plugin.config.schema import CollectConfig, SamplingConfig, VerifyTiming
 from rollout_plugin.config.validate import validate_collect
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.prewarm import shared_prefix
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.engines.prewarm import shared_prefix
 from rollout_plugin.types import Request, Result, SamplingParams
 from rollout_plugin.verify.cache import VerifyCache
 from rollout_plugin.verify.runner import VerifierRunner, load_verifier

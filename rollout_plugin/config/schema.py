@@ -272,7 +272,7 @@ class ControllerConfig:
     cut_factor: float = 0.7  # cap × this on a cut (preemptions, KV above kv_high)
     min_gain: float = 0.03  # a raise must buy ≥3 % more tokens/s, or the cap stops rising
     at_cap_fraction: float = 0.9  # the engine counts as cap-bound above this share of its cap
-    # Caps are judged by the tokens/s they buy (pool/control.py). A protective cut (preemptions, KV above
+    # Caps are judged by the tokens/s they buy (pool/policy/caps.py). A protective cut (preemptions, KV above
     # kv_high) is on trial for trial_s once it bites: if tokens/s fell by more than cut_tolerance it is undone
     # and preemption counts as cheap on that engine (no cut on it alone) for cheap_s, doubled each time it is
     # found again. A raise is judged on trial_s too, and undone only if it cost more than raise_tolerance:
@@ -287,7 +287,7 @@ class ControllerConfig:
     # A /metrics answer that came later than this share of the window since the last one is no measurement:
     # the controller decides nothing on it (a late scrape once read "22 tok/s at 308" and cut on it).
     max_scrape_lag: float = 0.25
-    # Straggler-aware placement (pool/straggler.py): routing weighs each engine's decode speed against the
+    # Straggler-aware placement (pool/policy/straggler.py): routing weighs each engine's decode speed against the
     # fleet's; with nothing left to dispatch, the work on engines slower than slow_below × the fleet moves to
     # the others (from its tokens when streamed, else from the start).
     straggler_moves: bool = True

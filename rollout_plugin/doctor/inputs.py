@@ -58,8 +58,8 @@ async def scrape(urls: list[str], api_key: str | None, interval_s: float = 2.0,
                  timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
     """Two /metrics snapshots per engine ``interval_s`` apart: gauges from the second, preemptions as the
     difference (the counter since the engine started says nothing about now)."""
-    from rollout_plugin.pool.client import HttpEngineClient
-    from rollout_plugin.pool.telemetry import parse_vllm_metrics
+    from rollout_plugin.pool.transport.http import HttpEngineClient
+    from rollout_plugin.pool.observe.telemetry import parse_vllm_metrics
 
     clients = [HttpEngineClient(f"engine{i}", url, api_key=api_key, model="", max_connections=1, connect_s=timeout_s,
                                 request_s=timeout_s, admission_s=timeout_s, health_s=timeout_s)

@@ -24,8 +24,8 @@ from rollout_plugin.gateway.batching import merge_completions, prompt_count, spl
 from rollout_plugin.gateway.native import NativeCompletion, completion_response, plan_completion
 from rollout_plugin.gateway.relay import END, Exchange, Relay, gateway_request
 from rollout_plugin.gateway.streaming import EventStream
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.weights import FolderWeights, InPlaceWeights, WeightSource
+from rollout_plugin.pool import RolloutPool
+from rollout_plugin.pool import FolderWeights, InPlaceWeights, WeightSource
 from rollout_plugin.types import Request as PoolRequest
 from rollout_plugin.types import Result
 
@@ -243,7 +243,7 @@ class Gateway:
 
     # -- admin -----------------------------------------------------------------------------------
     async def fan_out(self, path: str, body: dict[str, Any] | None) -> JSONResponse:
-        answers = await self.pool.control(path, body, timeout_s=60.0)
+        answers = await self.pool.engine_rpc(path, body, timeout_s=60.0)
         per_engine = {a.engine: {"status": a.status, "answer": a.body if a.error is None else a.error}
                       for a in answers}
         worst = max((a.status for a in answers), default=200)
@@ -270,7 +270,7 @@ class Gateway:
         """Every engine reloads its model path in place, through the pool's one update sequence (drain, load,
         verify, adopt, resume): the next (or given) weight version only if every engine loaded it. A failure
         answers 502 and leaves the old version (engines that may hold other weights leave rotation until the
-        next reload; :mod:`rollout_plugin.pool.update`)."""
+        next reload; :mod:`rollout_plugin.pool.weights.update`)."""
         body = await self._optional_body(request)
         version = body.get("weight_version")
         return await self._reload(InPlaceWeights(timeout_s=60.0), int(version) if version is not None else None)

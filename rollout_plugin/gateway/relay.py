@@ -11,7 +11,7 @@ pack); the client only notes their errors and prompt token ids in their exchange
 A stream is *committed* once its first event is in the exchange: until then a failed call is retried
 by the pool like any other; after it, the caller gets an error event and ``[DONE]``, and the call ends
 in :class:`StreamCut` (a :class:`Rejected`: never retried, so the answer is never started twice). A relayed stream
-is read with the pool client's own parser (:class:`~rollout_plugin.pool.sse.StreamedAnswer`): an error event inside
+is read with the pool client's own parser (:class:`~rollout_plugin.pool.transport.sse.StreamedAnswer`): an error event inside
 it, or a sample that ends without a finish reason, ends the call in :class:`StreamCut` with that verdict's message.
 """
 
@@ -27,15 +27,16 @@ from typing import Any
 
 import aiohttp
 
-from rollout_plugin.pool.client import (  # the transport's own wire helpers: one verdict mapping for both paths
+from rollout_plugin.pool import CallError, Generation, Malformed, Progress, Rejected, TimedOut, Unavailable
+from rollout_plugin.pool.transport import (  # the transport's own wire helpers: one verdict mapping for both paths
+    DONE,
     JSON_HEADERS,
     HttpEngineClient,
+    StreamedAnswer,
+    aiter_events,
     json_body,
     raise_for_status,
 )
-from rollout_plugin.pool.engine_client import (CallError, Generation, Malformed, Progress, Rejected, TimedOut,
-                                              Unavailable)
-from rollout_plugin.pool.sse import DONE, StreamedAnswer, aiter_events
 from rollout_plugin.types import Request, Sample, SamplingParams
 
 __all__ = ["Exchange", "PassThroughClient", "Relay", "StreamCut", "error_event", "gateway_request"]
@@ -236,14 +237,3 @@ class PassThroughClient(HttpEngineClient):
         if verdict is not None:
             raise StreamCut(str(verdict), status=verdict.status or 502) from verdict
         return _streamed_generation(answer, r.n)
-
-    async def control(self, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
-        """POST a server-root control call (``/pause``, ``/collective_rpc`` …): (status, JSON or text)."""
-        try:
-            reply = await self.call_root(path, body, timeout_s=self._health_timeout * 12)
-        except CallError as exc:  # a 502 row for this engine, not a crash
-            return 502, str(exc)
-        try:
-            return reply.status, json.loads(reply.body) if reply.body else None
-        except ValueError:
-            return reply.status, reply.text[:300]

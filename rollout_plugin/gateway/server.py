@@ -20,7 +20,7 @@ from rollout_plugin.config.schema import ControllerConfig, EngineConfig, PoolCon
 from rollout_plugin.config.validate import Problems, check_engine, check_pool
 from rollout_plugin.errors import InputError
 from rollout_plugin.gateway.relay import PassThroughClient, Relay
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool import RolloutPool
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ async def serve(cfg: ServeConfig) -> None:
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:  # checked before any engine starts
         raise InputError(f"rollout-plugin serve needs {' and '.join(missing)}: pip install 'rollout-plugin[serve]'")
-    from rollout_plugin.pool.launcher import reserve_ports
+    from rollout_plugin.pool import reserve_ports
 
     port = cfg.port or reserve_ports(cfg.host, 0, 1)[0]
     url = f"http://{cfg.host}:{port}"

@@ -3,6 +3,8 @@
 - static:  TRL server mode / static DP — session ``i`` goes to engine ``i mod N``, all at once;
 - verl:    verl's router — least in flight by request count (ties to the lower index), no cap, all
            at once, sticky per session (prefix cache);
+- least_loaded: the same pick for every turn, not sticky — a cache-unaware load balancer, the control for
+           what stickiness buys in prefix-cache hits;
 - distllm: fixed batches of ``batch`` groups (or whatever arrived within ``timeout_s``), sent
            round-robin as concurrent requests, the next batch only when the whole batch is back.
 
@@ -16,7 +18,7 @@ import asyncio
 import heapq
 from collections.abc import Sequence
 
-from rollout_plugin.pool.client import CallError, EngineClient
+from rollout_plugin.pool.transport.http import CallError, EngineClient
 from rollout_plugin.sim.workload import Session
 from rollout_plugin.types import Request
 
@@ -154,3 +156,14 @@ class FixedBatch(Baseline):
                 for s in sessions:
                     sessions_tg.create_task(one(s))
             feeder.cancel()
+
+
+class LeastLoaded(LeastInflight):
+    """Cache-unaware: every turn of a session goes to the engine with the fewest in flight at that moment."""
+
+    async def session(self, index: int, session: Session) -> None:
+        for t, request in enumerate(session.turns):
+            if t:
+                await asyncio.sleep(self.tool_latency_s)
+            if not await self.call(self.pick(index), request):
+                return

@@ -24,13 +24,17 @@ from functools import cache
 from typing import Any
 from urllib.parse import parse_qs
 
-from rollout_plugin.pool.engine_client import Generation, Progress, Rejected, Unavailable
-from rollout_plugin.pool.telemetry import EngineMetrics
-from rollout_plugin.sim.engine import EngineDied, SimEngine
+from rollout_plugin.pool.core.engine_client import Generation, Progress, Rejected, Unavailable
+from rollout_plugin.pool.observe.telemetry import EngineMetrics
+from rollout_plugin.sim.engine import CachedPrompt, EngineDied, SimEngine
+from rollout_plugin.sim.prefix_cache import PrefixCache
 from rollout_plugin.types import Request, Sample
 
 PROMPT_KEY = "sim_prompt_tokens"
 OUTPUT_KEY = "sim_output_tokens"
+# What the prompt's tokens are, as prefix_cache.Content segments (the prefix cache's block identities); a
+# request without it is never a prefix-cache hit.
+CONTENT_KEY = "sim_prompt_content"
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,12 @@ class MetricsText(str):
     parsed: EngineMetrics
 
 
-def _metrics_text(m: EngineMetrics, block_size: int) -> MetricsText:
-    text = MetricsText(metrics_text(m, block_size=block_size))
+def _metrics_text(m: EngineMetrics, block_size: int, cache: PrefixCache | None = None) -> MetricsText:
+    body = metrics_text(m, block_size=block_size)
+    if cache is not None:  # vLLM's counters of new requests' prompt tokens looked up and found (metrics/loggers.py)
+        body += (f'vllm:prefix_cache_queries_total{{model_name="sim"}} {float(cache.queries)}\n'
+                 f'vllm:prefix_cache_hits_total{{model_name="sim"}} {float(cache.hits)}\n')
+    text = MetricsText(body)
     text.parsed = m
     return text
 
@@ -103,14 +111,16 @@ def _report(engine: SimEngine, specs: Sequence[_Spec], seqs: list, progress: Pro
 class _Spec:
     """One request as the engine runs it: its prompt, its samples' lengths, and what it took from a bag."""
 
-    __slots__ = ("prompt", "outs", "continued", "bag")
+    __slots__ = ("prompt", "outs", "continued", "bag", "cached")
 
-    def __init__(self, prompt: int, outs: list[int], continued: bool = False, bag: list[int] | None = None):
+    def __init__(self, prompt: int, outs: list[int], continued: bool = False, bag: list[int] | None = None,
+                 cached: CachedPrompt | None = None):
         self.prompt, self.outs, self.continued, self.bag = prompt, outs, continued, bag
+        self.cached = cached  # its prompt as the prefix cache sees it (continued samples: not modelled)
 
 
 class SimEngineClient:
-    """:class:`rollout_plugin.pool.client.EngineClient` backed by a :class:`SimEngine`. ``groups``: the bags
+    """:class:`rollout_plugin.pool.transport.http.EngineClient` backed by a :class:`SimEngine`. ``groups``: the bags
     of samples not started, by request id, shared by every client of one run (pieces go to any engine)."""
 
     def __init__(self, engine: SimEngine, groups: dict[str, list[int]] | None = None, *,
@@ -118,7 +128,7 @@ class SimEngineClient:
         self.engine = engine
         self.name = engine.name
         self.groups: dict[str, list[int]] = {} if groups is None else groups
-        # As the HTTP client (pool/client.py): calls this long stream (pool.stream_min_tokens), so their tokens so far
+        # As the HTTP client (pool/transport/http.py): calls this long stream (pool.stream_min_tokens), so their tokens so far
         # are known at a cut; others are blind — a cut sample starts over, unless vLLM's abort answered with it.
         self.stream_min_tokens = stream_min_tokens
         self._streaming: dict[int, tuple[list[_Spec], list, Progress]] = {}
@@ -132,14 +142,16 @@ class SimEngineClient:
         if isinstance(r.prompt, list) and len(r.prompt) > prompt and isinstance(r.prompt[0], int):  # continued
             done = len(r.prompt) - prompt
             return _Spec(len(r.prompt), [max(1, int(r.prompt[prompt]) - done)], continued=True)
+        content = r.metadata.get(CONTENT_KEY)
+        cached = CachedPrompt(r.id, content, prompt, r.n) if content is not None else None
         if r.n == len(outs):  # the whole group (first send, or sent again as it was)
-            return _Spec(prompt, list(outs))
+            return _Spec(prompt, list(outs), cached=cached)
         bag = self.groups.setdefault(r.id, list(outs))
         taken = [bag.pop(0) for _ in range(min(r.n, len(bag)))]
         if len(taken) < r.n:  # generated again after its continuation was dropped: it keeps a sibling's length
             log.debug("%s: %d sample(s) beyond the bag take the group's first lengths", r.id, r.n - len(taken))
             taken += list(outs[:r.n - len(taken)])
-        return _Spec(prompt, taken, bag=taken)
+        return _Spec(prompt, taken, bag=taken, cached=cached)
 
     def _give_back(self, specs: Sequence[_Spec], request_ids: Sequence[str]) -> None:
         for spec, rid in zip(specs, request_ids):
@@ -153,7 +165,7 @@ class SimEngineClient:
     async def generate(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Generation]:
         self.calls += 1
         specs = [self._spec(r) for r in requests]
-        call = self.engine.submit([s.prompt for s in specs], [s.outs for s in specs])
+        call = self.engine.submit([s.prompt for s in specs], [s.outs for s in specs], [s.cached for s in specs])
         streams = self.stream_min_tokens is not None and requests[0].sampling.max_tokens >= self.stream_min_tokens
         if progress is not None and not streams:
             for parts in progress:  # nothing streams in: what a sample has so far is unknown, not none
@@ -222,7 +234,7 @@ class SimEngineClient:
     async def metrics(self) -> str | None:
         self.scrapes += 1
         m = self.metrics_now()
-        return _metrics_text(m, self.engine.profile.block_size) if m is not None else None
+        return _metrics_text(m, self.engine.profile.block_size, self.engine.cache) if m is not None else None
 
     async def aclose(self) -> None:
         return None

@@ -17,7 +17,8 @@ class Policy(str, Enum):
     pool = "pool"  # RolloutPool, adaptive per-engine caps (controller.mode from the config)
     pool_fixed = "pool_fixed"  # RolloutPool with the controller off: fixed Xtuner-preset caps
     static = "static"  # TRL server mode / static DP: group i -> engine i mod N, all at once
-    verl = "verl"  # verl's router: least in flight by request count, no cap, all at once
+    verl = "verl"  # verl's router: least in flight by request count, no cap, all at once, sticky per session
+    least_loaded = "least_loaded"  # cache-unaware: every turn to the least in flight, no cap, all at once
     distllm = "distllm"  # fixed batches (+ timeout), one batch at a time
 
 
@@ -40,6 +41,9 @@ class WorkloadConfig:
     # prompts, which the pool packs up to pool.pack_size per call — and a packed call returns when its slowest
     # member does, so every session's next turn waits for the others (see benchmarks/RESULTS.md).
     chat: bool = True
+    # Multi-turn: each turn carries the affinity keys verl's router gives it (its group's prompt on the first
+    # turn, then its session's), so the pool can keep a session where its prefix is cached; false: none.
+    affinity: bool = True
     seed: int = 0  # the lengths drawn; every policy gets the same ones
     # A whole RL run (single-turn only): `steps` trainer steps of `prompts` groups each; the trainer takes
     # `train_s` per step, then the weights go to the engines (the profile's bytes over its bandwidth).
@@ -47,7 +51,7 @@ class WorkloadConfig:
     # plus carry-over in flight (pool.steps) and crosses updates in `update_mode` within `max_staleness`.
     steps: int = 1
     train_s: float = 0.0
-    update_mode: str = "continue"  # keep, continue, drain or restart (rollout_plugin.pool.weights.UpdateMode)
+    update_mode: str = "continue"  # keep, continue, drain or restart (rollout_plugin.pool.weights.sources.UpdateMode)
     max_staleness: int = 1  # weight versions a trained sample may lag (one-step-off, as verl and AReaL run it)
 
 
@@ -56,6 +60,10 @@ class FleetConfig:
     engines: list[int] = field(default_factory=lambda: [8, 64, 256, 1024])  # fleet sizes, each simulated in turn
     profile: str = "h100_llama8b"  # built-in profile name or a JSON path
     max_model_len: int = 4096  # sets the pool's per-engine cap preset, as for real engines
+    # vLLM's automatic prefix cache on every engine (hashed full blocks of the profile's block_size, LRU
+    # eviction from the KV left over): a hit is not prefilled; false: every prompt is prefilled in full.
+    prefix_cache: bool = True
+    kv_tokens: Optional[int] = None  # KV capacity per engine in tokens, instead of the profile's (null: keep)
     straggler_fraction: float = 0.0  # share of engines that run slower
     straggler_slowdown: float = 3.0  # their step time × this
     failure_fraction: float = 0.0  # share of engines that die mid-run

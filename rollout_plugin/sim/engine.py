@@ -11,6 +11,13 @@ The tokens it generated are kept (vLLM keeps the output, not its KV); only the p
 outside the model (``per_admit_s``: HTTP, tokenizing) is not paid again. Not modelled: prefix-cache
 hits on the freed blocks (vLLM may find some still cached), so re-prefill here is an upper bound.
 
+Prefix cache (:mod:`.prefix_cache`, when the engine has one and a request says what its prompt holds): a new
+request's leading full blocks found in the cache are not prefilled (nor charged to the prefill budget); its
+blocks are held while it runs and join the LRU free queue when it ends, with the full blocks it generated.
+Cached blocks live in the KV not held by running sequences and are evicted, least recently freed first, as
+running sequences need it. KV accounting itself is unchanged (a block shared by two running sequences is counted
+twice), so without shared prefixes — or without a cache — every figure is what it was.
+
 Prefill budget: a step prefills whole sequences up to ``max_num_batched_tokens`` (an over-budget one
 alone, as the step's first); the rest join at the next step, as vLLM V1's scheduler gives every step's
 budget to its queue. vLLM chunks an over-budget prompt over several steps instead; with step time linear
@@ -37,7 +44,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rollout_plugin.pool.telemetry import EngineMetrics
+from rollout_plugin.pool.observe.telemetry import EngineMetrics
+from rollout_plugin.sim.prefix_cache import Content, PrefixCache, block_ids, output_segment
 from rollout_plugin.sim.profile import EngineProfile
 
 
@@ -46,10 +54,30 @@ class EngineDied(Exception):
 
 
 @dataclass(eq=False)
+class CachedPrompt:
+    """A request's prompt as the prefix cache sees it, shared by its samples (which share its prefill)."""
+
+    request_id: str
+    content: Content
+    tokens: int
+    n: int
+    ids: list[int] | None = None  # its full blocks' chain ids (at its first admission)
+    cached: int | None = None  # tokens found in the cache at its first sample's admission
+
+    def block_ids(self, block_size: int) -> list[int]:
+        if self.ids is None:
+            self.ids = block_ids(self.content, block_size)
+        return self.ids
+
+
+@dataclass(eq=False)
 class Seq:
     call: SimCall
     prompt: float  # this sequence's share of prompt KV (prompt / k)
     target: int  # tokens to generate in all
+    req: CachedPrompt | None = None  # what its prompt holds (None: no prefix caching for it)
+    index: int = 0  # which sample of its request
+    held: list[int] | None = None  # prefix-cache blocks it holds while running
     done: int = 0  # generated before the current admission (kept across preemptions)
     preempted: int = 0  # times preempted: a re-admission re-prefills prompt + done
     admit_step: int = -1
@@ -76,10 +104,11 @@ class SimEngine:
     """One engine on the running event loop's clock. ``slowdown`` > 1 makes a straggler."""
 
     def __init__(self, name: str, profile: EngineProfile, *, slowdown: float = 1.0,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, prefix_cache: PrefixCache | None = None):
         self.name = name
         self.profile = profile
         self.slowdown = slowdown
+        self.cache = prefix_cache
         self._loop = loop
         self.alive = True
         self._waiting: deque[Seq] = deque()
@@ -121,16 +150,20 @@ class SimEngine:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def submit(self, prompt_tokens: list[int], output_tokens: list[list[int]]) -> SimCall:
-        """One call: per request its prompt length and its samples' output lengths."""
+    def submit(self, prompt_tokens: list[int], output_tokens: list[list[int]],
+               prompts: list[CachedPrompt | None] | None = None) -> SimCall:
+        """One call: per request its prompt length and its samples' output lengths (and, for the prefix
+        cache, what its prompt holds)."""
         call = SimCall(self.loop.create_future())
         if not self.alive:
             call.future.set_exception(EngineDied(f"{self.name} is dead"))
             return call
-        for prompt, outs in zip(prompt_tokens, output_tokens):
+        if prompts is None or self.cache is None:
+            prompts = [None] * len(prompt_tokens)
+        for prompt, outs, req in zip(prompt_tokens, output_tokens, prompts):
             share = prompt / max(1, len(outs))
-            for target in outs:
-                call.seqs.append(Seq(call, share, max(1, target)))
+            for j, target in enumerate(outs):
+                call.seqs.append(Seq(call, share, max(1, target), req, j))
         call.left = len(call.seqs)
         self._waiting.extend(call.seqs)
         self._arrived()
@@ -152,6 +185,7 @@ class SimEngine:
                 self._running -= 1
                 self._k -= s.context_at_admit - s.admit_step
                 s.done += self._steps - s.admit_step  # what it generated: a stream had delivered it
+                self._release(s, s.done)
         if freed or self._timer is None:
             self._replan_now()
 
@@ -171,6 +205,8 @@ class SimEngine:
         self._heap.clear()
         self._admitted.clear()
         self._running, self._k = 0, 0.0
+        if self.cache is not None:
+            self.cache.reset()  # its KV died with it
         for c in calls.values():
             if not c.future.done():
                 c.future.set_exception(EngineDied(f"{self.name} died"))
@@ -207,7 +243,12 @@ class SimEngine:
         self._replan_now()
 
     def invalidate_cache(self) -> None:
-        """``/reset_prefix_cache`` after a weight load: cached KV belongs to the old weights."""
+        """``/reset_prefix_cache`` after a weight load: cached KV belongs to the old weights. The prefix cache
+        empties; running sequences drop their blocks (they are prefilled again, now or at ``resume``)."""
+        if self.cache is not None:
+            self.cache.reset()
+            for s in self._admitted:
+                s.held = None
         if self._running:
             self._kv_stale = True
             if not self.paused:
@@ -223,7 +264,8 @@ class SimEngine:
         for s in running:
             s.done += self._steps - s.admit_step
             s.running = False
-            s.preempted += 1  # its re-admission re-prefills prompt + done (counted in recomputed_tokens)
+            s.preempted += 1
+            self._release(s, s.done)  # its re-admission re-prefills prompt + done (counted in recomputed_tokens)
         self._waiting.extendleft(reversed(running))
         self._heap.clear()
         self._admitted.clear()
@@ -235,6 +277,7 @@ class SimEngine:
             if s.running:
                 s.done += self._steps - s.admit_step
                 s.running = False
+                self._release(s, s.done)
             calls[id(s.call)] = s.call
         self._heap.clear()
         self._admitted.clear()
@@ -340,12 +383,46 @@ class SimEngine:
 
     def _finish(self, s: Seq) -> None:
         s.running, s.finished = False, True
+        self._release(s, s.target)
         self._running -= 1
         self._k -= s.context_at_admit - s.admit_step
         call = s.call
         call.left -= 1
         if call.left == 0 and not call.future.done():
             call.future.set_result(None)
+
+    # -- the prefix cache --------------------------------------------------------------------------
+    def _cached_share(self, s: Seq, *, count: bool) -> float:
+        """Prompt tokens of ``s``'s share found in the cache. A request is looked up once, at its first
+        sample's admission (its samples share one prefill); a preempted sequence re-prefills in full."""
+        req, cache = s.req, self.cache
+        if s.preempted or req is None or cache is None:
+            return 0.0
+        if req.cached is None:
+            ids = req.block_ids(cache.block_size)
+            if not count:
+                return cache.peek(ids, req.tokens) / req.n
+            req.cached = cache.lookup(ids, req.tokens)
+        return req.cached / req.n
+
+    def _hold(self, s: Seq, kv_room: float) -> None:
+        """``s`` holds its prompt's blocks; the free ones beyond the KV left over are evicted."""
+        cache = self.cache
+        ids = s.req.block_ids(cache.block_size)
+        cache.acquire(ids)
+        s.held = ids
+        cache.trim(int(kv_room // cache.block_size))
+
+    def _release(self, s: Seq, generated: int) -> None:
+        """``s`` lets go of its blocks: its prompt's, and the full blocks of what it generated (cached too), all
+        but the last token, which was sampled and never computed (vLLM caches ``num_computed_tokens``)."""
+        if s.held is None or self.cache is None:
+            return
+        held, s.held = s.held, None
+        req, bs = s.req, self.cache.block_size
+        out = block_ids(req.content + ((output_segment(req.request_id, s.index), generated - 1),), bs,
+                        skip=len(req.content)) if generated > 1 else []
+        self.cache.release(held, out)
 
     def _on_boundary(self) -> None:
         self._timer = None
@@ -373,18 +450,10 @@ class SimEngine:
         def kv_used() -> float:
             return self._k + self._running * (steps + half_block)
 
-        # Preempt (most recent first) until every running sequence can take its next token.
+        if self.cache is not None:  # the running sequences grew since the last boundary
+            self.cache.trim(int((cap - kv_used()) // p.block_size))
         while self._running and kv_used() + self._running > cap:
-            victim = self._admitted.pop()
-            if not victim.running:
-                continue
-            self._running -= 1
-            self._k -= victim.context_at_admit - victim.admit_step
-            victim.done += steps - victim.admit_step  # kept: recompute re-prefills them, it doesn't redo them
-            victim.running = False
-            victim.preempted += 1
-            self.preemptions += 1
-            self._waiting.appendleft(victim)
+            self._preempt_last()
         # Admit: FIFO, while a slot, KV room and prefill budget remain.
         prefill, admitted = 0.0, 0
         budget = p.max_num_batched_tokens - self._running
@@ -398,7 +467,8 @@ class SimEngine:
             ctx = s.context_at_admit
             if self._running and kv_used() + ctx + half_block + 1 > cap:
                 break  # (an idle engine takes its head even if oversized: it would never fit otherwise)
-            if prefill and ctx > budget:
+            new = ctx - self._cached_share(s, count=False) if s.req is not None else ctx
+            if prefill and new > budget:
                 budget_bound = True
                 break
             waiting.popleft()
@@ -407,12 +477,15 @@ class SimEngine:
             self._k += ctx - steps
             self._admitted.append(s)
             heapq.heappush(self._heap, (steps + s.target - s.done, next(self._tie), s))
-            prefill += ctx
+            if s.req is not None:  # counted once admitted (a head the budget held back is looked up again)
+                new = ctx - self._cached_share(s, count=True)
+                self._hold(s, cap - kv_used())
+            prefill += new
             if s.preempted:
                 self.recomputed_tokens += ctx
             else:
                 admitted += 1  # (a re-admission is the scheduler's own work: no HTTP, no tokenizing)
-            budget -= ctx + 1
+            budget -= new + 1
         if len(self._admitted) > 2 * self._running + 64:
             self._admitted = [s for s in self._admitted if s.running]
         self.prompt_tokens += prefill
@@ -420,6 +493,20 @@ class SimEngine:
             self._timer = None
             return
         self._plan_segment(cap - kv_used(), prefill, admitted, next_step=budget_bound)
+
+    def _preempt_last(self) -> None:
+        """KV is short: the most recently admitted sequence goes back to the head of the queue (recompute)."""
+        victim = self._admitted.pop()
+        if not victim.running:
+            return
+        self._running -= 1
+        self._k -= victim.context_at_admit - victim.admit_step
+        victim.done += self._steps - victim.admit_step  # kept: recompute re-prefills them, it doesn't redo them
+        victim.running = False
+        victim.preempted += 1
+        self._release(victim, victim.done)
+        self.preemptions += 1
+        self._waiting.appendleft(victim)
 
     def _plan_segment(self, kv_room: float, prefill: float, admitted: int, *, next_step: bool = False) -> None:
         """Walk completions in finish order until one matters outside the engine (its call is done,

@@ -46,13 +46,14 @@ def calibration_line(profile: EngineProfile) -> str:
 
 
 def table(results: Sequence[RunResult]) -> str:
-    lines = ["| engines | policy | makespan (s) | tokens/s | vs pool | busy | preemptions | failed | wall (s) | CPU (s) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| engines | policy | makespan (s) | tokens/s | vs pool | busy | preemptions | failed | wall (s) "
+             "| CPU (s) | prefix-cache hit rate |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     pool = {r.engines: r.makespan_s for r in results if r.policy == Policy.pool.value}
     for r in results:
         rel = f"{r.makespan_s / pool[r.engines]:.2f}x" if r.engines in pool else "-"
+        hit = "-" if r.prefix_cache_hit_rate is None else f"{r.prefix_cache_hit_rate:.1%}"
         lines.append(f"| {r.engines} | {r.policy} | {r.makespan_s:.1f} | {r.tokens_per_s:,.0f} | {rel} | "
-                     f"{r.engine_busy:.0%} | {r.preemptions} | {r.failed} | {r.wall_s:.1f} | {r.cpu_s:.1f} |")
+                     f"{r.engine_busy:.0%} | {r.preemptions} | {r.failed} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {hit} |")
     return "\n".join(lines)
 
 

@@ -4,8 +4,8 @@
   generate the whole step, train ``train_s`` (the engines idle), load the new weights into every engine (the
   profile's bytes over its transfer bandwidth), the next step. Every sample is trained at the version that
   made it: staleness 0.
-- ``pool`` / ``pool_fixed``: the real :class:`~rollout_plugin.pool.pool.RolloutPool` with step quota and
-  carry-over (:class:`~rollout_plugin.pool.steps.Steps`, in flight relative to the step, as the trainer
+- ``pool`` / ``pool_fixed``: the real :class:`~rollout_plugin.pool.api.pool.RolloutPool` with step quota and
+  carry-over (:class:`~rollout_plugin.pool.api.steps.Steps`, in flight relative to the step, as the trainer
   adapters default to) over a dedicated fleet: while the trainer trains, the fleet goes on generating the next
   step's groups; each update goes through the pool's real ``update_weights`` in ``workload.update_mode`` with
   ``workload.max_staleness`` (one-step-off: samples of step s may come from weights s-1).
@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
 from rollout_plugin.errors import SimulationError
-from rollout_plugin.pool.pool import RolloutPool
-from rollout_plugin.pool.weights import FolderWeights, UpdateMode
+from rollout_plugin.pool.api.pool import RolloutPool
+from rollout_plugin.pool.weights.sources import FolderWeights, UpdateMode
 from rollout_plugin.sim.baselines import Baseline
 from rollout_plugin.sim.client import SimEngineClient
 from rollout_plugin.sim.config import Policy, SimulateConfig

@@ -1,6 +1,6 @@
 """One simulated run: N simulated engines, one policy, one workload, on virtual time.
 
-The ``pool`` policies are the real :class:`rollout_plugin.pool.pool.RolloutPool` (dispatcher,
+The ``pool`` policies are the real :class:`rollout_plugin.pool.api.pool.RolloutPool` (dispatcher,
 routing, controller, monitor, failover) over :class:`SimEngineClient` s with ``clock=loop.time``;
 only the transport is simulated. Baselines are :mod:`rollout_plugin.sim.baselines`.
 """
@@ -14,6 +14,7 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 from rollout_plugin.config.schema import (
     ControllerConfig,
@@ -22,18 +23,20 @@ from rollout_plugin.config.schema import (
     PoolConfig,
 )
 from rollout_plugin.errors import SimulationError
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.sim import rlrun
 from rollout_plugin.sim.baselines import (
     Baseline,
     FixedBatch,
     LeastInflight,
+    LeastLoaded,
     StaticSplit,
 )
 from rollout_plugin.sim.client import OUTPUT_KEY, PROMPT_KEY, SimEngineClient
 from rollout_plugin.sim.config import FleetConfig, Policy, SimulateConfig
 from rollout_plugin.sim.engine import SimEngine
 from rollout_plugin.sim.loop import run_virtual
+from rollout_plugin.sim.prefix_cache import PrefixCache, Reused
 from rollout_plugin.sim.profile import EngineProfile
 from rollout_plugin.sim.workload import Session, build_sessions, total_output_tokens
 
@@ -67,6 +70,14 @@ class RunResult:
     dropped_groups: int = 0  # finished, but too stale when a step could take them (pool.steps max_staleness)
     engine_calls: int = 0  # generate calls and /metrics scrapes sent: the HTTP a real client would pay for
     metrics_scrapes: int = 0
+    # The engines' prefix caches (fleet.prefix_cache): prompt tokens of new requests looked up, found cached,
+    # and found computed earlier on any engine; hit rate = hits / reusable (1.0: every reusable prefix was
+    # found where it was cached; None: nothing was reusable).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_reusable: int = 0
+    prefix_cache_hit_rate: Optional[float] = None
+    prefix_cache_evictions: int = 0
 
     def row(self) -> dict:
         return asdict(self)
@@ -79,7 +90,7 @@ def parsed_metrics(enabled: bool = True):
     Only the parsing is skipped (the numbers are the ones the text says; ``test_sim`` checks it);
     every decision still runs through the monitor and the controller.
     """
-    from rollout_plugin.pool import monitor
+    from rollout_plugin.pool.dispatch import monitor
 
     real = getattr(monitor, "parse_vllm_metrics", None)
     if not enabled or real is None:
@@ -94,11 +105,36 @@ def parsed_metrics(enabled: bool = True):
         monitor.parse_vllm_metrics = real
 
 
+def fleet_profile(profile: EngineProfile, fleet: FleetConfig) -> EngineProfile:
+    """The profile with ``fleet.kv_tokens`` (when set) as its KV capacity."""
+    if fleet.kv_tokens is None:
+        return profile
+    if fleet.kv_tokens < profile.block_size:
+        raise SimulationError(f"fleet.kv_tokens={fleet.kv_tokens}: less than one KV block of the profile's "
+                              f"{profile.block_size} tokens (use at least {profile.block_size}, or null for the "
+                              f"profile's {profile.kv_tokens})")
+    return replace(profile, kv_tokens=fleet.kv_tokens)
+
+
 def build_fleet(n: int, profile: EngineProfile, fleet: FleetConfig) -> list[SimEngine]:
+    """``n`` engines; with ``fleet.prefix_cache`` each has a prefix cache, all sharing one registry of the
+    blocks computed anywhere (the hit rate's denominator)."""
     rng = random.Random(fleet.seed)
     slow = set(rng.sample(range(n), round(n * fleet.straggler_fraction)))
-    return [SimEngine(f"engine{i}", profile, slowdown=fleet.straggler_slowdown if i in slow else 1.0)
+    profile = fleet_profile(profile, fleet)
+    reused = Reused()
+    return [SimEngine(f"engine{i}", profile, slowdown=fleet.straggler_slowdown if i in slow else 1.0,
+                      prefix_cache=PrefixCache(profile.block_size, reused) if fleet.prefix_cache else None)
             for i in range(n)]
+
+
+def cache_figures(engines: list[SimEngine]) -> dict:
+    """The fleet's prefix-cache counters, summed, and the hit rate (RunResult's prefix_cache_* fields)."""
+    caches = [e.cache for e in engines if e.cache is not None]
+    hits, reusable = sum(c.hits for c in caches), sum(c.reusable for c in caches)
+    return {"prefix_cache_queries": sum(c.queries for c in caches), "prefix_cache_hits": hits,
+            "prefix_cache_reusable": reusable, "prefix_cache_hit_rate": hits / reusable if reusable else None,
+            "prefix_cache_evictions": sum(c.evictions for c in caches)}
 
 
 def _schedule_failures(engines: list[SimEngine], fleet: FleetConfig) -> None:
@@ -167,6 +203,8 @@ def _baseline(policy: Policy, clients: list[SimEngineClient], cfg: SimulateConfi
         return StaticSplit(clients, b.retries, lat)
     if policy == Policy.verl:
         return LeastInflight(clients, b.retries, lat)
+    if policy == Policy.least_loaded:
+        return LeastLoaded(clients, b.retries, lat)
     if policy == Policy.distllm:
         return FixedBatch(clients, b.retries, lat, batch=b.distllm_batch * len(clients), timeout_s=b.distllm_timeout_s)
     raise SimulationError(f"policies: unknown policy {policy!r} (valid: {', '.join(p.value for p in Policy)})")
@@ -212,7 +250,8 @@ def simulate(policy: Policy, n_engines: int, profile: EngineProfile, cfg: Simula
                          recomputed_tokens=sum(e.recomputed_tokens for e in engines),
                          useful_tokens=tokens, useful_tokens_per_s=tokens / makespan if makespan else 0.0,
                          mean_trained_output_tokens=tokens / samples if samples else 0.0,
-                         engine_calls=sum(c.calls for c in clients), metrics_scrapes=sum(c.scrapes for c in clients))
+                         engine_calls=sum(c.calls for c in clients), metrics_scrapes=sum(c.scrapes for c in clients),
+                         **cache_figures(engines))
 
     with parsed_metrics(not cfg.exact_metrics):
         result = run_virtual(main())
@@ -254,7 +293,8 @@ def simulate_run(policy: Policy, n_engines: int, profile: EngineProfile, cfg: Si
                          wasted_tokens=wasted, max_staleness_seen=fig.max_staleness_seen,
                          mean_trained_output_tokens=fig.useful_tokens / fig.trained_samples if fig.trained_samples
                          else 0.0, step_wait_s=fig.step_s, dropped_groups=fig.dropped_groups,
-                         engine_calls=sum(c.calls for c in clients), metrics_scrapes=sum(c.scrapes for c in clients))
+                         engine_calls=sum(c.calls for c in clients), metrics_scrapes=sum(c.scrapes for c in clients),
+                         **cache_figures(engines))
 
     with parsed_metrics(not cfg.exact_metrics):
         result = run_virtual(main())

@@ -1,6 +1,6 @@
 """The pool's timeline (JSONL) drawn as one PNG: per engine, in-flight vs cap, KV/scheduler, tokens/s.
 
-Record kinds (written by :mod:`rollout_plugin.pool.timeline`; ``t`` is seconds since the run started):
+Record kinds (written by :mod:`rollout_plugin.pool.observe.timeline`; ``t`` is seconds since the run started):
 ``meta`` (title, engines, started_at), ``sample`` (per engine per poll), ``cap`` and ``health``
 (old -> new with a reason). Unknown kinds and fields are ignored so older plotters read newer files.
 
@@ -37,7 +37,7 @@ _SAMPLE_NUMBERS = ("inflight", "cap", "queued", "kv_usage", "running", "waiting"
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 # Health states: anything that is not live is shaded; dead in red, the rest (suspect, stale…) amber. Timelines
-# written before the engine state machine (rollout_plugin.pool.lifecycle) called the live state "healthy".
+# written before the engine state machine (rollout_plugin.pool.core.lifecycle) called the live state "healthy".
 _LIVE = ("live", "healthy")
 _HEALTH_COLORS = {"live": "#cfe8cf", "healthy": "#cfe8cf", "dead": "#d62728"}
 _OTHER_HEALTH = "#ff9f1c"

@@ -374,7 +374,7 @@ def test_real_generations_flow_through_the_router(ray_local, tmp_path):
 
     from rollout_plugin.config.schema import EngineConfig
     from rollout_plugin.model.embedded import resolve_model
-    from rollout_plugin.pool.launcher import EngineProcess, reserve_ports
+    from rollout_plugin.pool.engines.launcher import EngineProcess, reserve_ports
 
     model = resolve_model("embedded:tiny-llama", python=str(MAIN_PYTHON))
     cfg = EngineConfig(model=model, python=str(MAIN_PYTHON), max_model_len=512, cpu_kvcache_gb=1,

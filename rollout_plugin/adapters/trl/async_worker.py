@@ -9,10 +9,11 @@
 * :class:`PoolWeightTransfer` (``WeightTransferProtocol``): each sync writes the weights to a folder and
   every engine reloads them in place (see :mod:`.weights`) under the pool's weight update, in
   ``update_mode`` (default ``continue``: in-flight samples keep their tokens and go on under the new
-  weights; :mod:`rollout_plugin.pool.weights`).
+  weights; :mod:`rollout_plugin.pool.weights.sources`).
 
 Staleness: a sample that crossed a sync was made by several versions (its segments say which tokens);
-its group is tagged with the oldest (:func:`.versions.staleness_version`, which says why), so the
+its group is tagged with the oldest (:func:`~rollout_plugin.adapters.common.versions.staleness_version`, which
+says why), so the
 trainer's ``max_staleness`` drop stays a bound on every token. ``max_staleness`` in
 :class:`~.config.AsyncRolloutConfig` restarts older work at the sync instead of finishing it only to be
 dropped. Generation stays bounded: at most ``in_flight`` groups generate, and a full queue
@@ -39,17 +40,17 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rollout_plugin.adapters.trl.backend import checked, group_requests, sample_logprobs
-from rollout_plugin.adapters.trl.callback import PREFIX, PoolMetrics
+from rollout_plugin.adapters.common.metrics import PREFIX, PoolLogMetrics
+from rollout_plugin.adapters.common.translate import checked, group_requests, render_prompt, sample_logprobs
+from rollout_plugin.adapters.common.versions import staleness_version, versions_spanned
+from rollout_plugin.adapters.common.weights import FolderPublisher
 from rollout_plugin.adapters.trl.compat import require_trl
 from rollout_plugin.adapters.trl.config import AsyncRolloutConfig, checked_async_config, resolved_in_flight
-from rollout_plugin.adapters.trl.versions import staleness_version, versions_spanned
-from rollout_plugin.adapters.trl.weights import reload_engines, write_weights
 from rollout_plugin.errors import TrainerAdapterError
 from rollout_plugin.types import Request, Result, SamplingParams
 
 if TYPE_CHECKING:
-    from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
+    from rollout_plugin.pool import RolloutPool, SyncRolloutPool
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,14 @@ async def _cancel(futures: list[asyncio.Future]) -> None:
 class PoolRolloutWorker:
     """Produces scored ``RolloutSample`` rows from the pool on a background thread (main process only).
 
-    ``config`` (or its fields as keywords, e.g. ``in_flight=16``): :class:`~.config.AsyncRolloutConfig`."""
+    ``config`` (or its fields as keywords, e.g. ``in_flight=16``): :class:`~.config.AsyncRolloutConfig`.
+    ``chat_template_kwargs``: extra chat template arguments for conversational prompts, as TRL's own worker
+    takes them (``AsyncGRPOConfig.chat_template_kwargs``)."""
 
     def __init__(self, pool: SyncRolloutPool, dataset: Sequence[dict[str, Any]], reward_funcs: Sequence[Callable],
                  processing_class: Any, *, num_generations: int, sampling: SamplingParams,
-                 config: AsyncRolloutConfig | None = None, **settings: Any):
+                 config: AsyncRolloutConfig | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                 **settings: Any):
         require_trl()
         from trl.experimental.async_grpo.async_rollout_worker import RolloutSample
 
@@ -83,6 +87,7 @@ class PoolRolloutWorker:
         self.dataset = dataset
         self.reward_funcs = list(reward_funcs)
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.k = num_generations
         self.sampling = sampling if sampling.logprobs else SamplingParams(**{**sampling.__dict__, "logprobs": True})
         self._cfg = cfg
@@ -95,7 +100,7 @@ class PoolRolloutWorker:
         self._error: BaseException | None = None
         self._last_put = time.monotonic()
         self._group_ids = itertools.count()
-        self._metrics = PoolMetrics()
+        self._metrics = PoolLogMetrics()
         self._last_metrics = float("-inf")
         # The worker thread's own books; the pool's loop only puts finished futures on ``_landed``.
         self._landed: queue.Queue[asyncio.Future[Result]] = queue.Queue()
@@ -172,7 +177,7 @@ class PoolRolloutWorker:
         """Top the groups in flight up to ``in_flight``, one new prompt per free slot."""
         while len(self._pending) < self.in_flight and not self._stop.is_set():
             row = next(rows)
-            ids = self._render(row["prompt"])
+            ids = render_prompt(self.tokenizer, row["prompt"], self.chat_template_kwargs)
             (request,) = group_requests([ids], self.k, self.sampling, "trl-async")
             self._rows[request.id] = (row, ids)
             self._pending.add(self.pool.run(lambda p, r=request: self._submit(p, r)))
@@ -236,12 +241,6 @@ class PoolRolloutWorker:
                 continue
         return False
 
-    def _render(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, list):
-            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"])
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-
     def _score(self, row: dict[str, Any], prompt_ids: list[int], result: Result) -> list[Any]:
         import numpy as np
 
@@ -288,6 +287,8 @@ class PoolWeightTransfer:
         self.timeout_s = timeout_s
         self.mode = str(cfg.update_mode.value)
         self.max_staleness = cfg.max_staleness
+        self._publisher = FolderPublisher(pool, self.folder, mode=self.mode, max_staleness=self.max_staleness,
+                                          timeout_s=timeout_s)
         self.version = 0  # AsyncGRPOTrainer.model_version counts syncs from 0 the same way
         self.sync_s: list[float] = []
 
@@ -299,15 +300,12 @@ class PoolWeightTransfer:
         groups across it (see :meth:`send_weights`)."""
 
     def send_weights(self, iterator: Iterator[tuple[str, Any]]) -> None:
-        t0 = time.perf_counter()
-        write_weights(iterator, self.folder)
-        version, folder, timeout = self.version + 1, str(self.folder), self.timeout_s
-        mode, staleness = self.mode, self.max_staleness
-        self.pool.run(lambda p: reload_engines(p, folder, version, timeout_s=timeout, mode=mode,
-                                               max_staleness=staleness))
+        version = self.version + 1
+        record = self._publisher.publish(iterator, version)
         self.version = version
-        self.sync_s.append(time.perf_counter() - t0)
-        log.info("weights: async version %d published (%.2fs, in-flight groups: %s)", version, self.sync_s[-1], mode)
+        self.sync_s.append(record.total_s)
+        log.info("weights: async version %d published (%.2fs, in-flight groups: %s)", version, self.sync_s[-1],
+                 self.mode)
 
     def resume(self) -> None:
         """Nothing to do: the pool resumed with the new version when the reload finished."""

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from rollout_plugin.adapters.common.metrics import PREFIX, PoolLogMetrics
+from rollout_plugin.adapters.common.ranks import check_one_pool, everyone
 from rollout_plugin.adapters.trl.compat import require_trl
 from rollout_plugin.adapters.trl.weights import WeightSync
 from rollout_plugin.errors import TrainerAdapterError
@@ -26,44 +28,9 @@ from rollout_plugin.errors import TrainerAdapterError
 if TYPE_CHECKING:
     from rollout_plugin.adapters.trl.config import WeightsConfig
     from rollout_plugin.config.schema import EngineConfig, PoolConfig
-    from rollout_plugin.pool.pool import SyncRolloutPool
+    from rollout_plugin.pool import SyncRolloutPool
 
 log = logging.getLogger(__name__)
-
-PREFIX = "rollout_pool/"
-
-
-async def _preemptions(pool: Any) -> float | None:
-    monitor = getattr(pool, "monitor", None)
-    latest = getattr(monitor, "latest", None) or []
-    values = [m.preemptions_total for m in latest if getattr(m, "preemptions_total", None) is not None]
-    return float(sum(values)) if values else None
-
-
-class PoolMetrics:
-    """Turns successive pool snapshots into per-interval numbers (tokens/s since the previous snapshot)."""
-
-    def __init__(self) -> None:
-        self._last: tuple[float, int] | None = None
-
-    def snapshot(self, pool: SyncRolloutPool) -> dict[str, float]:
-        stats = pool.stats()
-        out: dict[str, float] = {
-            "inflight": float(sum(e.inflight for e in stats.engines)),
-            "cap": float(sum(e.cap for e in stats.engines)),
-            "queued": float(stats.queued),
-            "requests_failed": float(stats.requests_failed),
-            "engines_healthy": float(sum(e.healthy for e in stats.engines)),
-            "weight_version": float(pool.weight_version),
-        }
-        if self._last is not None and stats.elapsed_s > self._last[0]:
-            dt = stats.elapsed_s - self._last[0]
-            out["tokens_per_s"] = (stats.output_tokens - self._last[1]) / dt
-        self._last = (stats.elapsed_s, stats.output_tokens)
-        preempted = pool.run(_preemptions)
-        if preempted is not None:
-            out["preemptions"] = preempted
-        return out
 
 
 def weight_sync(trainer: Any, pool: SyncRolloutPool | None, weights: WeightsConfig | None = None,
@@ -103,7 +70,7 @@ class RolloutPoolCallback(TrainerCallback):
         self.weights: WeightSync | None = None
         self.trainer: Any = None
         self._model: Any = None
-        self._metrics = PoolMetrics()
+        self._metrics = PoolLogMetrics()
         self._pending: dict[str, float] = {}
 
     # -- wiring --------------------------------------------------------------------------------
@@ -128,9 +95,6 @@ class RolloutPoolCallback(TrainerCallback):
 
     def bind(self, trainer: Any, weights: WeightSync | None = None) -> None:
         """Know the trainer (its model, metric buffer, output_dir) and the weight publisher (every rank)."""
-        from rollout_plugin.adapters.trl.backend import check_one_pool
-        from rollout_plugin.adapters.trl.ranks import everyone
-
         acc = trainer.accelerator
 
         def setup() -> None:  # on every rank: a refusal, or a pool that fails to start, stops every rank here

@@ -68,7 +68,7 @@ class AsyncRolloutConfig:
     no group waits for a slower one; a weight sync carries the groups still generating into the new version
     (``update_mode``) instead of waiting for them."""
 
-    # Groups generating at once, relative to the step: unset, 2 × groups_per_step (rollout_plugin.pool.steps
+    # Groups generating at once, relative to the step: unset, 2 × groups_per_step (rollout_plugin.pool.api.steps
     # IN_FLIGHT_PER_STEP: the step's groups and the next step's, so slow groups carry over and the fleet never
     # runs dry while the trainer trains). A fixed 8 starved 64 engines (benchmarks/RESULTS.md, session 5).
     in_flight: Optional[int] = None
@@ -76,7 +76,7 @@ class AsyncRolloutConfig:
     # num_generations. Needed when in_flight is unset.
     groups_per_step: Optional[int] = None
     queue_maxsize: int = 64  # scored samples waiting for the trainer; a full queue holds generation back
-    # How a weight sync crosses groups still generating (rollout_plugin.pool.weights): continue (their tokens so far
+    # How a weight sync crosses groups still generating (rollout_plugin.pool.weights.sources): continue (their tokens so far
     # are kept, the rest generated under the new weights; the default until measured against keep), keep (frozen in
     # the engines with their KV cache; engines in dev mode), drain (the sync waits for them: strictly one version
     # per sample), restart (generated again from scratch).
@@ -89,7 +89,7 @@ class AsyncRolloutConfig:
 def resolved_in_flight(cfg: AsyncRolloutConfig) -> int:
     """Groups to keep in flight: ``in_flight`` when set, else relative to ``groups_per_step``."""
     from rollout_plugin.errors import ConfigError, ConfigProblem
-    from rollout_plugin.pool.steps import in_flight_for
+    from rollout_plugin.pool import in_flight_for
 
     if cfg.in_flight is not None:
         return cfg.in_flight

@@ -148,7 +148,7 @@ def train(cfg: TrlGrpoConfig) -> Any:
     args = GRPOConfig(**kwargs)
     engine = dataclasses.replace(cfg.engine, model=model_dir) if not cfg.engine.urls else cfg.engine
     if cfg.weights.transport is WeightTransport.nccl and not engine.urls:
-        from rollout_plugin.pool.placement import gpu_inventory
+        from rollout_plugin.pool import gpu_inventory
 
         util, why = nccl_engine_utilization(cfg, model_dir, gpu_inventory())
         if util is not None:
@@ -180,8 +180,8 @@ def train(cfg: TrlGrpoConfig) -> Any:
 def engine_weights(pool: Any) -> dict[str, dict[str, Any]]:
     """Per engine: its weight version (``/weight_info``) and one digest of its weight checksums
     (``/weight_checker``); None where the engine could not say (not in dev mode, no checker)."""
-    versions = pool.run(lambda p: p.control("/weight_info", method="GET"))
-    sums = pool.run(lambda p: p.control("/weight_checker", {"action": "checksum"}))
+    versions = pool.run(lambda p: p.engine_rpc("/weight_info", method="GET"))
+    sums = pool.run(lambda p: p.engine_rpc("/weight_checker", {"action": "checksum"}))
     out: dict[str, dict[str, Any]] = {a.engine: {"weight_version": (a.body or {}).get("weight_version") if a.ok
                                                  else None, "checksum": None} for a in versions}
     for a in sums:

@@ -38,16 +38,17 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.weight_transfer import nccl_engine
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
+from rollout_plugin.adapters.common.ranks import everyone, on_main
+from rollout_plugin.adapters.common.weights import SyncRecord
 from rollout_plugin.adapters.trl.engines import engine_get, engine_post_each
 from rollout_plugin.adapters.trl.gather import gathered_params, sharding
-from rollout_plugin.adapters.trl.ranks import everyone, on_main
-from rollout_plugin.adapters.trl.weights import SyncRecord
 from rollout_plugin.errors import TrainerAdapterError
+from rollout_plugin.pool import require_ok
 
 if TYPE_CHECKING:
     import torch
 
-    from rollout_plugin.pool.pool import SyncRolloutPool
+    from rollout_plugin.pool import SyncRolloutPool
 
 __all__ = ["NcclOptions", "NcclTransport", "PoolWeightSyncClient", "TrainerSource", "held_update", "send_weights",
            "trainer_init"]
@@ -71,7 +72,7 @@ async def _rejoin(pool: Any) -> list[str]:
 
 
 async def _close_group(pool: Any) -> None:
-    await pool.control("/shutdown_weight_transfer_engine")  # never raises: a restarted engine has no group
+    await pool.engine_rpc("/shutdown_weight_transfer_engine")  # never raises: a restarted engine has no group
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class PoolWeightSyncClient:
 
     def _all(self, path: str, body: dict) -> list:
         timeout = self.timeout_s
-        return self.pool.run(lambda p: p.call_engines(path, body, timeout_s=timeout))
+        return [a.body for a in require_ok(self.pool.run(lambda p: p.engine_rpc(path, body, timeout_s=timeout)))]
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         """One rendezvous for all engines: the same group, each engine's workers at their own rank offset."""
@@ -385,7 +386,7 @@ class NcclTransport:
             send_weights(self.engine, self.source, acc, self.collectives)  # every rank gathers; rank 0 broadcasts
             if not acc.is_main_process:
                 return None
-            pool.run(lambda p: p.call_engines("/reset_prefix_cache", timeout_s=timeout))
+            require_ok(pool.run(lambda p: p.engine_rpc("/reset_prefix_cache", timeout_s=timeout)))
         pool.run(_rejoin)  # stale engines the broadcast reached: checked, back in rotation
         total = time.perf_counter() - t0
         gather = min(self.source.gather_s, total)

@@ -10,7 +10,7 @@ Each rank calls the function with its own prompts (each repeated ``num_generatio
 row). Prompts are rendered with the trainer's tokenizer and chat template here, then gathered to
 the main process, sent once per group, and the slices handed back.
 
-No step quota with carry-over here (the pool's :mod:`~rollout_plugin.pool.steps`): TRL pairs the
+No step quota with carry-over here (the pool's :mod:`~rollout_plugin.pool.api.steps`): TRL pairs the
 completions it gets back with the step's own dataset rows, and hands reward functions (and reward
 models) those rows' ``prompts`` — a key ``rollout_func`` cannot override — so a group carried over
 from an earlier step would be scored against another prompt. Use the async route
@@ -21,22 +21,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rollout_plugin.adapters.trl.backend import checked, group_requests, trainer_sampling, unpack
-from rollout_plugin.adapters.trl.ranks import share_groups
+from rollout_plugin.adapters.common.ranks import share_groups
+from rollout_plugin.adapters.common.translate import checked, group_requests, render_prompts, unpack
+from rollout_plugin.adapters.trl.sampling import trainer_sampling
 from rollout_plugin.errors import TrainerAdapterError
 
 if TYPE_CHECKING:
     from rollout_plugin.adapters.trl.callback import RolloutPoolCallback
-
-
-def _render(trainer: Any, prompts: list[Any]) -> list[list[int]]:
-    tok = trainer.processing_class
-    tok = getattr(tok, "tokenizer", tok)  # a processor wraps the tokenizer
-    if prompts and isinstance(prompts[0], list):  # conversational: [{"role", "content"}, ...]
-        kwargs = dict(getattr(trainer.args, "chat_template_kwargs", None) or {})
-        return [list(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                             **kwargs)["input_ids"]) for p in prompts]
-    return [list(ids) for ids in tok(text=list(prompts), add_special_tokens=False)["input_ids"]]
 
 
 def make_rollout_func(callback: RolloutPoolCallback):
@@ -44,7 +35,7 @@ def make_rollout_func(callback: RolloutPoolCallback):
 
     Extra keys in its output reach the reward functions, per completion: ``weight_version`` (the oldest weights
     of its tokens) and ``weight_segments`` (``[(version, start, end), ...]``: which weights made which output
-    tokens, several spans when it crossed a weight update; :mod:`.versions`)."""
+    tokens, several spans when it crossed a weight update; :mod:`rollout_plugin.adapters.common.versions`)."""
 
     def rollout_func(prompts: list[Any], trainer: Any) -> dict[str, Any]:
         if callback.trainer is not trainer:
@@ -61,8 +52,8 @@ def make_rollout_func(callback: RolloutPoolCallback):
                                           "engine/pool_config")
             return unpack(checked(pool.generate(group_requests(unique, k, sampling, "trl-rf"))))
 
-        prompt_ids, (completion_ids, logprobs, versions, spans) = share_groups(
-            trainer.accelerator, _render(trainer, prompts), k, generate)
+        ids = render_prompts(trainer.processing_class, prompts, getattr(trainer.args, "chat_template_kwargs", None))
+        prompt_ids, (completion_ids, logprobs, versions, spans) = share_groups(trainer.accelerator, ids, k, generate)
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs,
                 "weight_version": versions, "weight_segments": spans}
 

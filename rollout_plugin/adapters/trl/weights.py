@@ -1,12 +1,8 @@
-"""Trainer weights -> every engine of the pool, then a new weight version.
+"""TRL's trainer weights -> every engine of the pool, then a new weight version.
 
-CPU (and any setup with a folder every engine can read): the trainer writes its parameters as
-safetensors into ``weights_dir`` and each engine reloads them in place (vLLM dev mode:
-``POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": ...}}``), then its
-prefix cache is reset, since cached KV blocks were computed with the old weights — the pool's own
-:class:`~rollout_plugin.pool.weights.FolderWeights` under :meth:`RolloutPool.update_weights`, which
-pauses around the load (every result after it carries the new version, none mixes old and new
-weights) and keeps the folder to refit an engine that restarts later.
+CPU (and any setup with a folder every engine can read): the main process publishes the parameters
+through :class:`~rollout_plugin.adapters.common.weights.FolderPublisher` (safetensors in ``weights_dir``,
+reloaded in place by every engine under the pool's weight update).
 
 Several ranks: every rank calls :meth:`WeightSync.sync`; the weights are gathered as TRL's server
 mode gathers them (:mod:`.gather`), the main process writes and reloads. GPU engines can take the
@@ -15,90 +11,23 @@ weights over NCCL instead (``transport="nccl"``, :mod:`.nccl`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rollout_plugin.adapters.common.ranks import everyone
+from rollout_plugin.adapters.common.weights import FolderPublisher, SyncRecord, named_weights
 from rollout_plugin.errors import TrainerAdapterError
 
 if TYPE_CHECKING:
     import torch
 
-    from rollout_plugin.pool.pool import RolloutPool, SyncRolloutPool
+    from rollout_plugin.pool import SyncRolloutPool
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "model.safetensors"
-
-
-def named_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(checkpoint name, tensor)`` pairs vLLM's ``load_weights`` accepts, PEFT adapters merged in.
-
-    Covers plain and DDP-wrapped models and PEFT in one process; a trainer's (possibly sharded) model
-    goes through :func:`.gather.gathered_params` instead (:class:`WeightSync` does that when it has the
-    trainer's accelerator)."""
-    model = getattr(model, "module", model)  # DDP
-    if hasattr(model, "merge_adapter") and hasattr(model, "peft_config"):
-        model.merge_adapter()
-        try:
-            prefix = getattr(model, "prefix", "lora_")
-            for name, param in model.named_parameters():
-                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                if prefix in name or "original_module" in name:
-                    continue  # adapter tensors are merged; vLLM has no such parameters
-                yield name.replace("modules_to_save.default.", ""), param.detach()
-        finally:
-            model.unmerge_adapter()
-        return
-    for name, param in model.named_parameters():
-        yield name.replace("_checkpoint_wrapped_module.", ""), param.detach()
-
-
-def write_weights(weights: Iterable[tuple[str, torch.Tensor]], folder: Path, dtype: Any = None) -> Path:
-    """Write ``weights`` as one safetensors file in ``folder`` (atomically: engines never read half a file)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: (t.to(dtype) if dtype is not None else t).contiguous().cpu() for name, t in weights}
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp))
-    final = folder / WEIGHTS_FILE
-    os.replace(tmp, final)
-    return final
-
-
-@dataclass(frozen=True)
-class SyncRecord:
-    """One published version and where its time went (seconds)."""
-
-    version: int
-    write_s: float  # safetensors written (folder transport)
-    load_s: float  # the engines loading it: in-place reload, or the NCCL transfer
-    gather_s: float = 0.0  # reading the full weights (across ranks under ZeRO-3 / FSDP)
-    ranks: int = 1
-    sharding: str = "single"  # see gather.sharding
-    transport: str = "folder"
-
-    @property
-    def total_s(self) -> float:
-        return self.gather_s + self.write_s + self.load_s
-
-
-async def reload_engines(pool: RolloutPool, folder: str, version: int, *, abort: bool = False,
-                         timeout_s: float | None = None, mode: str | None = None,
-                         max_staleness: int | None = None) -> None:
-    """Every engine reloads ``folder`` in place (prefix caches reset) under the pool's weight update, and the
-    pool resumes at ``version``. The pool keeps the folder as its weight source: an engine that restarts
-    later is refit from it before it rejoins. ``mode`` (default ``drain``; ``restart`` with ``abort``) and
-    ``max_staleness``: how work still generating crosses the update (:mod:`rollout_plugin.pool.weights`)."""
-    from rollout_plugin.pool.weights import FolderWeights
-
-    await pool.update_weights(version, FolderWeights(folder, timeout_s=timeout_s),
-                              mode=mode or ("restart" if abort else "drain"), max_staleness=max_staleness)
 
 
 class WeightSync:
@@ -124,6 +53,8 @@ class WeightSync:
         self.dtype = dtype
         self.abort_inflight = abort_inflight
         self.timeout_s = timeout_s
+        self._folder = FolderPublisher(pool, self.folder, mode="restart" if abort_inflight else None,
+                                       timeout_s=timeout_s)
         self._nccl = None
         if self.transport == "nccl":
             from rollout_plugin.adapters.trl.nccl import NcclTransport
@@ -154,8 +85,6 @@ class WeightSync:
         if self.accelerator is None:
             record = publish()
         else:
-            from rollout_plugin.adapters.trl.ranks import everyone
-
             record = everyone(self.accelerator, publish)
         if self.is_main:
             log.info("weights: version %s -> %d (%s: gather %.2fs on %d rank(s) [%s], write %.2fs, load %.2fs)",
@@ -188,10 +117,6 @@ class WeightSync:
             log.debug("weights: rank %d took part in the gather of version %d (%.2fs)", acc.process_index,
                       version, t1 - t0)
             return None
-        write_weights(tensors.items(), self.folder)
-        t2 = time.perf_counter()
-        folder, abort, timeout = str(self.folder), self.abort_inflight, self.timeout_s
-        self.pool.run(lambda p: reload_engines(p, folder, version, abort=abort, timeout_s=timeout))
-        return SyncRecord(version, write_s=t2 - t1, load_s=time.perf_counter() - t2, gather_s=t1 - t0,
-                          ranks=acc.num_processes if acc is not None else 1,
-                          sharding=sharding(acc) if acc is not None else "single")
+        record = self._folder.publish(tensors.items(), version)
+        return dataclasses.replace(record, gather_s=t1 - t0, ranks=acc.num_processes if acc is not None else 1,
+                                   sharding=sharding(acc) if acc is not None else "single")

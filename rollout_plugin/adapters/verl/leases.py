@@ -1,7 +1,7 @@
 """verl's servers as lease engines: the pool admits a request, verl runs it, the release ends the lease.
 
 verl calls its servers itself (Ray actor handles); the router only decides *where* and *when*. So each
-verl server is an :class:`~rollout_plugin.pool.engine_client.EngineClient` whose "call" is a lease:
+verl server is an :class:`~rollout_plugin.pool.core.engine_client.EngineClient` whose "call" is a lease:
 when the pool admits a request on it, :meth:`LeaseClient.generate` tells the waiting ``acquire_server``
 which server it got, then holds the pool's in-flight slot until verl's ``release_server``. The pool's
 ledger, caps, affinity and controller (fed by each server's ``/metrics``) are the same as everywhere.
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollout_plugin.pool.engine_client import Generation
+from rollout_plugin.pool import Generation
 from rollout_plugin.types import Request, Sample
 
 log = logging.getLogger(__name__)

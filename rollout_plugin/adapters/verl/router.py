@@ -5,7 +5,7 @@ as ``Cls(servers, yaml_config)`` inside one Ray actor shared by every agent-loop
 ``generate`` first awaits ``acquire_server`` and releases the server when it finishes.
 
 verl's default router admits everything at once (least in-flight by request count, no cap). This one
-is the pool's own admission core (:class:`~rollout_plugin.pool.pool.RolloutPool`: the same ledger,
+is the pool's own admission core (:class:`~rollout_plugin.pool.api.pool.RolloutPool`: the same ledger,
 caps, affinity and controller feed as ``collect`` and the gateway) over *lease* engines: a verl
 request is admitted where a server has room under its cap — Xtuner's per-engine cap from the
 server's own ``max_num_seqs`` × the over-concurrency ratio, adapted from the server's ``/metrics`` by
@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from rollout_plugin.adapters.common.translate import group_key
 from rollout_plugin.adapters.verl.admission import server_cap
 from rollout_plugin.adapters.verl.leases import LEASE_PROMPT, Lease, LeaseClient, Leases
 from rollout_plugin.config.schema import (
@@ -48,8 +49,8 @@ from rollout_plugin.config.schema import (
 )
 from rollout_plugin.config.validate import Problems, nearest_key
 from rollout_plugin.errors import ConfigProblem, PoolError
-from rollout_plugin.pool.launcher import EngineEndpoint
-from rollout_plugin.pool.pool import RolloutPool
+from rollout_plugin.pool import EngineEndpoint
+from rollout_plugin.pool import RolloutPool
 from rollout_plugin.types import Request
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ class PoolRouter:
         if request_id in self._sessions:  # a multi-turn session's next turn: its prefix is on its server
             keys.append(f"session:{request_id}")
         if prompt_ids is not None:
-            keys.append(f"group:{hash(tuple(int(t) for t in prompt_ids))}")
+            keys.append(group_key(prompt_ids))
         keys.append(f"session:{request_id}")  # where this turn goes, the session's next one prefers
         return tuple(dict.fromkeys(keys)) or None
 

@@ -1,0 +1,1 @@
+"""Weight updates: the one update sequence (with compensation), weight sources, identity checks, refit."""
