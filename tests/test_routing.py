@@ -74,3 +74,16 @@ def test_a_slow_engine_looks_fuller_by_its_speed_so_it_gets_a_share_in_proportio
     assert pick_engine([fast, slow], 4) == 0  # 10 in flight at a third of the speed weighs as 30
     assert pick_engine([fast, EngineLoad(1, 5, 100, speed=1 / 3)], 4) == 1  # below its share: it gets work
     assert pick_engine([EngineLoad(0, 20, 100), EngineLoad(1, 10, 100)], 4) == 1  # unweighed: the emptier one
+
+
+def test_a_request_cut_off_its_home_does_not_go_back_there():
+    """A straggler move (or a death) puts the engine in the unit's ``avoid``: affinity must not send the continued
+    sample straight home again. It did, and with sessions keyed by affinity the monitor moved the same calls off
+    a slow home and back every interval: a 64-engine simulated run never finished."""
+    from rollout_plugin.pool.policy.routing import pick_near
+
+    ls = loads((2, 100), (1, 100), (3, 100))
+    assert pick_near(ls, 1, frozenset(), home=0, home_own=2, threshold=0.25) == 0  # home, as before
+    assert pick_near(ls, 1, frozenset({0}), home=0, home_own=2, threshold=0.25) == 1  # avoided: least loaded
+    only_home = loads((2, 100), (100, 100))
+    assert pick_near(only_home, 1, frozenset({0}), home=0, home_own=2, threshold=0.25) == 0  # nothing else fits

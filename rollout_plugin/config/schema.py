@@ -195,6 +195,12 @@ class PoolConfig:
     # distllm's batch_timeout: when requests trickle in one by one (a gateway, an agent loop), hold a
     # small pack up to this long for more to join; 0 sends at once (a trainer's batch fills packs anyway).
     pack_timeout_s: float = 0.0
+    # Homes of affinity keys (Request.affinity: a group sent sample by sample, a session's turns; the engine
+    # holding its prefix) remembered at most, least recently placed dropped first (~200 bytes each + the key).
+    affinity_max_keys: int = 100_000
+    # A home unused this long is forgotten (trainers that never end a session: verl 0.9.1); null: never.
+    # RolloutPool.end_session(key) frees one at once.
+    affinity_ttl_s: Optional[float] = 3600.0
     stream: bool = False  # SSE per call (lower throughput, per-token progress)
     # Calls asking at least this many tokens stream even without pool.stream: the pool then sees their
     # tokens as they come, and a sample whose engine dies or hangs mid-call continues elsewhere from

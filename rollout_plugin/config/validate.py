@@ -149,6 +149,10 @@ def check_pool(cfg: PoolConfig, p: Problems, engines_known: int | None = None, p
     p.at_least(f"{prefix}.pack_size", cfg.pack_size, 1)
     p.at_least(f"{prefix}.groups.split_threshold", cfg.groups.split_threshold, 0.0)
     p.at_least(f"{prefix}.pack_timeout_s", cfg.pack_timeout_s, 0.0)
+    p.at_least(f"{prefix}.affinity_max_keys", cfg.affinity_max_keys, 1)
+    if cfg.affinity_ttl_s is not None and not cfg.affinity_ttl_s > 0:  # `not >`: NaN is refused too
+        p.add(f"{prefix}.affinity_ttl_s", cfg.affinity_ttl_s, "must be > 0 seconds, or null for homes that never "
+              "expire", 3600.0)
     p.at_least(f"{prefix}.max_retries", cfg.max_retries, 0)
     p.at_least(f"{prefix}.backoff_base_s", cfg.backoff_base_s, 0.0)
     p.at_least(f"{prefix}.max_restarts", cfg.max_restarts, 0)

@@ -159,6 +159,29 @@ def test_groups_stay_together_and_sessions_stick_until_their_server_is_full():
     asyncio.run(main())
 
 
+def test_clear_sticky_cache_clears_the_one_session_map_the_pool_routes_by():
+    """verl clears the sticky cache to rebalance: the session's next turn then goes where load says. The router
+    keeps no copy of its own, so nothing is left behind that still pins the session (issue 23)."""
+    async def main() -> None:
+        router = _router(2, max_num_seqs=4, cache_size=100, cache_ttl_s=60.0)
+        first, _ = await router.acquire_server("session", prompt_ids=[1, 2])
+        await router.release_server(first, request_id="session")
+        other, _ = await router.acquire_server("x", prompt_ids=[7])  # held: s0 one ahead (the gate stays shut)
+        sticky, _ = await router.acquire_server("session", prompt_ids=[1, 2, 3])
+        await router.release_server(sticky, request_id="session")
+        assert (first, other, sticky) == ("s0", "s0", "s0")
+        cleared = await router.clear_sticky_cache()
+        assert cleared == {"cleared_entries": 5, "server_loads": {"s0": 1, "s1": 0}}  # 2 sessions, 3 prompts
+        assert router._pool.affinity_keys == 0
+        assert (await router.acquire_server("session", prompt_ids=[1, 2, 3, 4]))[0] == "s1"
+        assert (router._pool.pool_cfg.affinity_max_keys, router._pool.pool_cfg.affinity_ttl_s) == (100, 60.0)
+        await router.close()
+
+    asyncio.run(main())
+    with pytest.raises(ConfigError, match=r"router.cache_size=0: must be >= 1.*router.cache_ttl_s=0: must be > 0 s"):
+        parse_settings({"cache_ttl_s": 0, "cache_size": 0})
+
+
 def _metrics(preemptions: float, tokens: float, kv: float = 0.1, waiting: float = 0) -> str:
     return ("# TYPE vllm:num_requests_waiting gauge\n"
             f'vllm:num_requests_waiting{{model_name="m"}} {waiting}\n'

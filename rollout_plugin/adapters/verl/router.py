@@ -31,7 +31,6 @@ import asyncio
 import dataclasses
 import inspect
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -70,7 +69,11 @@ class RouterSettings:
     group_size: Optional[int] = None  # unset: the server's rollout.n
     admission_timeout_s: float = 1800.0
     max_waiting: int = 32768  # requests queued in the router; beyond this acquire refuses at once
-    cache_size: int = 10000  # sessions and group homes remembered (LRU), like verl's default router
+    # Session and group homes remembered (the pool's affinity map: pool.affinity_max_keys), least recently
+    # used dropped first, like verl's default router; verl never ends a session, so a home also expires
+    # after cache_ttl_s unused (pool.affinity_ttl_s; null: never).
+    cache_size: int = 10000
+    cache_ttl_s: Optional[float] = 3600.0
     metrics_url: str = "http://{server}/metrics"  # each server's Prometheus text ({server}: verl's host:port id)
     metrics_timeout_s: float = 2.0  # a scrape slower than this is skipped (the server's cap holds)
     controller: ControllerConfig = field(default_factory=lambda: ControllerConfig(interval_s=2.0))
@@ -107,6 +110,10 @@ def parse_settings(*layers: Optional[Mapping[str, Any]]) -> RouterSettings:
     p.at_least("router.admission_timeout_s", settings.admission_timeout_s, 0.001)
     p.at_least("router.max_waiting", settings.max_waiting, 0)
     p.at_least("router.per_engine", settings.per_engine, 1)
+    p.at_least("router.cache_size", settings.cache_size, 1)
+    if settings.cache_ttl_s is not None and not settings.cache_ttl_s > 0:
+        p.add("router.cache_ttl_s", settings.cache_ttl_s, "must be > 0 seconds, or null for homes that never expire",
+              3600.0)
     p.at_least("router.controller.interval_s", settings.controller.interval_s, 0.05)
     p.raise_if_any()
     return settings
@@ -121,18 +128,6 @@ async def _call(method: Any, *args: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
-class _LRU(OrderedDict):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
-
-
 class PoolRouter:
     """verl's ``RequestLoadBalancer`` protocol over the pool's admission core (a pool of lease engines)."""
 
@@ -141,7 +136,6 @@ class PoolRouter:
         self.settings = parse_settings(self._yaml)
         self._handles: dict[str, Any] = dict(servers)
         self._leases = Leases()
-        self._sessions = _LRU(self.settings.cache_size)  # request ids seen: a reused one is a session's next turn
         self._pool: Optional[RolloutPool] = None
         self._start_lock: Optional[asyncio.Lock] = None
         self._closed = False
@@ -170,7 +164,6 @@ class PoolRouter:
                 break
             # Its server was removed (which ended the lease) before this acquire woke: wait for another.
             self._leases.drop(lease)
-        self._sessions.put(request_id, server_id)
         self.counters["admitted"] += 1
         return server_id, self._handles[server_id]
 
@@ -221,8 +214,9 @@ class PoolRouter:
                              "group split": self._pool.affinity_moves if self._pool else 0}}
 
     async def clear_sticky_cache(self) -> dict:
-        cleared = len(self._sessions)
-        self._sessions.clear()
+        """Sessions and groups forget their servers (the pool's affinity map: the one copy), so the next
+        acquires go where load says (verl calls this on phase switches and to rebalance)."""
+        cleared = self._pool.clear_affinity() if self._pool is not None else 0
         status = await self.get_status()
         return {"cleared_entries": cleared, "server_loads": status["servers"]}
 
@@ -246,14 +240,13 @@ class PoolRouter:
             self._pool.observe_metrics({sid: text for sid, text in texts.items() if sid in self._handles}, now)
 
     # --- internals ---------------------------------------------------------------------------------
-    def _affinity(self, request_id: str, prompt_ids: Any) -> Optional[tuple[str, ...]]:
-        keys = []
-        if request_id in self._sessions:  # a multi-turn session's next turn: its prefix is on its server
-            keys.append(f"session:{request_id}")
-        if prompt_ids is not None:
-            keys.append(group_key(prompt_ids))
-        keys.append(f"session:{request_id}")  # where this turn goes, the session's next one prefers
-        return tuple(dict.fromkeys(keys)) or None
+    @staticmethod
+    def _affinity(request_id: str, prompt_ids: Any) -> tuple[str, ...]:
+        """The session first: verl reuses a session's request id for its next turn, whose prefix is on the server
+        the pool remembers for it (until ended, evicted or expired); a first turn has no home there, so its
+        group's prompt decides, and the session takes the server the turn went to."""
+        session = f"session:{request_id}"
+        return (session,) if prompt_ids is None else (session, group_key(prompt_ids))
 
     def _submit(self, pool: RolloutPool, request: Request) -> asyncio.Future[Any]:
         try:
@@ -322,6 +315,7 @@ class PoolRouter:
             EngineConfig(served_model_name="verl-server"),
             PoolConfig(per_engine=cap, over_concurrency_ratio=1.0, k=1, max_concurrent=1 << 30, pack_size=1,
                        max_retries=0, groups=GroupConfig(split_threshold=s.imbalance),
+                       affinity_max_keys=s.cache_size, affinity_ttl_s=s.cache_ttl_s,
                        timeouts=TimeoutConfig(stall_s=float("inf"))),  # verl watches its servers, not us
             s.controller, clients=[LeaseClient(sid, self._leases, s.metrics_url, s.metrics_timeout_s) for sid in sids],
             client_factory=lambda name, url, **_: LeaseClient(name, self._leases, s.metrics_url, s.metrics_timeout_s))

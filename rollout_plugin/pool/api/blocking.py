@@ -125,6 +125,13 @@ class SyncRolloutPool:
 
         return self._run(snapshot())
 
+    def end_session(self, key: str) -> bool:
+        """:meth:`RolloutPool.end_session`, on the pool's loop (the affinity map is the loop's alone)."""
+        async def end() -> bool:
+            return self._pool.end_session(key)
+
+        return self._run(end())
+
     def run(self, fn: Callable[[RolloutPool], Awaitable[T]]) -> T:
         """``await fn(pool)`` on the pool's loop and return its value (e.g. a weight update)."""
         async def call() -> T:

@@ -212,7 +212,8 @@ class RolloutPool:
             can_refit=self._ops.refit_kind, hopeless_s=self.pool_cfg.timeouts.hopeless_s,
             group_mode=GroupMode(self.pool_cfg.groups.mode).value,
             split_threshold=self.pool_cfg.groups.split_threshold, pack_timeout_s=self.pool_cfg.pack_timeout_s,
-            supervisor=sup)
+            supervisor=sup, affinity_max_keys=self.pool_cfg.affinity_max_keys,
+            affinity_ttl_s=self.pool_cfg.affinity_ttl_s)
         self.monitor = Monitor(
             d, self._clients, self.controller_cfg, group_size=self.pool_cfg.k,
             expected_tokens=self.controller_cfg.expected_tokens or self.engine_cfg.max_model_len,
@@ -378,6 +379,22 @@ class RolloutPool:
     def affinity_moves(self) -> int:
         """Requests sent away from their affinity key's engine (the imbalance gate opened)."""
         return self._require().affinity.moved
+
+    def end_session(self, key: str) -> bool:
+        """Session (or any affinity key) ``key`` is over: its home engine is forgotten now rather than at
+        ``pool.affinity_ttl_s`` or when ``pool.affinity_max_keys`` pushes it out. Its turns still running finish
+        where they are. False if the key had no home (never placed, expired, evicted or ended before)."""
+        return self._require().affinity.end(key)
+
+    def clear_affinity(self) -> int:
+        """Forget every affinity key's home (verl's ``clear_sticky_cache``): the next requests go where load
+        says. Returns how many homes were forgotten."""
+        return self._require().affinity.clear()
+
+    @property
+    def affinity_keys(self) -> int:
+        """Affinity keys with a home now (at most ``pool.affinity_max_keys``)."""
+        return len(self._require().affinity)
 
     def retire_engine(self, name: str, reason: str) -> None:
         """Take engine ``name`` out of rotation for good; what runs there finishes there. A name that joined

@@ -141,7 +141,7 @@ class Admission:
     def _route(self, unit: Unit, loads: list[EngineLoad]) -> list[tuple[int, int]]:
         key = unit.request.affinity
         if key is not None:
-            home, own = self._affinity.home(key)
+            home, own = self._affinity.home(key, self._clock())
             idx = pick_near(loads, unit.n, unit.avoid, home, own, self.split_threshold)
             return [(idx, unit.n)] if idx is not None else []
         if unit.part is None and unit.n > 1 and self.group_mode == "auto":
@@ -195,6 +195,15 @@ class Admission:
         e.account(before, self._ledger.engine_samples[index], now)
         for u in units:
             if u.request.affinity is not None:
-                self._affinity.placed(u.request.affinity, index, u.n)
+                self._remember(u, index, now)
         self._start(call)
+
+    def _remember(self, unit: Unit, index: int, now: float) -> None:
+        """Note where ``unit``'s affinity keys went. A home out of rotation (suspect after a failed call, dead,
+        restarting, stale: its prefix cache is gone or useless) moves here, so the key's next request follows
+        this one instead of going wherever is least loaded each time."""
+        keys = unit.request.affinity
+        home, _ = self._affinity.home(keys, now)
+        gone = home is not None and home != index and home < len(self._engines) and not self._engines[home].available
+        self._affinity.placed(keys, index, unit.n, now, rehome=gone)
 

@@ -66,7 +66,8 @@ class Dispatcher:
                  rand: Callable[[], float] = random.random, metrics: PoolMetrics | None = None,
                  recover: Callable[[int], bool] | None = None, group_mode: str = "auto",
                  split_threshold: float = 0.25, pack_timeout_s: float = 0.0, supervisor: Supervisor | None = None,
-                 can_refit: Callable[[], tuple[Refit, str | None]] | None = None, hopeless_s: float = 60.0):
+                 can_refit: Callable[[], tuple[Refit, str | None]] | None = None, hopeless_s: float = 60.0,
+                 affinity_max_keys: int = 100_000, affinity_ttl_s: float | None = None):
         if not clients:
             raise PoolError("a pool needs at least one engine")
         self.limits = limits
@@ -77,7 +78,7 @@ class Dispatcher:
         self._engines = [self._slot(i, c, limits.engine_inflight) for i, c in enumerate(clients)]
         self.supervisor = supervisor or Supervisor()
         self.ledger = Ledger(len(clients))
-        self.affinity = Affinity()
+        self.affinity = Affinity(affinity_max_keys, affinity_ttl_s)
         self._wake = asyncio.Event()
         self._closing = False
         self.failure: PoolError | None = None

@@ -75,7 +75,9 @@ def pick_near(loads: Sequence[EngineLoad], need: int, avoid: frozenset[int], hom
     ``home_own`` samples — is no more than ``threshold`` (a share of the cap) above the least-filled engine
     with room; past that gap, the least-loaded engine (:func:`pick_engine`). ``None``: wait."""
     least = pick_engine(loads, need, avoid)
-    if home is None or home >= len(loads) or not loads[home].healthy or least is None:
+    # A home in ``avoid`` (the request was cut there: the engine died, or a straggler move took it off) is
+    # no home for this request: going back would undo the move, and the next move would send it back again.
+    if home is None or home >= len(loads) or home in avoid or not loads[home].healthy or least is None:
         return least
     h = loads[home]
     base = (h.inflight - home_own) / h.cap if h.cap > 0 else float("inf")
