@@ -5,8 +5,8 @@ tokens (ignore_eos) and the next prompt is prompt + the tokens returned + TOOL r
 Real: /v1/completions with token ids, counters vllm:prefix_cache_queries / vllm:prefix_cache_hits from /metrics.
 Sim: the same sessions on one simulated cpu_tiny engine (block 128), its cache's queries and hits.
 
-    .venv/bin/python /tmp/sim23_calibrate.py sim        # the simulator only
-    .venv/bin/python /tmp/sim23_calibrate.py real       # starts ONE vLLM CPU engine, then both
+    .venv/bin/python benchmarks/sim_prefix_calibrate.py sim    # the simulator only
+    .venv/bin/python benchmarks/sim_prefix_calibrate.py real   # starts ONE vLLM CPU engine, then both
 """
 
 from __future__ import annotations
