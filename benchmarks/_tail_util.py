@@ -105,9 +105,9 @@ def check_results(results: Sequence[Result], label: str, strict: bool = True) ->
 
 
 def launch_engine(index: int, engines: int, model: str, *, extra: Sequence[str] = (), dev_mode: bool = False,
-                  kv_gb: int = 1) -> EngineProcess:
+                  kv_gb: int = 1, max_model_len: int = MAX_MODEL_LEN) -> EngineProcess:
     """Start (not wait for) one vLLM CPU server, bound to its share of the cores, like the pool's launcher."""
-    cfg = EngineConfig(model=model, api_key=KEY, max_model_len=MAX_MODEL_LEN, cpu_kvcache_gb=kv_gb,
+    cfg = EngineConfig(model=model, api_key=KEY, max_model_len=max_model_len, cpu_kvcache_gb=kv_gb,
                        extra_args=list(extra), dev_mode=dev_mode, log_dir="logs/bench")
     (port,) = reserve_ports(cfg.host, 0, 1)
     proc = EngineProcess(index, cfg, model=model, port=port, max_num_seqs=512,

@@ -87,3 +87,17 @@ def test_a_request_cut_off_its_home_does_not_go_back_there():
     assert pick_near(ls, 1, frozenset({0}), home=0, home_own=2, threshold=0.25) == 1  # avoided: least loaded
     only_home = loads((2, 100), (100, 100))
     assert pick_near(only_home, 1, frozenset({0}), home=0, home_own=2, threshold=0.25) == 0  # nothing else fits
+
+
+def test_affinity_yields_when_its_home_runs_far_more_than_the_fleet_mean_though_caps_are_far_away():
+    """Bounded-load affinity: on the real CPU pair (caps 1,229, KV to spare) whole groups of sessions piled onto
+    one engine, 24 sessions vs 8, because the cap-share gate (0.25 × 1,229) never opened; every turn there then
+    decoded in the bigger batch (benchmarks/sessions.py: the pool 1.22× the static split)."""
+    from rollout_plugin.pool.policy.routing import pick_near
+
+    near = lambda ls, home, own: pick_near(ls, 1, frozenset(), home, own, 0.25)  # noqa: E731
+    assert near(loads((24, 1229), (8, 1229)), 0, 0) == 1  # 25 > 1.25 × 16.5: the turn goes to the emptier engine
+    assert near(loads((17, 1229), (16, 1229)), 0, 0) == 0  # evenly busy: the prefix wins
+    assert near(loads((24, 1229), (8, 1229)), 0, 8) == 0  # the key's own 8 there are not others' load
+    assert near(loads((2, 1229), (1, 1229)), 0, 0) == 0  # a difference of one request moves nothing
+    assert near(loads((24, 1229), (8, 1229), (0, 1229, ), unhealthy={2}), 0, 0) == 1  # the mean of live engines

@@ -2,7 +2,9 @@
 
 Generation (``/v1/completions``, ``/v1/chat/completions``, streamed or not) goes through the pool;
 completions the pool can model go in as its own requests and pack with other callers' (:mod:`.native`),
-the rest pass through (:mod:`.relay`), streams event by event (:mod:`.streaming`). Admin calls
+the rest pass through (:mod:`.relay`), streams event by event (:mod:`.streaming`). A turn of an agentic
+session (``X-Session-ID``, :mod:`.sessions`) passes through alone to the session's home engine;
+``X-Session-End`` or ``DELETE /sessions/{id}`` frees that home. Admin calls
 (pause/resume, weight reload, prefix-cache reset, ``/collective_rpc``) go to every engine at once.
 TRL's NCCL weight-transfer endpoints answer 501: weights stream engine by engine, not through a
 proxy. FastAPI is imported here, and this module only by ``rollout-plugin serve``.
@@ -11,9 +13,10 @@ proxy. FastAPI is imported here, and this module only by ``rollout-plugin serve`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +26,7 @@ from rollout_plugin.errors import EngineError, PoolError
 from rollout_plugin.gateway.batching import merge_completions, prompt_count, split_prompts
 from rollout_plugin.gateway.native import NativeCompletion, completion_response, plan_completion
 from rollout_plugin.gateway.relay import END, Exchange, Relay, gateway_request
+from rollout_plugin.gateway.sessions import Session, SessionHeaderError, read_session, session_key
 from rollout_plugin.gateway.streaming import EventStream
 from rollout_plugin.pool import RolloutPool
 from rollout_plugin.pool import FolderWeights, InPlaceWeights, WeightSource
@@ -51,6 +55,13 @@ def _failure(result: Result, error: tuple[int | None, str] | None) -> JSONRespon
     if status is not None and 400 <= status < 500 and status != 429:
         return _error(status, text)
     return _error(502, f"no engine produced an answer after {result.attempts} attempt(s): {text}", "upstream_error")
+
+
+def _session(request: Request) -> Session | None | JSONResponse:
+    try:
+        return read_session(request.headers)
+    except SessionHeaderError as exc:
+        return _error(400, str(exc))
 
 
 def _count(value: Any) -> int:
@@ -84,9 +95,19 @@ class Gateway:
         body = await self._body(request)
         if isinstance(body, JSONResponse):
             return body
+        session = _session(request)
+        if isinstance(session, JSONResponse):
+            return session
         n = _count(body.get("n"))
+        samples = prompt_count(body.get("prompt")) * n
         if body.get("stream"):  # one call, every prompt: vLLM numbers a multi-prompt stream's choices itself
-            return await self._stream(request, "completions", body, prompt_count(body.get("prompt")) * n)
+            return await self._stream(request, "completions", body, samples, session)
+        with self._ending(session):
+            if session is not None:  # alone, unsplit, to the session's home: no pack holds it, no stranger in it
+                return await self._whole(request, "completions", body, samples, session)
+            return await self._packed_or_split(request, body, n)
+
+    async def _packed_or_split(self, request: Request, body: dict[str, Any], n: int) -> Response:
         limits = self.pool.limits
         plan = plan_completion(body, min(limits.engine_inflight, limits.global_samples)) if self.pack_callers else None
         if plan is not None:
@@ -104,13 +125,40 @@ class Gateway:
         body = await self._body(request)
         if isinstance(body, JSONResponse):
             return body
+        session = _session(request)
+        if isinstance(session, JSONResponse):
+            return session
         if body.get("stream"):
-            return await self._stream(request, "chat", body, _count(body.get("n")))
-        answer = await self._unless_gone(request, self._one("chat", body, _count(body.get("n"))))
+            return await self._stream(request, "chat", body, _count(body.get("n")), session)
+        with self._ending(session):
+            return await self._whole(request, "chat", body, _count(body.get("n")), session)
+
+    async def _whole(self, request: Request, route: str, body: dict[str, Any], samples: int,
+                     session: Session | None) -> Response:
+        """One body passed through as it is, in one call: the engine's answer."""
+        answer = await self._unless_gone(request, self._one(route, body, samples, session))
         if answer is GONE:
             return Response(status_code=CLIENT_GONE)
         data, failure = answer
         return failure or JSONResponse(data)
+
+    @contextlib.contextmanager
+    def _ending(self, session: Session | None) -> Iterator[None]:
+        """A session's last turn (``X-Session-End``) frees its home once the turn is over, however it ended."""
+        try:
+            yield
+        finally:
+            if session is not None and session.end:
+                self._end(session.id, "its last turn is over")
+
+    def _end(self, session_id: str, reason: str) -> bool:
+        try:
+            ended = self.pool.end_session(session_key(session_id))
+        except PoolError as exc:  # the pool closed meanwhile: its map went with it
+            log.debug("session %s: not ended (%s)", session_id, exc)
+            return False
+        log.debug("session %s: %s -> no home (%s)", session_id, "home" if ended else "no home", reason)
+        return ended
 
     async def _unless_gone(self, request: Request, work: Awaitable[Any]) -> Any:
         """``work``'s value, or :data:`GONE` when the caller hangs up first; ``work`` is then cancelled, and with it
@@ -134,10 +182,11 @@ class Gateway:
         except PoolError as exc:
             return _error(503, f"the pool cannot take requests: {exc}", "service_unavailable")
 
-    async def _one(self, route: str, body: dict[str, Any], samples: int) -> tuple[dict[str, Any] | None,
-                                                                                  JSONResponse | None]:
+    async def _one(self, route: str, body: dict[str, Any], samples: int, session: Session | None = None
+                   ) -> tuple[dict[str, Any] | None, JSONResponse | None]:
         """One pass-through body: the engine's whole answer, or the error to return."""
-        request = gateway_request(route, body, samples, self.pool.limits.engine_inflight)
+        request = gateway_request(route, body, samples, self.pool.limits.engine_inflight,
+                                  affinity=session.key if session is not None else None)
         ex = self.relay.open(request.id)
         try:
             future = self._submit(request)
@@ -180,15 +229,21 @@ class Gateway:
             futures.append(future)
         return list(await asyncio.gather(*futures))
 
-    async def _stream(self, request: Request, route: str, body: dict[str, Any], samples: int) -> Response:
+    async def _stream(self, request: Request, route: str, body: dict[str, Any], samples: int,
+                      session: Session | None) -> Response:
         """A streamed body (:mod:`.streaming`): a JSON error while nothing was sent, else the engine's events."""
-        pool_request = gateway_request(route, body, samples, self.pool.limits.engine_inflight, stream=True)
+        pool_request = gateway_request(route, body, samples, self.pool.limits.engine_inflight, stream=True,
+                                       affinity=session.key if session is not None else None)
         ex = self.relay.open(pool_request.id, stream=True)
         future = self._submit(pool_request)
         if isinstance(future, JSONResponse):
             self.relay.close(pool_request.id)
+            if session is not None and session.end:
+                self._end(session.id, "its last turn was refused")
             return future
         future.add_done_callback(ex.end)
+        if session is not None and session.end:  # the turn is over when the pool resolves it, streamed or cut
+            future.add_done_callback(lambda _: self._end(session.id, "its last turn is over"))
         try:
             first = await self._unless_gone(request, ex.events.get())  # type: ignore[union-attr]
         except BaseException:
@@ -240,6 +295,12 @@ class Gateway:
 
     async def get_world_size(self, request: Request) -> JSONResponse:
         return JSONResponse({"world_size": self.world_size})
+
+    async def end_session(self, request: Request) -> JSONResponse:
+        """``DELETE /sessions/{id}``: the session is over, its home engine freed now. ``ended`` false: it had
+        none (never placed, expired by pool.affinity_ttl_s, pushed out by pool.affinity_max_keys, ended)."""
+        session_id = request.path_params["session_id"]
+        return JSONResponse({"session": session_id, "ended": self._end(session_id, "DELETE /sessions")})
 
     # -- admin -----------------------------------------------------------------------------------
     async def fan_out(self, path: str, body: dict[str, Any] | None) -> JSONResponse:
@@ -327,6 +388,7 @@ def build_app(gw: Gateway) -> FastAPI:
     app.add_api_route("/health", gw.health, methods=["GET"])
     app.add_api_route("/metrics", gw.metrics, methods=["GET"])
     app.add_api_route("/get_world_size", gw.get_world_size, methods=["GET"])
+    app.add_api_route("/sessions/{session_id}", gw.end_session, methods=["DELETE"])
     app.add_api_route("/admin/pause", gw.pause, methods=["POST"])
     app.add_api_route("/admin/resume", gw.resume, methods=["POST"])
     app.add_api_route("/admin/reload_weights", gw.reload_weights, methods=["POST"])

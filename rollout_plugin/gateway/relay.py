@@ -110,13 +110,14 @@ class Relay:
 
 
 def gateway_request(route: str, body: dict[str, Any], samples: int, max_samples: int, *,
-                    stream: bool = False) -> Request:
+                    stream: bool = False, affinity: str | None = None) -> Request:
     """A pass-through request. ``samples``: what the call asks for (prompts × n), counted against the engine's
-    cap; a call larger than one engine's cap counts as the whole cap (it still goes to one engine)."""
+    cap; a call larger than one engine's cap counts as the whole cap (it still goes to one engine).
+    ``affinity``: its session's key (:mod:`.sessions`): it goes to the session's home engine."""
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16
     return Request(f"gw-{uuid.uuid4().hex}", PLACEHOLDER_PROMPT, n=max(1, min(samples, max_samples)),
                    sampling=SamplingParams(max_tokens=int(max_tokens)),
-                   metadata={"route": ROUTES[route], "body": body, "stream": stream})
+                   metadata={"route": ROUTES[route], "body": body, "stream": stream}, affinity=affinity)
 
 
 def _fit(samples: list[Sample], n: int) -> tuple[Sample, ...]:

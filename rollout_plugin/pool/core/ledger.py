@@ -71,6 +71,10 @@ class Unit:
     timer: asyncio.TimerHandle | None = None
     done: bool = False
     prefix: Prefix | None = None  # a continued sample (n=1): prompt + these tokens, the rest of its budget
+    epoch: int | None = None  # the queue's admission round it first queued in (pool/core/queue.py)
+    # Known long: it started over (its tokens outlived the staleness bound), so it goes to a lane of its own
+    # kind and before other work (pool/policy/lanes.py). Its pieces inherit it.
+    long: bool = False
     _request: Request | None = None
     _key: tuple | None = None
 
@@ -98,6 +102,8 @@ class Unit:
             # Units with an affinity wait for their own engine: they queue by key, apart from others.
             if self.solo:
                 self._key = ("solo", self.seq)
+            elif self.long:  # goes to a lane, alone: never packed with other work
+                self._key = ("long", self.seq, self.part)
             elif r.affinity is not None:
                 self._key = ("affinity", r.affinity, r.kind, self.n, _Hashed(r.sampling))
             else:
@@ -119,8 +125,9 @@ class Unit:
 
     @property
     def retry_priority(self) -> int:
-        """Queue order among units of one size: requeued after a failure (-1) before new work (0)."""
-        return -1 if self.requeued else 0
+        """Queue order among units of one size: known-long (-2: its time is short) before requeued after a
+        failure (-1) before new work (0)."""
+        return -2 if self.long else -1 if self.requeued else 0
 
     @property
     def state(self) -> str:
@@ -210,6 +217,7 @@ class Ledger:
         self.queue = UnitQueue()
         self.calls: set[Call] = set()
         self.engine_samples: list[int] = [0] * engines  # samples in flight per engine
+        self.engine_long: list[int] = [0] * engines  # of which known-long (Unit.long): a lane's
         self.samples_inflight = 0
         self.backoff: set[Unit] = set()
         self.outcomes: Counter[str] = Counter()  # "ok", "error", "failed" (pool failure), "abandoned"
@@ -217,6 +225,7 @@ class Ledger:
 
     def add_engine(self) -> None:
         self.engine_samples.append(0)
+        self.engine_long.append(0)
 
     # -- a ticket's life -------------------------------------------------------------------------
     def open(self, request: Request, future: asyncio.Future[Result], now: float) -> Ticket:
@@ -242,7 +251,7 @@ class Ledger:
         pieces = []
         for part, n, prefix in zip(parts, sizes, prefixes or [None] * len(sizes)):
             piece = self.unit(ticket, n, part)
-            piece.attempts, piece.avoid, piece.prefix = unit.attempts, unit.avoid, prefix
+            piece.attempts, piece.avoid, piece.prefix, piece.long = unit.attempts, unit.avoid, prefix, unit.long
             pieces.append(piece)
         return pieces
 
@@ -261,6 +270,7 @@ class Ledger:
             u.attempts += 1
         self.calls.add(call)
         self.engine_samples[engine] += call.samples
+        self.engine_long[engine] += _long(call)
         self.samples_inflight += call.samples
         return call
 
@@ -270,6 +280,7 @@ class Ledger:
             return
         self.calls.discard(call)
         self.engine_samples[call.engine] -= call.samples
+        self.engine_long[call.engine] -= _long(call)
         self.samples_inflight -= call.samples
         for u in call.units:
             u.call = None
@@ -330,11 +341,14 @@ class Ledger:
 
     def check(self, caps: list[int] | None = None, global_cap: int | None = None) -> None:
         """Recompute every count from the records; raise AssertionError on any disagreement (tests)."""
-        per_engine = [0] * len(self.engine_samples)
+        per_engine, long = [0] * len(self.engine_samples), [0] * len(self.engine_samples)
         for c in self.calls:
             per_engine[c.engine] += c.samples
+            long[c.engine] += _long(c)
         if per_engine != self.engine_samples or sum(per_engine) != self.samples_inflight:
             raise AssertionError(f"in-flight counts {self.engine_samples} != calls {per_engine}")
+        if long != self.engine_long:
+            raise AssertionError(f"known-long counts {self.engine_long} != calls {long}")
         live = list(self.queue.units())
         if len(live) != self.queue.size or sum(u.n for u in live) != self.queue.samples:
             raise AssertionError("queue counts disagree with its units")
@@ -349,3 +363,8 @@ class Ledger:
     def _next(self) -> int:
         self._seq += 1
         return self._seq
+
+
+def _long(call: Call) -> int:
+    """Known-long samples a call carries (its units' marks are fixed while it runs)."""
+    return sum(u.n for u in call.units if u.long)

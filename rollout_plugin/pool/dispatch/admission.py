@@ -18,6 +18,7 @@ from rollout_plugin.pool.core.affinity import Affinity
 from rollout_plugin.pool.core.engine_client import new_progress
 from rollout_plugin.pool.core.ledger import Call, Ledger, Unit
 from rollout_plugin.pool.core.slots import EngineSlot
+from rollout_plugin.pool.policy.lanes import pick_lane
 from rollout_plugin.pool.policy.routing import EngineLoad, pick_engine, pick_near, split_group
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class Loads:
 
     def _look(self, index: int) -> EngineLoad:
         e = self._engines[index]
-        return EngineLoad(index, self._ledger.engine_samples[index], e.cap, e.available, e.speed)
+        return EngineLoad(index, self._ledger.engine_samples[index], e.cap, e.available, e.speed,
+                          self._ledger.engine_long[index])
 
     def refresh(self, index: int) -> None:
         self.view[index] = self._look(index)
@@ -139,6 +141,9 @@ class Admission:
         return Placement()
 
     def _route(self, unit: Unit, loads: list[EngineLoad]) -> list[tuple[int, int]]:
+        if unit.long:  # known long: a lane (its prefix cache, if any, went with the weights)
+            idx = pick_lane(loads, unit.n, unit.avoid)
+            return [(idx, unit.n)] if idx is not None else []
         key = unit.request.affinity
         if key is not None:
             home, own = self._affinity.home(key, self._clock())

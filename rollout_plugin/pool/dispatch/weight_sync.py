@@ -117,6 +117,7 @@ class WeightSync:
                 unit.timer.cancel()
                 self._ledger.end_back_off(unit)
             (fresh,) = self._ledger.split(unit, [unit.n], [None])  # the sample is generated afresh
+            fresh.long = True  # too long for a loaded batch within the bound: a lane this time (policy/lanes.py)
             self._ledger.enqueue(fresh, front=True)
             dropped += 1
         dropped += self._reopen_stale_parts(oldest)

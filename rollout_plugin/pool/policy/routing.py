@@ -15,10 +15,13 @@ class EngineLoad:
     cap: int  # samples allowed in flight
     healthy: bool = True
     speed: float = 1.0  # decode speed against the fleet (pool/policy/straggler.py): a slow engine fills up sooner
+    long: int = 0  # known-long samples in flight: > 0 makes it a lane (pool/policy/lanes.py)
 
     @property
     def room(self) -> int:
-        return self.cap - self.inflight if self.healthy else 0
+        """Samples more it may take; a lane takes none but known-long work (:func:`~.lanes.pick_lane`), so its
+        long samples decode in a small batch."""
+        return self.cap - self.inflight if self.healthy and not self.long else 0
 
     @property
     def fill(self) -> float:
@@ -73,17 +76,35 @@ def pick_near(loads: Sequence[EngineLoad], need: int, avoid: frozenset[int], hom
     """The engine for a request with affinity: its ``home`` (where the key's last request went: the prefix
     is cached there), waiting for room there if need be, while ``home`` — filled without the key's own
     ``home_own`` samples — is no more than ``threshold`` (a share of the cap) above the least-filled engine
-    with room; past that gap, the least-loaded engine (:func:`pick_engine`). ``None``: wait."""
+    with room, and its samples in flight (with this one's) no more than ``1 + threshold`` times the fleet's
+    mean (bounded-load consistent hashing, Mirrokni et al. 2018: with caps far above what runs — KV to spare —
+    the cap-share gap alone let whole groups of sessions pile onto one CPU engine, 24 vs 8, each of them
+    decoding in the bigger batch); past either bound, the least-loaded engine (:func:`pick_engine`).
+    ``None``: wait."""
     least = pick_engine(loads, need, avoid)
     # A home in ``avoid`` (the request was cut there: the engine died, or a straggler move took it off) is
     # no home for this request: going back would undo the move, and the next move would send it back again.
-    if home is None or home >= len(loads) or home in avoid or not loads[home].healthy or least is None:
+    # A lane (known-long work decoding in a small batch) takes nothing else: no home either.
+    if home is None or home >= len(loads) or home in avoid or not loads[home].healthy or loads[home].long \
+            or least is None:
         return least
     h = loads[home]
     base = (h.inflight - home_own) / h.cap if h.cap > 0 else float("inf")
-    if base - loads[least].fill > threshold:
+    if base - loads[least].fill > threshold or _over_bound(loads, h, home_own, need, loads[least], threshold):
         return least
     return home if h.room >= need else None
+
+
+def _over_bound(loads: Sequence[EngineLoad], home: EngineLoad, home_own: int, need: int, least: EngineLoad,
+                eps: float) -> bool:
+    """``home`` would run more than ``1 + eps`` times the mean samples in flight (counted with ``need``), and
+    more than ``least`` does by over ``need`` (no move for a difference of one request)."""
+    live = [e for e in loads if e.healthy and not e.long]
+    if not live:
+        return False
+    mean = (sum(e.inflight for e in live) + need) / len(live)
+    others = home.inflight - home_own
+    return others + need > (1 + eps) * mean and others > least.inflight + need
 
 
 def pack_budget(room: int, pack_size: int) -> int:
