@@ -280,7 +280,10 @@ def test_collect_across_two_ray_nodes_survives_losing_one(ray_cluster, model_dir
     assert len(ids) == prompts * k and set(ids.values()) == {1}, "a sample is missing or written twice"
     assert not (tmp_path / "out.errors.jsonl").exists() or not (tmp_path / "out.errors.jsonl").read_text()
     assert {r["engine"] for r in rows} == {"engine0", "engine1"}
-    assert "engine1: live -> dead" in logs  # the pool noticed, it did not just get lucky
+    # The pool noticed, it did not just get lucky: straight from live when Ray reports the node dead first, or
+    # through suspect when a refused call comes first and its probe fails (CI's loaded cores: Ray's heartbeat
+    # detector took 15 s to call the node dead while calls were already refused).
+    assert re.search(r"engine1: (live|suspect) -> dead", logs), logs[-4000:]
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["samples"] == prompts * k and summary["failed_prompts"] == 0
 
