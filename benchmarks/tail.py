@@ -23,6 +23,10 @@ and the figures in RESULTS.md and issue 22:
     .venv/bin/python benchmarks/tail.py multistep --steps 4 --groups 32 --rounds 5 \
         --contenders drain-every-step,quota+keep,quota+continue                               # ~10-12 min
     .venv/bin/python benchmarks/tail.py multistep --rounds 3      # full size, 10 × 64, 4 contenders: ~30-35 min
+    # an RL run's shape, as the simulator's multi-step target has it: a trainer step about half a generation step
+    # (7 s beside the ~15 s drain step at 4 × 32), staleness ≤ 1, the run trains exactly steps × groups
+    .venv/bin/python benchmarks/tail.py multistep --steps 4 --groups 32 --rounds 5 --train-s 7 --exact-source \
+        --max-staleness 1 --contenders drain-every-step,quota+keep,quota+continue            # ~20 min
 
 pair/hetero: one step (512 samples, ~65k tokens) per contender per round, 4 contenders (static, verl, pool, pool_off)
 × 5 rounds; at the issue's figures (4.6-5.3 s per homogeneous step, 6.8-9.4 s starved) plus ~1-2 s per run to wait
@@ -52,6 +56,11 @@ multistep  10 steps, each asking for 64 groups of 8, on 2 engines, a real weight
            span (default: unbounded). Target (issue 13): the best mode ≥ 1.3× drain-every-step's tokens/s;
            issue 22: ≥ 1.2×. Every contender, drain-every-step included, runs through the same RolloutPool (so the
            same aiohttp client): the baseline is ``pool.generate`` of the step's groups, then a drain update.
+           ``--train-s``: the trainer's step between a step's groups and its update (a sleep: the trainer runs on
+           other devices, as with a dedicated rollout fleet); drain-every-step's engines idle through it, the
+           quota's go on with the next groups. ``--exact-source``: the run trains exactly steps × groups, the last
+           step taking every group still in flight (as the simulator's run does), so no leftover is waste and
+           every contender trains the same groups.
            Refuses to start above load 3 like ``pair``; ends with a ``SUMMARY multistep`` line.
 skewed     A homogeneous pair, skewed lengths, no weight updates: step makespan against the ideal = the step's
            tokens ÷ the pair's steady-state tokens/s, measured in the same round (a uniform workload of the same
@@ -169,6 +178,7 @@ async def plain_loop(pool: RolloutPool, meter: Meter, specs: list[GroupSpec], ar
     for s in range(args.steps):
         ts = time.perf_counter()
         useful += check_results(await pool.generate(reqs[s * args.groups:(s + 1) * args.groups]), label)
+        await asyncio.sleep(args.train_s)  # the trainer's step: nothing is in flight, the engines idle
         tu = time.perf_counter()
         await pool.update_weights(pool.weight_version + 1, FolderWeights(args.model_dir), mode=mode)
         updates.append(time.perf_counter() - tu)
@@ -189,6 +199,7 @@ async def quota_loop(pool: RolloutPool, meter: Meter, specs: list[GroupSpec], ar
             if len(groups) != args.groups:
                 raise SystemExit(f"{label}: a step got {len(groups)} groups, asked for {args.groups}")
             useful += check_results(groups, label)
+            await asyncio.sleep(args.train_s)  # the trainer's step: the engines go on with the next groups
             tu = time.perf_counter()
             await pool.update_weights(pool.weight_version + 1, FolderWeights(args.model_dir), mode=mode,
                                       max_staleness=args.max_staleness)
@@ -224,8 +235,11 @@ async def multistep(args) -> None:
     unknown = [n for n in names if n not in MULTISTEP]
     if unknown:
         raise SystemExit(f"--contenders: unknown {unknown}; choose from {', '.join(MULTISTEP)}")
-    # enough groups for every step plus what the quota keeps in flight
-    specs = skewed_specs(args.steps * args.groups + 2 * args.in_flight, seed=13, mean=args.mean, sigma=args.sigma)
+    # --exact-source: the run trains exactly steps × groups (as the simulator's run does), so the last step takes
+    # every group still in flight and nothing is left over; otherwise enough groups for every step plus what the
+    # quota keeps in flight, the leftovers counted as waste.
+    extra = 0 if args.exact_source else 2 * args.in_flight
+    specs = skewed_specs(args.steps * args.groups + extra, seed=13, mean=args.mean, sigma=args.sigma)
     load_at_start = check_load(args.allow_load or args.quick)
     rounds = Rounds(args.rounds)
     async with launched(args.model_dir, args.k) as pool:
@@ -242,7 +256,8 @@ async def multistep(args) -> None:
     base = rounds.median("drain-every-step", "tok/s")
     header(f"multistep: 2 engines, {args.steps} steps × {args.groups} groups × k={args.k}, lognormal lengths "
            f"(mean {args.mean:.0f}, σ {args.sigma}), a real weight reload after each step, quota in_flight "
-           f"{args.in_flight}, max_staleness {args.max_staleness}", args.rounds)
+           f"{args.in_flight}, max_staleness {args.max_staleness}, trainer {args.train_s:g} s per step, "
+           f"{'exact source' if args.exact_source else 'source with spare groups'}", args.rounds)
     rounds.table([("useful tok/s", "tok/s"), ("mean step (s)", "step s"), ("mean update (s)", "update s"),
                   ("mean len", "mean len"), ("generated ÷ useful", "generated/useful")], per_round="tok/s",
                  extra=lambda n: [f"{rounds.median(n, 'tok/s') / base:.2f}×"], extra_headers=["vs drain-every-step"])
@@ -437,6 +452,11 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, help="groups the quota keeps in flight (default 1.5 × --groups)")
     ap.add_argument("--max-staleness", type=int, default=None, help="multistep: versions a sample may span")
     ap.add_argument("--contenders", help="multistep: comma-separated, from " + ", ".join(MULTISTEP))
+    ap.add_argument("--train-s", type=float, default=0.0,
+                    help="multistep: the trainer's seconds per step, between a step's groups and its weight update "
+                         "(default 0: no trainer)")
+    ap.add_argument("--exact-source", action="store_true",
+                    help="multistep: the source holds exactly steps × groups (the last step takes what is left)")
     ap.add_argument("--kv-tokens", type=int, default=2048, help="hetero: engine1's KV cache (tokens)")
     ap.add_argument("--expected-tokens", type=int, default=None, help="pair/hetero: controller hint (default: none)")
     ap.add_argument("--unit", choices=["sample", "group"], default="sample",

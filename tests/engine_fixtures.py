@@ -68,3 +68,20 @@ async def engine_counter(live_engine, pattern: str) -> float:
     async with httpx.AsyncClient(timeout=30) as http:
         text = (await http.get(f"{root}/metrics", headers={"Authorization": f"Bearer {live_engine.api_key}"})).text
     return sum(float(m.group(1)) for m in re.finditer(rf"^{pattern}.* ([\d.e+]+)$", text, re.M))
+
+
+async def start_when_idle(live_engine, pool, requests, samples: int) -> tuple[asyncio.Future, float]:
+    """Submit ``requests`` once the shared engine is idle (its counters are shared with other tests); returns the
+    task and the engine's generated-token count before it, once the pool has all ``samples`` in flight."""
+    async with asyncio.timeout(120):
+        while await engine_counter(live_engine, "vllm:num_requests_(?:running|waiting)") > 0:
+            await asyncio.sleep(0.05)  # polling the engine's gauges with a deadline
+    before = await engine_counter(live_engine, "vllm:generation_tokens_total")
+    task = asyncio.ensure_future(pool.generate(requests))
+    # Not on the engine's token count: a 2-core machine's vLLM answers /metrics seconds late while it generates
+    # (up to 3.7 s measured), by which time every sample may have finished.
+    async with asyncio.timeout(120):
+        while pool.stats().samples_inflight < samples:
+            assert not task.done(), "the samples finished before they were all in flight"
+            await asyncio.sleep(0.005)  # polling the pool's own count (no I/O) with a deadline
+    return task, before

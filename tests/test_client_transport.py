@@ -214,3 +214,17 @@ async def test_a_connection_the_server_dropped_as_it_was_reused_is_tried_once_mo
     finally:
         await c.aclose()
         server.close()
+
+
+async def test_a_server_without_abort_requests_turns_the_clients_aborts_off():
+    """A server not in vLLM's dev mode answers 404 to ``/abort_requests``: a move at a step's end cannot keep the
+    tokens there, so the client stops offering its calls (pool/policy/spread.py) instead of failing each time."""
+    async with serve(ShapedServer()) as url:
+        c = client(url + "/v1")
+        try:
+            assert c.aborts_calls
+            with pytest.raises(Rejected, match="/abort_requests: 404"):
+                await c.abort_call("rpx-1", 2)
+            assert not c.aborts_calls
+        finally:
+            await c.aclose()

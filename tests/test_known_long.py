@@ -17,9 +17,9 @@ from rollout_plugin.pool.core.slots import EngineSlot
 from rollout_plugin.pool.dispatch.admission import Admission
 from rollout_plugin.pool.dispatch.resolver import Resolver
 from rollout_plugin.pool.dispatch.weight_sync import WeightSync
-from rollout_plugin.pool.policy.lanes import LANE_SEQS, pick_lane
+from rollout_plugin.pool.policy.lanes import LANE_SEQS, lane_to_spare, pick_lane
 from rollout_plugin.pool.policy.routing import EngineLoad, pick_engine, pick_near, split_group
-from rollout_plugin.types import Request, Sample, Segment
+from rollout_plugin.types import Request, Result, Sample, Segment
 
 
 def test_a_lane_takes_no_other_work():
@@ -32,15 +32,45 @@ def test_a_lane_takes_no_other_work():
 
 
 def test_known_long_work_fills_a_lane_before_it_opens_another_on_the_emptiest_fast_engine():
-    loads = [EngineLoad(0, 100, 256), EngineLoad(1, 2, 256, long=2), EngineLoad(2, 40, 256)]
+    busy = [EngineLoad(i, 100, 256) for i in range(3, 8)]  # eight engines: two may be lanes
+    loads = [EngineLoad(0, 100, 256), EngineLoad(1, 2, 256, long=2), EngineLoad(2, 40, 256), *busy]
     assert pick_lane(loads, 1) == 1  # joins the lane: its batch stays small
-    full = [loads[0], EngineLoad(1, LANE_SEQS, 256, long=LANE_SEQS), loads[2]]
+    full = [loads[0], EngineLoad(1, LANE_SEQS, 256, long=LANE_SEQS), loads[2], *busy]
     assert pick_lane(full, 1) == 2  # the lane is full: a new one where fewest samples run
     # A slow engine is no lane: empty at a third of the fleet's speed loses to one sample at full speed.
-    slow = [EngineLoad(0, 0, 256, speed=1 / 3), EngineLoad(1, 1, 256)]
+    slow = [EngineLoad(0, 0, 256, speed=1 / 3), EngineLoad(1, 1, 256), EngineLoad(2, 50, 256), EngineLoad(3, 50, 256)]
     assert pick_lane(slow, 1) == 1
     assert pick_lane(full, 1, avoid=frozenset({2})) == 0  # where it failed only if nothing else fits
     assert pick_lane([EngineLoad(0, 256, 256), EngineLoad(1, 0, 256, healthy=False)], 1) is None
+
+
+def test_a_fleet_of_fewer_than_four_engines_has_no_lanes():
+    # Two lanes on a pair left the real CPU pair running one to four samples for minutes (RESULTS.md, session 9).
+    pair = [EngineLoad(0, 10, 256), EngineLoad(1, 10, 256)]
+    assert not lane_to_spare(pair) and pick_lane(pair, 1) is None
+    four = [*pair, EngineLoad(2, 10, 256), EngineLoad(3, 10, 256)]
+    assert lane_to_spare(four) and pick_lane(four, 1) == 0
+    sick = [*four[:3], EngineLoad(3, 10, 256, healthy=False)]
+    assert not lane_to_spare(sick)  # healthy engines count
+
+
+def test_on_a_pair_a_known_long_sample_runs_as_ordinary_work():
+    async def main():
+        ledger, engines, calls = Ledger(2), _engines(2, 8), []
+        loop = asyncio.get_running_loop()
+        group = ledger.open(Request("g", "p", n=1), loop.create_future(), 0.0)
+        unit = ledger.unit(group, 1)
+        unit.long = True
+        ledger.enqueue(unit)
+        for rid in ("a", "b"):
+            ledger.enqueue(ledger.unit(ledger.open(Request(rid, "p", n=4), loop.create_future(), 0.0), 4))
+        Admission(ledger, engines, Affinity(), clock=lambda: 0.0, wake=asyncio.Event(), start=calls.append,
+                  pack_size=1, group_mode="together").round(global_cap=100)
+        assert sorted(u.request.id for c in calls for u in c.units) == ["a", "b", "g"]  # nothing waits
+        assert not unit.long and ledger.engine_long == [0, 0]  # no engine became a lane
+        ledger.check()
+
+    asyncio.run(main())
 
 
 def _engines(n: int, cap: int) -> list[EngineSlot]:
@@ -49,7 +79,7 @@ def _engines(n: int, cap: int) -> list[EngineSlot]:
 
 def test_a_sample_that_starts_over_is_marked_long_and_goes_to_a_lane_alone_ahead_of_new_work():
     async def main():
-        ledger, engines, calls = Ledger(3), _engines(3, 8), []
+        ledger, engines, calls = Ledger(4), _engines(4, 8), []  # four engines: one may be a lane
         loop = asyncio.get_running_loop()
         for rid in ("a", "b"):  # new work, submitted first
             ledger.enqueue(ledger.unit(ledger.open(Request(rid, "p", n=4), loop.create_future(), 0.0), 4))
@@ -67,10 +97,27 @@ def test_a_sample_that_starts_over_is_marked_long_and_goes_to_a_lane_alone_ahead
         first, *rest = calls
         assert first.units == [again] and first.engine == 0  # first, alone, on the emptiest engine
         assert rest and all(c.engine != 0 for c in rest)  # the lane gets no new work
-        assert ledger.engine_long == [1, 0, 0]
+        assert ledger.engine_long == [1, 0, 0, 0]
         ledger.check()
         ledger.end_call(first)  # its lane ends with it: an ordinary engine again
-        assert ledger.engine_long == [0, 0, 0]
+        assert ledger.engine_long == [0, 0, 0, 0]
+
+    asyncio.run(main())
+
+
+def test_a_group_whose_finished_piece_outlived_the_bound_starts_over_known_long():
+    """A piece that finished under version 0 waits for a sibling that ran on across two updates: the group is
+    generated again, and all of it is known long (its prompt drew an answer that outlived the bound)."""
+    async def main():
+        ledger, engines = Ledger(4), _engines(4, 8)
+        group = ledger.open(Request("g", "p", n=2), asyncio.get_running_loop().create_future(), 0.0)
+        done, running = ledger.split(ledger.unit(group, 2), [1, 1])
+        ledger.finish(done, Result("g", (Sample("x", (5,), None, None, (Segment(0, 0, 1),)),)))
+        sync = WeightSync(ledger, engines, resolver=Resolver(ledger), wake=asyncio.Event(), recheck=lambda r: None)
+        assert sync.drop_stale(1) == 1  # version 2 adopted, max_staleness=1: the finished piece is too old
+        (again,) = [u for u in group.units if u.queued]
+        assert again.long and again.n == 1 and not running.long
+        ledger.check()
 
     asyncio.run(main())
 

@@ -2,7 +2,8 @@
 
 Each example draws a pool (1–3 engines, streamed / long-only / whole calls, retries, restarts, how weights
 are verified) and then a schedule of steps: submits (token or chat prompts, n 1–4, 1–6 tokens), time passing,
-engine deaths (restarted with the initial weights: stale until refit), in-stream errors (once, or on every
+engine deaths (restarted with the initial weights: stale until refit), calls ended engine-side to move at a step's
+end (``/abort_requests``), in-stream errors (once, or on every
 call), a proxy cutting every call, a failure that recurs at one token position, ``/pause`` refusing, reloads
 (and so refits) failing half-way, restarts failing, weight updates in every :class:`UpdateMode`, with a
 remembered source, loaded inline, or raising inside, with or without ``max_staleness`` — started as tasks, so
@@ -207,6 +208,19 @@ class PoolMachine(RuleBasedStateMachine):
         """From now on every call to this engine fails when a sample reaches ``position`` (an error event, or the
         connection cut): a failure that recurs after the same tokens however often the sample continues."""
         self.server(engine).poisoned = (position, kind)
+
+    @rule(engine=engine_index, calls=st.integers(1, 3))
+    @while_open
+    def spread(self, engine, calls):
+        """A step's end as the monitor sees it (pool/policy/spread.py): the engine's oldest calls end engine-side
+        (``/abort_requests``) and continue elsewhere from the tokens vLLM answered with."""
+        dispatcher = self.pool._require()  # type: ignore[union-attr]
+
+        async def go():  # the monitor calls it on the pool's loop
+            dispatcher.spread_calls(engine % len(dispatcher.clients), calls)
+            await asyncio.sleep(0)
+
+        self.run(go())
 
     @rule(engine=engine_index)
     @while_open

@@ -48,3 +48,22 @@ def test_a_retry_still_goes_before_new_work_however_long():
     _queue(ledger, "new", 8000)
     _queue(ledger, "retried", 5, front=True)
     assert [_next(ledger) for _ in range(2)] == ["retried", "new"]
+
+
+def test_calls_are_walked_in_the_order_they_started():
+    """Cuts and requeues walk the ledger's calls: in start order, so one simulated run gives one set of figures
+    (as a set of objects, memory-address order: the same simulated run differed by up to 8 % between processes)."""
+    ledger = Ledger(engines=4)
+    for i in range(64):
+        _queue(ledger, f"r{i}", 100)
+    started = [ledger.start_call(i % 4, [_take_next(ledger)], 0, float(i)) for i in range(64)]
+    assert list(ledger.calls) == started
+    for call in started[::3]:
+        ledger.end_call(call)
+    assert list(ledger.calls) == [c for i, c in enumerate(started) if i % 3]
+
+
+def _take_next(ledger: Ledger):
+    key = ledger.queue.oldest()
+    assert key is not None
+    return ledger.take(key)

@@ -169,6 +169,28 @@ class LocalRayCluster:
         log.close()
         wait_until(lambda: self._has(resource), 180, f"Ray node {resource} to join")
 
+    def start_node_until(self, resource: str, done, timeout_s: float, what: str, tries: int = 3) -> int:
+        """Start a node, then wait for ``done``; returns how many starts it took. On loaded cores Ray's GCS can
+        miss a new raylet's heartbeats and mark the node dead (CI saw it: its ``ray start --block`` then exits):
+        what we wait for never had a live node to run on, so start the node again, ``tries`` times at most,
+        and fail saying so."""
+        for attempt in range(1, tries + 1):
+            self.start_node(resource)
+            proc = self.nodes[resource]
+            deadline = time.monotonic() + timeout_s
+            while not done():
+                if proc.poll() is not None:
+                    self.killed.add(resource)  # not the fault under test: _has must not raise on it
+                    print(f"Ray node {resource} died (exit {proc.returncode}) before {what}; starting it again")
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+                time.sleep(0.5)  # polling other processes' state; there is no event to wait on
+            else:
+                return attempt
+        raise AssertionError(f"Ray marked node {resource} dead {tries} times before {what}: the machine is too "
+                             "loaded for Ray's heartbeats, not a pool failure")
+
     def _has(self, resource: str) -> bool:
         for name, proc in self.nodes.items():
             if name not in self.killed and proc.poll() is not None:
@@ -348,7 +370,8 @@ async def test_pool_gives_up_on_a_lost_node_then_refills_the_slot_when_a_node_jo
 
     engine = EngineConfig(model="fake", python=fake_python(tmp_path), log_dir=str(tmp_path / "logs"),
                           startup_timeout_s=120)
-    pool_cfg = PoolConfig(engines=2, max_restarts=2, backend=PoolBackend.ray, prewarm=PrewarmConfig(requests=0),
+    # Restarts: the try that finds no node, then one per start of the new node (start_node_until: up to 3).
+    pool_cfg = PoolConfig(engines=2, max_restarts=4, backend=PoolBackend.ray, prewarm=PrewarmConfig(requests=0),
                           ray=RayConfig(address=ray_cluster.address, nodes=["node_a", "node_b"], num_cpus=0.25,
                                         replace_timeout_s=5, node_poll_s=0.5))
 
@@ -361,11 +384,12 @@ async def test_pool_gives_up_on_a_lost_node_then_refills_the_slot_when_a_node_jo
         # Noticed through the actor's death alone: no request was in flight to fail.
         await asyncio.to_thread(wait_until, lambda: not engine1_healthy(pool) and 1 in pool._given_up, 120,
                                 "engine1 to be marked dead and its replacement to give up (no node_b)")
-        await asyncio.to_thread(ray_cluster.start_node, "node_b")  # a new machine with the same marker
-        await asyncio.to_thread(wait_until, lambda: engine1_healthy(pool), 180, "engine1 to rejoin on the new node")
+        starts = await asyncio.to_thread(ray_cluster.start_node_until, "node_b", lambda: engine1_healthy(pool),
+                                         180, "engine1 to rejoin on the new node")  # same marker, new machine
         fresh = pool._require().clients[1].root
         assert fresh != first and servers_on_port(fresh.rsplit(":", 1)[1])
-        assert pool._restarts[1] == 2  # the failed try and the one that worked
+        # The failed try and the one that worked, plus one per new node Ray itself lost under load.
+        assert 2 <= pool._restarts[1] <= starts + 1
     assert not [p for p in marked_pids(ray_cluster.mark) if b"fake_engine" in _cmdline(p)]
 
 
@@ -381,9 +405,8 @@ async def test_a_joining_node_adds_an_engine_up_to_max_engines(ray_cluster, tmp_
                                         replace_timeout_s=30, node_poll_s=0.5))
     async with RolloutPool(engine, pool_cfg) as pool:
         assert len(pool.stats().engines) == 1
-        await asyncio.to_thread(ray_cluster.start_node, "node_c")  # a machine joins the cluster
-        await asyncio.to_thread(wait_until, lambda: len(pool.stats().engines) == 2, 180,
-                                "a second engine to join when node_c did")
+        await asyncio.to_thread(ray_cluster.start_node_until, "node_c", lambda: len(pool.stats().engines) == 2,
+                                180, "a second engine to join when node_c did")  # a machine joins the cluster
         stats = pool.stats()
         assert not pool.provider.can_grow(len(stats.engines))  # max_engines reached: no third
         assert await pool._require().clients[1].healthy()  # the stand-in server answers /health only

@@ -246,7 +246,7 @@ def _cfg(**workload) -> SimulateConfig:
 
 def test_real_pool_through_the_simulator_keeps_its_invariants(monkeypatch):
     """Every request exactly once, each engine's in-flight samples never above its cap at dispatch (straggler moves
-    off: a moved call is sent again by design)."""
+    and tail spreading off: a moved call is sent again by design)."""
     from rollout_plugin.pool.dispatch import dispatcher as dispatch
 
     seen: dict[str, int] = {}
@@ -259,7 +259,7 @@ def test_real_pool_through_the_simulator_keeps_its_invariants(monkeypatch):
         real_init(self, *args, **kwargs)
         pools.append(self)
 
-    async def generate(self, requests, progress=None):
+    async def generate(self, requests, progress=None, *, call_id=None):
         d = pools[-1]
         i = next(j for j, c in enumerate(d.clients) if c is self)
         inflight, cap, _, _ = d.engine_state(i)
@@ -267,13 +267,13 @@ def test_real_pool_through_the_simulator_keeps_its_invariants(monkeypatch):
             violations.append((self.name, inflight, cap))
         for r in requests:
             seen[r.id] = seen.get(r.id, 0) + 1
-        return await real_generate(self, requests, progress)
+        return await real_generate(self, requests, progress, call_id=call_id)
 
     monkeypatch.setattr(dispatch.Dispatcher, "__init__", init)
     monkeypatch.setattr(SimEngineClient, "generate", generate)
     cfg = _cfg(prompts=400)
     cfg.pool.per_engine = 16  # small caps so the queue, not the engines, holds most of the work
-    cfg.controller.straggler_moves = False
+    cfg.controller.straggler_moves = cfg.controller.tail_spread = False
     sessions = build_sessions(cfg.workload, 400)
     result = simulate(Policy.pool, 4, replace(PROFILE, max_num_seqs=16), cfg, sessions)
     assert result.failed == 0 and result.output_tokens == total_output_tokens(sessions)

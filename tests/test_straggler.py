@@ -79,6 +79,7 @@ def _cfg(moves: bool, stragglers: float) -> SimulateConfig:
     cfg.fleet.straggler_fraction = stragglers
     cfg.fleet.straggler_slowdown = 3.0
     cfg.controller.straggler_moves = moves
+    cfg.controller.tail_spread = moves  # the other way work leaves a crowded engine (pool/policy/spread.py)
     return cfg
 
 
@@ -98,4 +99,5 @@ def test_the_pool_moves_work_off_stragglers_at_a_steps_end():
 
 def test_moves_cost_a_healthy_fleet_nothing():
     on, off = (simulate(Policy.pool, 8, PROFILE, _cfg(moves, 0.0)) for moves in (True, False))
-    assert on.makespan_s == off.makespan_s and on.output_tokens == off.output_tokens
+    # Nothing is slow, so nothing leaves for that; a step's tail spreads to idle engines (15.1 s vs 15.7 s).
+    assert on.makespan_s <= off.makespan_s and on.output_tokens == off.output_tokens

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import engine_counter
+from engine_fixtures import engine_counter, start_when_idle
 from rollout_plugin.config.schema import ControllerConfig, ControllerMode, EngineConfig, PoolConfig
 from rollout_plugin.pool.api.pool import RolloutPool
 from rollout_plugin.pool.weights.sources import FolderWeights
@@ -89,18 +89,8 @@ async def run_update(live_engine, model_dir: str, perturbed: str, mode: str):
             for i in range(REQUESTS)]
     async with RolloutPool(engine, pool_cfg, ControllerConfig(mode=ControllerMode.off)) as pool:
         try:
-            async with asyncio.timeout(120):  # the engine's counters are shared: start from an idle engine
-                while await engine_counter(live_engine, "vllm:num_requests_(?:running|waiting)") > 0:
-                    await asyncio.sleep(0.05)  # polling the engine's gauges with a deadline
-            before = await engine_counter(live_engine, "vllm:generation_tokens_total")
-            task = asyncio.ensure_future(pool.generate(reqs))
-            # The update goes as soon as every sample is in the engine. Not on the engine's token count: a
-            # 2-core machine's vLLM answers /metrics seconds late while it generates (up to 3.7 s measured),
-            # by which time every sample may have finished.
-            async with asyncio.timeout(120):
-                while pool.stats().samples_inflight < SAMPLES:
-                    assert not task.done(), "the samples finished before the update"
-                    await asyncio.sleep(0.005)  # polling the pool's own count (no I/O) with a deadline
+            # The update goes as soon as every sample is in the engine.
+            task, before = await start_when_idle(live_engine, pool, reqs, SAMPLES)
             source = Counted(FolderWeights(perturbed), live_engine, before)
             await pool.update_weights(1, source, mode=mode)
             results = await asyncio.wait_for(task, 300)

@@ -19,6 +19,11 @@ as a truncated "ok" sample, as it would against a real server. Behaviours and th
   ``v1/engine/core.py`` ``pause_scheduler``): every mode QUEUES new requests until ``/resume``; ``abort`` ends
   running requests with finish reason ``abort`` and the tokens so far; ``keep`` freezes them; ``wait`` lets them
   finish before answering. A failing pause answers 500 ``{"error": "Failed to pause generation: ..."}``.
+- ``/abort_requests`` (``entrypoints/rl/online/api_router.py``; ``v1/engine/output_processor.py``
+  ``abort_requests``): the requests named end now, queued or running, each answered with its tokens so far and
+  finish reason ``abort``; unknown ids are ignored. A request's id is what the serving layer makes of the caller's
+  ``X-Request-Id`` (``entrypoints/serve/engine/serving.py`` ``_base_request_id``): ``cmpl-{id}-{i}`` per prompt
+  (``openai/completion/serving.py``), ``chatcmpl-{id}`` for a chat.
 - ``/collective_rpc`` ``reload_weights`` (``entrypoints/serve/dev/rpc/api_router.py``): a failure half-way
   leaves some layers new (the engine holds neither version) and answers 500.
 - ``/update_weight_version``, ``GET /weight_info`` (the version string, ``"default"`` in a fresh process:
@@ -95,6 +100,7 @@ class FakeVllm:
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self.running: list[_Job] = []
+        self.by_id: dict[str, _Job] = {}  # queued and running requests by the id vLLM gives them (/abort_requests)
         self.generated = 0
         self.pause_failures = 0
         self.reload_failures = 0
@@ -136,7 +142,8 @@ class FakeVllm:
             return self.stream_errors.pop(0)
         return self.always_error_after
 
-    async def completions(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
+    async def completions(self, body: dict[str, Any],
+                          request_id: str | None = None) -> AsyncIterator[dict[str, Any] | str]:
         """The chunks of one streamed call (dicts), then "[DONE]"; raises ClientPayloadError if the process dies.
         A chat call (``messages``) is rendered to one token, the number its last message holds."""
         chat = "messages" in body
@@ -146,8 +153,17 @@ class FakeVllm:
             prompts = body["prompt"] if body["prompt"] and isinstance(body["prompt"][0], list) else [body["prompt"]]
         job = _Job([list(p) for p in prompts], int(body.get("n", 1)), int(body["max_tokens"]))
         job.outs = [[] for _ in range(len(job.prompts) * job.n)]
+        ids = ([f"chatcmpl-{request_id}"] if chat else [f"cmpl-{request_id}-{i}" for i in range(len(job.prompts))]
+               ) if request_id else []
+        for rid in ids:
+            self.by_id[rid] = job
         error_at = self._error_step()
-        await self._admit()
+        try:
+            await self._admit()
+        except BaseException:
+            for rid in ids:
+                self.by_id.pop(rid, None)
+            raise
         self.running.append(job)
         try:
             for step in range(job.max_tokens):
@@ -181,6 +197,8 @@ class FakeVllm:
             yield "[DONE]"
         finally:
             self.running.remove(job)  # finished, or the client went away (vLLM aborts it)
+            for rid in ids:
+                self.by_id.pop(rid, None)
 
     @staticmethod
     def _chunk(chat: bool, index: int, text: str, tokens: list[int], finish: str | None,
@@ -202,13 +220,14 @@ class FakeVllm:
             chunk["prompt_token_ids"] = prompt
         return chunk
 
-    async def completion_whole(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async def completion_whole(self, body: dict[str, Any],
+                               request_id: str | None = None) -> tuple[int, dict[str, Any]]:
         """A non-streamed call: the same generation, answered at once (completion/serving.py
         request_output_to_completion_response); a generation error is HTTP 500 (``_raise_if_error``)."""
         choices: dict[int, dict[str, Any]] = {}
         usage: dict[str, Any] = {}
         top = None
-        async for chunk in self.completions(body):
+        async for chunk in self.completions(body, request_id):
             if isinstance(chunk, str):
                 continue
             if "error" in chunk:
@@ -243,6 +262,12 @@ class FakeVllm:
         if route == "/metrics":
             return 200, (f'vllm:generation_tokens_total{{model_name="{MODEL}"}} {float(self.generated)}\n'
                          f'vllm:num_requests_running{{model_name="{MODEL}"}} {float(len(self.running))}\n')
+        if route == "/abort_requests":
+            ids = body.get("request_ids") or []
+            for rid in ids:
+                if rid in self.by_id:
+                    self.by_id[rid].aborted = True
+            return 200, {"status": "aborted", "aborted": len(ids)}
         if route == "/pause":
             return await self._pause(params.get("mode", "abort"))
         if route == "/resume":
@@ -320,8 +345,10 @@ class _Response:
 class _Exchange:
     """What ``session.request(...)`` returns: an async context manager around one exchange."""
 
-    def __init__(self, session: FakeSession, method: str, url: str, data: bytes | None):
+    def __init__(self, session: FakeSession, method: str, url: str, data: bytes | None,
+                 headers: dict[str, str] | None = None):
         self.session, self.method, self.url, self.data = session, method, url, data
+        self.request_id = (headers or {}).get("X-Request-Id")
         self._gen: AsyncIterator[Any] | None = None
 
     async def __aenter__(self) -> _Response:
@@ -332,9 +359,9 @@ class _Exchange:
         path = self.url[len(server.url):]
         if path in ("/v1/completions", "/v1/chat/completions"):
             if body.get("stream"):
-                self._gen = server.completions(body)
+                self._gen = server.completions(body, self.request_id)
                 return _Response(200, chunks=self._sse(self._gen))
-            status, answer = await server.completion_whole(body)
+            status, answer = await server.completion_whole(body, self.request_id)
             if server.dead:
                 raise aiohttp.ServerDisconnectedError()
             return _Response(status, json.dumps(answer).encode())
@@ -361,11 +388,13 @@ class FakeSession:
     def __init__(self, server: FakeVllm):
         self.server = server
 
-    def request(self, method: str, url: str, *, data: bytes | None = None, **_: Any) -> _Exchange:
-        return _Exchange(self, method, url, data)
+    def request(self, method: str, url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None,
+                **_: Any) -> _Exchange:
+        return _Exchange(self, method, url, data, headers)
 
-    def post(self, url: str, *, data: bytes | None = None, **_: Any) -> _Exchange:
-        return _Exchange(self, "POST", url, data)
+    def post(self, url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None,
+             **_: Any) -> _Exchange:
+        return _Exchange(self, "POST", url, data, headers)
 
     async def close(self) -> None:
         pass

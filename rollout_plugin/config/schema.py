@@ -270,7 +270,11 @@ class ControllerConfig:
     """``controller=adaptive`` (default) or ``controller=off`` (fixed caps from the Xtuner presets)."""
 
     mode: ControllerMode = ControllerMode.adaptive  # adaptive: caps follow each engine's /metrics; off: fixed
-    interval_s: float = 1.0  # how often each engine is observed
+    interval_s: float = 1.0  # how often each engine is observed while the controller has something to decide
+    # With nothing to decide (no work waiting, no engine at its cap, under KV pressure or slow, no trial open) the
+    # period doubles up to this: each look is a /metrics call on the engine's API server, and on CPU engines
+    # that share cores with it a 1 Hz look cost ~10 % of a busy pair's makespan. Work that queues ends the wait.
+    quiet_interval_s: float = 8.0
     min_cap: int = 1  # samples; raised to the group size k
     max_cap: Optional[int] = None  # samples; unset: 2 × the initial cap
     kv_high: float = 0.95  # cut above this KV-cache usage
@@ -298,6 +302,9 @@ class ControllerConfig:
     # the others (from its tokens when streamed, else from the start).
     straggler_moves: bool = True
     slow_below: float = 0.75  # catches 1.5× stragglers (speed 0.67); a 0.9× engine is not worth a move
+    # Spreading a step's tail (pool/policy/spread.py): with nothing left to dispatch, each idle engine takes one
+    # call off the engine decoding the most sequences, continued from its tokens (vLLM's /abort_requests).
+    tail_spread: bool = True
     timeline: Optional[str] = None  # JSONL timeline path (`rollout-plugin plot` draws it)
     pack: PackControlConfig = field(default_factory=PackControlConfig)
 

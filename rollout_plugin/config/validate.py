@@ -209,6 +209,7 @@ def check_sampling(cfg: SamplingConfig, p: Problems, max_model_len: int | None =
 def check_controller(cfg: CollectConfig, p: Problems, prefix: str = "controller") -> None:
     c = cfg.controller
     p.at_least(f"{prefix}.interval_s", c.interval_s, 0.05)
+    p.at_least(f"{prefix}.quiet_interval_s", c.quiet_interval_s, c.interval_s)
     p.at_least(f"{prefix}.min_cap", c.min_cap, 1)
     p.at_least(f"{prefix}.max_cap", c.max_cap, max(1, c.min_cap))
     p.in_range(f"{prefix}.kv_high", c.kv_high, 0.0, 1.0, low_open=True)

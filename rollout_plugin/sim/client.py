@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 
 from rollout_plugin.pool.core.engine_client import Generation, Progress, Rejected, Unavailable
 from rollout_plugin.pool.observe.telemetry import EngineMetrics
-from rollout_plugin.sim.engine import CachedPrompt, EngineDied, SimEngine
+from rollout_plugin.sim.engine import CachedPrompt, EngineDied, SimCall, SimEngine
 from rollout_plugin.sim.prefix_cache import PrefixCache
 from rollout_plugin.types import Request, Sample
 
@@ -132,6 +132,7 @@ class SimEngineClient:
         # are known at a cut; others are blind — a cut sample starts over, unless vLLM's abort answered with it.
         self.stream_min_tokens = stream_min_tokens
         self._streaming: dict[int, tuple[list[_Spec], list, Progress]] = {}
+        self._by_id: dict[str, SimCall] = {}  # running calls by the id the pool gave them (/abort_requests)
         self.weight_version = "0"
         self.calls = 0  # generate calls and /metrics scrapes: what a real client would send over HTTP
         self.scrapes = 0
@@ -161,11 +162,29 @@ class SimEngineClient:
     # A streamed call's tokens so far are filled when they matter — at a cut and at a keep-mode pause — where a
     # real stream fills them as they arrive: the same state at those moments.
     reports_progress = True
+    aborts_calls = True  # /abort_requests by call id (pool/core/engine_client.py)
 
-    async def generate(self, requests: Sequence[Request], progress: Progress | None = None) -> list[Generation]:
+    async def generate(self, requests: Sequence[Request], progress: Progress | None = None, *,
+                       call_id: str | None = None) -> list[Generation]:
         self.calls += 1
         specs = [self._spec(r) for r in requests]
         call = self.engine.submit([s.prompt for s in specs], [s.outs for s in specs], [s.cached for s in specs])
+        if call_id is not None:
+            self._by_id[call_id] = call
+        try:
+            return await self._run(call, requests, specs, progress)
+        finally:
+            if call_id is not None:
+                self._by_id.pop(call_id, None)
+
+    async def abort_call(self, call_id: str, requests: int) -> None:
+        """vLLM's ``/abort_requests`` for the call's requests: it ends engine-side, answered with its tokens so
+        far (finish reason ``abort``); a call already over is not an error (vLLM ignores unknown ids)."""
+        del requests  # the simulator knows the call by its id alone
+        await self.admin("/abort_requests", {"request_ids": [call_id]})
+
+    async def _run(self, call: SimCall, requests: Sequence[Request], specs: list[_Spec],
+                   progress: Progress | None) -> list[Generation]:
         streams = self.stream_min_tokens is not None and requests[0].sampling.max_tokens >= self.stream_min_tokens
         if progress is not None and not streams:
             for parts in progress:  # nothing streams in: what a sample has so far is unknown, not none
@@ -254,6 +273,12 @@ class SimEngineClient:
                 for specs, seqs, progress in self._streaming.values():
                     _report(self.engine, specs, seqs, progress)
             return {"status": "paused"}
+        if route == "/abort_requests":  # vllm/entrypoints/rl/online/api_router.py: unknown ids are ignored
+            for rid in (body or {}).get("request_ids") or []:
+                call = self._by_id.get(rid)
+                if call is not None:
+                    self.engine.abort(call, answer=True)
+            return {"status": "aborted"}
         if route == "/resume":
             self.engine.resume()
             return {"status": "resumed"}

@@ -169,9 +169,12 @@ class SimEngine:
         self._arrived()
         return call
 
-    def abort(self, call: SimCall) -> None:
-        """The client went away (a cancelled call): free its sequences, as vLLM aborts a request."""
-        if not self.alive:
+    def abort(self, call: SimCall, *, answer: bool = False) -> None:
+        """The client went away (a cancelled call): free its sequences, as vLLM aborts a request. ``answer``:
+        aborted engine-side (``/abort_requests``) while the client waits, which then gets each sequence's tokens
+        so far (``call.aborted``), as vLLM's output processor answers an aborted request
+        (``vllm/v1/engine/output_processor.py`` ``abort_requests``: a final output, finish reason ``abort``)."""
+        if not self.alive or (answer and call.future.done()):  # (a cancelled client's future is done too)
             return
         if any(s.running for s in call.seqs):
             self._sync_partial()
@@ -186,6 +189,9 @@ class SimEngine:
                 self._k -= s.context_at_admit - s.admit_step
                 s.done += self._steps - s.admit_step  # what it generated: a stream had delivered it
                 self._release(s, s.done)
+        if answer:
+            call.aborted = True
+            call.future.set_result(None)
         if freed or self._timer is None:
             self._replan_now()
 
@@ -344,8 +350,10 @@ class SimEngine:
         j = self._steps_by(self.loop.time() - self._t0)
         self._timer.cancel()
         self._timer = None
-        if j:
-            self._advance(j, self._t0 + self._span(j))
+        # Even with no whole step done (j = 0) the segment ends here: its pieces and completions must go, or the
+        # next segment is planned on top of them (an abort in a segment's first step once made the engine's
+        # remaining sequences decode hundreds of times too slowly: tests/test_tail_spread.py).
+        self._advance(j, self._t0 + self._span(j) if j else self._t0)
 
     def _arrived(self) -> None:
         if self._timer is None:

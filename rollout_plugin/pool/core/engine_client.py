@@ -114,6 +114,11 @@ class EngineClient(Protocol):
     A client that can keep an engine's prefix cache apart per weight version sets ``salts_prefix_cache = True``
     and accepts ``generate(requests, weight_version=v)``: ``v`` is the version the call runs under
     (``Call.version``), so no call reuses KV blocks computed under other weights (vLLM's ``cache_salt``).
+
+    A client that can end one call engine-side, answered with the tokens so far (vLLM's ``/abort_requests``:
+    finish reason ``abort``), sets ``aborts_calls = True``, accepts ``generate(requests, call_id=...)`` and has
+    ``async abort_call(call_id, requests)`` (``requests``: how many the call carried). Without it, a call
+    moved off its engine starts over unless it streamed.
     """
 
     name: str

@@ -14,6 +14,7 @@ goes through :meth:`Ledger.resolve`; :meth:`Ledger.check` recomputes every count
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -75,6 +76,9 @@ class Unit:
     # Known long: it started over (its tokens outlived the staleness bound), so it goes to a lane of its own
     # kind and before other work (pool/policy/lanes.py). Its pieces inherit it.
     long: bool = False
+    # Moved once already to an idle engine at a step's end (Dispatcher.spread_calls): never again, so the same
+    # work is not moved round and round. Its pieces inherit it.
+    spread: bool = False
     _request: Request | None = None
     _key: tuple | None = None
 
@@ -104,6 +108,8 @@ class Unit:
                 self._key = ("solo", self.seq)
             elif self.long:  # goes to a lane, alone: never packed with other work
                 self._key = ("long", self.seq, self.part)
+            elif self.spread:  # moved off a crowded engine: alone, so the pieces spread over the idle engines
+                self._key = ("spread", self.seq, self.part)
             elif r.affinity is not None:
                 self._key = ("affinity", r.affinity, r.kind, self.n, _Hashed(r.sampling))
             else:
@@ -113,6 +119,10 @@ class Unit:
     def share_key(self, key: tuple) -> None:
         """Adopt an equal key object already in use (the queue's dicts then match it by identity)."""
         self._key = key
+
+    def mark_spread(self, engine: int) -> None:
+        """Moved off ``engine`` at a step's end: it avoids that engine, goes alone, and never moves again."""
+        self.spread, self.avoid, self._key = True, self.avoid | {engine}, None
 
     def make_solo(self) -> None:
         """From now on it goes alone (a packed call with it was rejected)."""
@@ -153,6 +163,8 @@ class Call:
     cancel_reason: Cut | None = None  # set by whoever cancels it: what to do with its units
     progress: list[list[Partial]] | None = None  # what streamed in so far, if the client reports it
     marks: list[tuple[list[list[int]] | None, int]] = field(default_factory=list)  # keep-mode weight updates
+    id: str = ""  # the request id the engine knows it by (its abort takes it): unique within the pool
+    aborting: bool = False  # an engine-side abort was sent: it answers with the tokens so far
 
 
 class GroupJoin:
@@ -215,13 +227,17 @@ class Ledger:
     def __init__(self, engines: int):
         self.tickets: dict[str, Ticket] = {}
         self.queue = UnitQueue()
-        self.calls: set[Call] = set()
+        # Insertion-ordered (dicts as ordered sets): a set of objects iterates in memory-address order, so cuts
+        # and requeues would differ run to run, and the same simulated run would not give the same figures.
+        self.calls: dict[Call, None] = {}
         self.engine_samples: list[int] = [0] * engines  # samples in flight per engine
         self.engine_long: list[int] = [0] * engines  # of which known-long (Unit.long): a lane's
         self.samples_inflight = 0
-        self.backoff: set[Unit] = set()
+        self.backoff: dict[Unit, None] = {}
         self.outcomes: Counter[str] = Counter()  # "ok", "error", "failed" (pool failure), "abandoned"
         self._seq = 0
+        self._calls_started = 0
+        self._id_base = f"rp{uuid.uuid4().hex[:12]}"  # unique across pools sharing an engine
 
     def add_engine(self) -> None:
         self.engine_samples.append(0)
@@ -252,6 +268,7 @@ class Ledger:
         for part, n, prefix in zip(parts, sizes, prefixes or [None] * len(sizes)):
             piece = self.unit(ticket, n, part)
             piece.attempts, piece.avoid, piece.prefix, piece.long = unit.attempts, unit.avoid, prefix, unit.long
+            piece.spread = unit.spread
             pieces.append(piece)
         return pieces
 
@@ -264,11 +281,12 @@ class Ledger:
         return self.queue.take(key)
 
     def start_call(self, engine: int, units: list[Unit], version: int, now: float) -> Call:
-        call = Call(engine, units, sum(u.n for u in units), version, now)
+        self._calls_started += 1
+        call = Call(engine, units, sum(u.n for u in units), version, now, id=f"{self._id_base}-{self._calls_started}")
         for u in units:
             u.call = call
             u.attempts += 1
-        self.calls.add(call)
+        self.calls[call] = None
         self.engine_samples[engine] += call.samples
         self.engine_long[engine] += _long(call)
         self.samples_inflight += call.samples
@@ -278,7 +296,7 @@ class Ledger:
         """The call's lease ends; its units are requeued, backed off or resolved by the caller next."""
         if call not in self.calls:
             return
-        self.calls.discard(call)
+        del self.calls[call]
         self.engine_samples[call.engine] -= call.samples
         self.engine_long[call.engine] -= _long(call)
         self.samples_inflight -= call.samples
@@ -288,11 +306,11 @@ class Ledger:
     def back_off(self, unit: Unit, timer: asyncio.TimerHandle) -> None:
         """``unit`` waits out a retry back-off; ``timer`` queues it again."""
         unit.timer = timer
-        self.backoff.add(unit)
+        self.backoff[unit] = None
 
     def end_back_off(self, unit: Unit) -> None:
         unit.timer = None
-        self.backoff.discard(unit)
+        self.backoff.pop(unit, None)
 
     def finish(self, unit: Unit, result: Result) -> list[Call]:
         """A unit's outcome: the whole request's result, or one piece of a split group (the group

@@ -18,7 +18,7 @@ from rollout_plugin.pool.core.affinity import Affinity
 from rollout_plugin.pool.core.engine_client import new_progress
 from rollout_plugin.pool.core.ledger import Call, Ledger, Unit
 from rollout_plugin.pool.core.slots import EngineSlot
-from rollout_plugin.pool.policy.lanes import pick_lane
+from rollout_plugin.pool.policy.lanes import lane_to_spare, pick_lane
 from rollout_plugin.pool.policy.routing import EngineLoad, pick_engine, pick_near, split_group
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,11 @@ class Admission:
     def _route(self, unit: Unit, loads: list[EngineLoad]) -> list[tuple[int, int]]:
         if unit.long:  # known long: a lane (its prefix cache, if any, went with the weights)
             idx = pick_lane(loads, unit.n, unit.avoid)
-            return [(idx, unit.n)] if idx is not None else []
+            if idx is not None:
+                return [(idx, unit.n)]
+            if lane_to_spare(loads):
+                return []  # a lane may open once an engine has room: it waits for one
+            unit.long = False  # no lane to spare in this fleet: it runs as ordinary work (policy/lanes.py)
         key = unit.request.affinity
         if key is not None:
             home, own = self._affinity.home(key, self._clock())

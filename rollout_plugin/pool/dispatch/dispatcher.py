@@ -25,7 +25,7 @@ from rollout_plugin.errors import PoolError
 from rollout_plugin.pool.core.affinity import Affinity
 from rollout_plugin.pool.core.cuts import Cut
 from rollout_plugin.pool.core.engine_client import EngineClient
-from rollout_plugin.pool.core.ledger import Ledger, Ticket
+from rollout_plugin.pool.core.ledger import Call, Ledger, Ticket
 from rollout_plugin.pool.core.lifecycle import Refit
 from rollout_plugin.pool.core.slots import EngineSlot
 from rollout_plugin.pool.dispatch.admission import Admission
@@ -273,6 +273,36 @@ class Dispatcher:
                 self.resolver.cancel(call, Cut.MOVE)
                 moved += call.samples
         return moved
+
+    def _spreadable(self, call: Call) -> bool:
+        return (call.task is not None and not call.task.done() and call.cancel_reason is None and not call.aborting
+                and not any(u.spread for u in call.units))  # moved once: never again, nor what shares its call
+
+    def movable_calls(self) -> tuple[list[int], list[int]]:
+        """Per engine, the calls a step's end may move (:mod:`rollout_plugin.pool.policy.spread`: running, never
+        moved, on an engine whose client can end a call engine-side with its tokens, ``aborts_calls``) and all
+        its calls."""
+        movable, calls = [0] * len(self._engines), [0] * len(self._engines)
+        for call in self.ledger.calls:
+            calls[call.engine] += 1
+            if getattr(self._engines[call.engine].client, "aborts_calls", False) and self._spreadable(call):
+                movable[call.engine] += 1
+        return movable, calls
+
+    def spread_calls(self, index: int, calls: int) -> int:
+        """End engine ``index``'s ``calls`` oldest movable calls engine-side: each answers with its tokens so far
+        (finish reason ``abort``) and its unfinished samples continue elsewhere, avoiding this engine; returns
+        the samples they carried. An abort that fails leaves the call running (nothing is lost)."""
+        e = self._engines[index]
+        picked = [c for c in self.ledger.calls if c.engine == index and self._spreadable(c)][:calls]
+        for call in picked:  # (the ledger keeps calls in the order they started: oldest first)
+            call.aborting = True
+            for u in call.units:
+                u.mark_spread(index)
+            self.supervisor.spawn(f"{e.client.name}-spread", e.client.abort_call(call.id, len(call.units)),
+                                  on_error=lambda exc, n=e.client.name: log.warning(
+                                      "%s: a call to move stays (abort failed: %s)", n, exc))
+        return sum(c.samples for c in picked)
 
     def reset_stats(self) -> None:
         now = self._clock()

@@ -17,6 +17,7 @@ from rollout_plugin.pool.policy.caps import (
     ControllerConfig,
     ControllerMode,
     ControlState,
+    Decision,
     Observation,
     Progress,
     fresh,
@@ -27,7 +28,9 @@ from rollout_plugin.pool.policy.caps import (
 )
 from rollout_plugin.pool.dispatch.dispatcher import Dispatcher
 from rollout_plugin.pool.transport.health import looks_healthy
+from rollout_plugin.pool.policy.cadence import Needs, busy, next_wait, urgent
 from rollout_plugin.pool.policy.packing import PackObservation, initial_pack_state, pack_step
+from rollout_plugin.pool.policy.spread import TailShare, plan_spread
 from rollout_plugin.pool.policy.straggler import EngineRate, EngineShare, judge_speeds, plan_moves
 from rollout_plugin.pool.observe.telemetry import EngineMetrics, parse_vllm_metrics
 from rollout_plugin.pool.observe.timeline import TimelineRecorder
@@ -74,6 +77,8 @@ class Monitor:
         # worst case); the first request's own need (prompt + max_tokens) replaces it once it is seen.
         self.sized = cfg.expected_tokens is not None or cfg.mode == ControllerMode.off
         self.moved = 0  # samples cut off slow engines at a step's end
+        self.spread = 0  # samples of calls moved from crowded engines to idle ones at a step's end
+        self.wait_s = cfg.interval_s  # until the next look (pool/policy/cadence.py)
 
     @property
     def clients(self) -> list[EngineClient]:
@@ -162,6 +167,7 @@ class Monitor:
         need = self.dispatcher.largest_pending_n  # no cap may stay below it, or that request waits for ever
         pool_tokens = 0.0
         rates = [EngineRate(i, None, None) for i in range(len(metrics))]  # filled where measured
+        needs: list[Needs] = []
         if self.dispatcher.metrics is not None:
             self.dispatcher.metrics.queued.set(backlog)
         for i, (client, m) in enumerate(zip(self.clients, metrics)):
@@ -186,16 +192,46 @@ class Monitor:
                               waiting=m.waiting, kv_usage=m.kv_usage, preemptions_total=m.preemptions_total,
                               need=need, lag=lag)
             measured = fresh(self.states[i], obs, self.cfg) and self.states[i].last_t is not None
+            before = self.states[i]
             self.states[i], decision = step(self.states[i], obs, self.cfg)
+            needs.append(self._engine_needs(before, self.states[i], decision, m, inflight))
             rates[i] = EngineRate(i, self.states[i].throughput if measured else None, m.running, kv_usage=m.kv_usage)
             if decision.changed:
                 self.dispatcher.set_cap(i, decision.cap, decision.reason or "")
                 self.cap_changes += 1
             self._export(i, client.name, m, inflight, backlog, now)
+        pack_changes, moved = self.pack_changes, self.moved + self.spread
         self._tune_pack(now, backlog, pool_tokens)
         self._judge_stragglers(rates, backlog)
+        self._spread_tail(rates, backlog)
         if self.timeline is not None:
             self.timeline.flush()
+        self._set_wait(needs, backlog, changed=self.pack_changes != pack_changes
+                      or self.moved + self.spread != moved)
+
+    def _engine_needs(self, before: ControlState, after: ControlState, decision: Decision, m: EngineMetrics,
+                      inflight: int) -> Needs:
+        """What engine ``i``'s look found that wants the next look soon (pool/policy/cadence.py)."""
+        preempted = (m.preemptions_total is not None and before.last_preemptions is not None
+                     and m.preemptions_total > before.last_preemptions)
+        return Needs(
+            at_cap=inflight >= self.cfg.at_cap_fraction * after.cap,
+            pressure=preempted or (m.kv_usage is not None and m.kv_usage >= self.cfg.kv_high),
+            deciding=decision.changed or decision.reason is not None or after.trial is not None,
+            unseen=m.generation_tokens_total is None)
+
+    def _set_wait(self, needs: list[Needs], backlog: int, changed: bool) -> None:
+        """The period until the next look: short while anything needs deciding, longer while nothing does."""
+        found = Needs(backlog=backlog, at_cap=any(n.at_cap for n in needs),
+                      pressure=any(n.pressure for n in needs),
+                      deciding=changed or not self.sized or any(n.deciding for n in needs),
+                      slow=any(v < self.cfg.slow_below for v in self.speeds),
+                      unseen=any(n.unseen for n in needs))
+        wait = next_wait(self.wait_s, found, self.cfg.interval_s, self.cfg.quiet_interval_s)
+        if wait != self.wait_s and (wait == self.cfg.interval_s or wait == self.cfg.quiet_interval_s):
+            log.debug("monitor: look every %gs -> %gs (%s)", self.wait_s, wait,
+                      "something to decide" if busy(found) else "nothing to decide")
+        self.wait_s = wait
 
     def _export(self, i: int, name: str, m: EngineMetrics, inflight: int, backlog: int, now: float) -> None:
         """Engine ``i``'s step, out to the Prometheus gauges and the timeline (where they are on)."""
@@ -240,6 +276,23 @@ class Monitor:
                 log.info("%s: moving %d sample(s) to faster engines (%.0f%% of the fleet's speed, queue empty)",
                          self.clients[i].name, moved, 100 * speeds[i])
 
+    def _spread_tail(self, rates: list[EngineRate], backlog: int) -> None:
+        """At a step's end, idle engines take calls off crowded ones (pool/policy/spread.py)."""
+        if self.cfg.mode == ControllerMode.off or not self.cfg.tail_spread or backlog > 0:
+            return
+        movable, calls = self.dispatcher.movable_calls()
+        shares = []
+        for i, r in enumerate(rates[:len(movable)]):
+            inflight, _, _, healthy = self.dispatcher.engine_state(i)
+            slow = i < len(self.speeds) and self.speeds[i] < self.cfg.slow_below
+            shares.append(TailShare(i, r.running if r.running is not None else inflight, inflight, movable[i],
+                                    calls[i], healthy and r.healthy, slow))
+        for i, calls in plan_spread(shares, backlog).items():
+            samples = self.dispatcher.spread_calls(i, calls)
+            self.spread += samples
+            log.info("%s: moving %d call(s) (%d sample(s)) to idle engines (%d decoding, queue empty)",
+                     self.clients[i].name, calls, samples, shares[i].running)
+
     def _tune_pack(self, now: float, backlog: int, tokens: float) -> None:
         """Pool-wide: one pack size for every engine, scored by all engines' output tokens/s."""
         if self.cfg.mode == ControllerMode.off or self.cfg.pack.mode == ControllerMode.off:
@@ -280,6 +333,7 @@ class Monitor:
                 await self._check_silent(metrics)
                 self.observe(metrics, timing=timing)
             except Exception as exc:  # a bad scrape or a bug in one round: degrade, keep the caps, try again
+                self.wait_s = self.cfg.interval_s
                 if not failing:
                     log.warning("monitor: observing -> degraded (%s: %s); caps hold until it recovers",
                                 type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -288,4 +342,13 @@ class Monitor:
                 if failing:
                     log.info("monitor: degraded -> observing")
                 failing = False
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Wait ``wait_s`` in steps of ``interval_s``, ending early when work queues (no I/O per step)."""
+        waited = 0.0
+        while True:
             await asyncio.sleep(self.cfg.interval_s)  # the poll period itself, not a synchronisation
+            waited += self.cfg.interval_s
+            if waited >= self.wait_s - 1e-9 or urgent(self.dispatcher.backlog_samples):
+                return

@@ -85,6 +85,8 @@ class Outcomes:
                 kwargs["progress"] = call.progress
             if getattr(e.client, "salts_prefix_cache", False):  # no KV computed under other weights is reused
                 kwargs["weight_version"] = call.version
+            if getattr(e.client, "aborts_calls", False):  # a move can end it engine-side, tokens kept
+                kwargs["call_id"] = call.id
             generations = await e.client.generate(requests, **kwargs)
             check_reply(e.client.name, requests, generations)
         except CallError as exc:

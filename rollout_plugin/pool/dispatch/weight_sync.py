@@ -140,6 +140,10 @@ class WeightSync:
                     continue
                 join.results[part] = None
                 unit = self._ledger.unit(ticket, len(result.samples), part)
+                # Known long, as the sibling that outlived the bound: its prompt draws long answers, and in a loaded
+                # batch the group would miss the bound again (benchmarks/RESULTS.md, session 10: the last step's
+                # wait went from a whole 16k decode to ~55 s on five of six seeds at 64 engines).
+                unit.long = True
                 self._ledger.enqueue(unit, front=True)
                 reopened += 1
         return reopened

@@ -34,12 +34,13 @@ def pick_engine(loads: Sequence[EngineLoad], need: int, avoid: frozenset[int] = 
     """The least-loaded healthy engine (by in-flight ÷ cap) with room for ``need`` samples.
 
     Engines in ``avoid`` (where this request already failed) are used only if nothing else fits.
-    Ties go to the lower index so routing is deterministic.
+    Ties go to the faster engine (idle engines tie at 0: work moved at a step's end must not land on an
+    emptied straggler), then to the lower index so routing is deterministic.
     """
     for skip in (avoid, frozenset()):
         fits = [e for e in loads if e.index not in skip and e.room >= need]
         if fits:
-            return min(fits, key=lambda e: (e.fill, e.index)).index
+            return min(fits, key=lambda e: (e.fill, -e.speed, e.index)).index
     return None
 
 

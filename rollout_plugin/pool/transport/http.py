@@ -135,6 +135,9 @@ class HttpEngineClient:
     reports_progress = True
     # The pool says which weight version each call runs under; the call's cache_salt keeps KV apart by version.
     salts_prefix_cache = True
+    # The pool names each call (``X-Request-Id``) and may end it engine-side, answered with its tokens so far
+    # (vLLM's ``/abort_requests``); a server without that endpoint turns this off at its first 404.
+    aborts_calls = True
 
     def __init__(self, name: str, url: str, *, api_key: str | None, model: str, max_connections: int,
                  connect_s: float, request_s: float, admission_s: float, health_s: float,
@@ -177,13 +180,14 @@ class HttpEngineClient:
             await http.close()
 
     async def _send(self, method: str, url: str, body: dict[str, Any] | None = None, *,
-                    timeout: aiohttp.ClientTimeout | None = None, again: bool = True) -> Reply:
+                    timeout: aiohttp.ClientTimeout | None = None, again: bool = True,
+                    headers: dict[str, str] | None = None) -> Reply:
         """One whole exchange; transport failures become :class:`TimedOut` / :class:`Unavailable`. ``again``:
         a connection dropped before the answer is tried once more (control calls; a generate call's failure
         is the dispatcher's to retry, elsewhere if need be)."""
         kwargs: dict[str, Any] = {**self._proxy}
         if body is not None:
-            kwargs["data"], kwargs["headers"] = json_body(body), JSON_HEADERS
+            kwargs["data"], kwargs["headers"] = json_body(body), {**JSON_HEADERS, **(headers or {})}
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
@@ -247,6 +251,19 @@ class HttpEngineClient:
         except ValueError as exc:
             raise Malformed(f"{self.name}: {method} {path}: answer is not JSON") from exc
 
+    async def abort_call(self, call_id: str, requests: int) -> None:
+        """End call ``call_id`` engine-side: vLLM answers it with each sample's tokens so far, finish reason
+        ``abort`` (``vllm/v1/engine/output_processor.py`` ``abort_requests``). Its requests' ids as vLLM's
+        completions API names them (``cmpl-{id}-{i}``, one per prompt; ``chatcmpl-{id}`` for a chat); ids
+        already finished are ignored. A 404 (no dev mode) turns this client's aborts off."""
+        ids = [f"chatcmpl-{call_id}", *(f"cmpl-{call_id}-{i}" for i in range(requests))]
+        try:
+            await self.admin("/abort_requests", {"request_ids": ids}, timeout_s=self._health_timeout)
+        except Rejected as exc:
+            if exc.status == 404:
+                self.aborts_calls = False
+            raise
+
     def cache_salt(self, weight_version: int | None) -> str | None:
         """vLLM's per-request ``cache_salt`` for a call under ``weight_version``: prefix-cache blocks are shared only
         by calls with one salt, so after a weight update no call reuses KV computed under other weights, even
@@ -259,7 +276,7 @@ class HttpEngineClient:
         return f"{self._salt}-v{weight_version}"
 
     async def generate(self, requests: Sequence[Request], progress: Progress | None = None, *,
-                       weight_version: int | None = None) -> list[Generation]:
+                       weight_version: int | None = None, call_id: str | None = None) -> list[Generation]:
         first = requests[0]
         n, sp = first.n, first.sampling
         body = {"model": self.model, **sampling_body(sp, n)}
@@ -280,21 +297,23 @@ class HttpEngineClient:
             if sp.logprobs:
                 body["logprobs"] = 1
         long = self.stream_min_tokens is not None and sp.max_tokens >= self.stream_min_tokens
+        # vLLM names the call's requests after it (vllm/entrypoints/serve/engine/serving.py _base_request_id)
+        headers = {"X-Request-Id": call_id} if call_id else None
         if self.stream or long:
-            choices, usage = await self._post_stream(path, body, progress, n)
+            choices, usage = await self._post_stream(path, body, progress, n, headers)
         else:
             for parts in progress or ():  # nothing will stream in: what it has so far is unknown, not none
                 for p in parts:
                     p.blind = True
-            data = await self._post(path, body)
+            data = await self._post(path, body, headers)
             choices, usage = data.get("choices") or [], data.get("usage") or {}
             if data.get("prompt_token_ids"):  # the chat API's, at the top level: the one prompt's
                 for choice in choices:
                     choice.setdefault("prompt_token_ids", data["prompt_token_ids"])
         return _group_choices(choices, usage, len(requests), n, chat=first.kind == "chat")
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        reply = await self._send("POST", self.api_base + path, body, again=False)
+    async def _post(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+        reply = await self._send("POST", self.api_base + path, body, again=False, headers=headers)
         raise_for_status(self.name, reply.status, reply.text, reply.headers)
         try:
             data = json.loads(reply.body)
@@ -304,13 +323,13 @@ class HttpEngineClient:
             raise Malformed(f"{self.name}: response is JSON but not an object")
         return data
 
-    async def _post_stream(self, path: str, body: dict[str, Any], progress: Progress | None = None,
-                           n: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    async def _post_stream(self, path: str, body: dict[str, Any], progress: Progress | None = None, n: int = 1,
+                           headers: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         answer = StreamedAnswer()
         try:
-            async with self._session().post(self.api_base + path, data=json_body(body), headers=JSON_HEADERS,
-                                            **self._proxy) as resp:
+            async with self._session().post(self.api_base + path, data=json_body(body),
+                                            headers={**JSON_HEADERS, **(headers or {})}, **self._proxy) as resp:
                 if resp.status != 200:
                     text = (await resp.read()).decode("utf-8", "replace")
                     raise_for_status(self.name, resp.status, text, resp.headers)
