@@ -106,7 +106,9 @@ async def catch_mid_sample(pool: RolloutPool, victim: EngineProcess, task: async
         pytest.fail(f"the victim was never caught mid-sample ({why}; victim: {pool.stats().engines[1]})")
 
     while True:
-        while not pool_has_read(pool, 1)[1]:  # polling the pool: the victim streams a sample
+        # Stopped as soon as it has work, not once the pool has seen a partial sample: on a loaded machine the pool
+        # may read each of the victim's streams in one piece, and never see one half-read (CI, session 11).
+        while not any(c.engine == 1 for c in pool._dispatcher.ledger.calls):  # polling the pool: work on the victim
             if task.done():
                 give_up("the run ended first")
             await asyncio.sleep(0.05)
@@ -127,8 +129,12 @@ async def catch_mid_sample(pool: RolloutPool, victim: EngineProcess, task: async
             await asyncio.sleep(0.2)
         if mid:
             return
-        for pid in cores:  # the core had finished what it was given: let it go on to its next samples
+        for pid in cores:  # stopped between samples (or before its first token): let it go on to its next ones
             os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(120):
+            while ((await engine_metrics(victim.url)).generation_tokens_total <= produced and not task.done()
+                   and any(c.engine == 1 for c in pool._dispatcher.ledger.calls)):
+                await asyncio.sleep(0.05)  # polling the engine: it made progress before it is stopped again
 
 
 STALL_S = 10.0

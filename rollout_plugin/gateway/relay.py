@@ -145,6 +145,10 @@ def _streamed_generation(answer: StreamedAnswer, n: int) -> Generation:
 class PassThroughClient(HttpEngineClient):
     """An :class:`HttpEngineClient` whose pass-through calls carry a caller's OpenAI body instead of a pool prompt."""
 
+    # A caller's answer is relayed as the engine gives it: the pool never ends one engine-side to move it (a
+    # step's end, pool/policy/spread.py); the caller would get a cut answer, or one made of two.
+    aborts_calls = False
+
     def __init__(self, *args: Any, relay: Relay, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.relay = relay
