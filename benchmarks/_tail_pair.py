@@ -64,22 +64,22 @@ def step_requests(specs: Sequence[GroupSpec], k: int, unit: str, label: str) -> 
 async def run_baseline(cls: type[Baseline], clients: list[HttpEngineClient], reqs: list[tuple[int, Request]],
                        label: str) -> dict[str, float]:
     base = cls(clients, retries=0, tool_latency_s=0.0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     await base.run([Session(g, (r,)) for g, r in reqs])
-    span = time.perf_counter() - t0
+    span, cpu = time.perf_counter() - t0, time.process_time() - c0
     if base.failed:
-        raise SystemExit(f"{label}: {base.failed} request(s) failed")
-    return {"makespan s": span, "tokens": base.output_tokens}
+        raise SystemExit(f"{label}: {base.failed} request(s) failed, first: {base.errors}")
+    return {"makespan s": span, "tokens": base.output_tokens, "client cpu s": cpu}
 
 
 async def run_pool(pool: RolloutPool, reqs: list[tuple[int, Request]], label: str) -> dict[str, float]:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results: list[Result] = await pool.generate([r for _, r in reqs])
-    span = time.perf_counter() - t0
+    span, cpu = time.perf_counter() - t0, time.process_time() - c0
     bad = [r for r in results if not r.ok]
     if bad:
         raise SystemExit(f"{label}: {len(bad)} request(s) failed, e.g. {bad[0].id}: {bad[0].error}")
-    return {"makespan s": span, "tokens": sum(r.output_tokens for r in results)}
+    return {"makespan s": span, "tokens": sum(r.output_tokens for r in results), "client cpu s": cpu}
 
 
 def _load() -> str:
@@ -89,7 +89,9 @@ def _load() -> str:
 async def pair_step(args, starved: bool) -> None:
     load_at_start = check_load(args.allow_load or args.quick)
     extra = ["--num-gpu-blocks-override", str(max(1, args.kv_tokens // 128))] if starved else []  # 128-token CPU blocks
-    procs = [launch_engine(0, 2, args.model_dir), launch_engine(1, 2, args.model_dir, extra=extra)]
+    dev = not args.plain_engines  # an RL server runs in dev mode (weight updates); there /abort_requests exists
+    procs = [launch_engine(0, 2, args.model_dir, dev_mode=dev),
+             launch_engine(1, 2, args.model_dir, extra=extra, dev_mode=dev)]
     rounds = Rounds(args.rounds)
     try:
         for p in procs:
@@ -124,7 +126,7 @@ async def pair_step(args, starved: bool) -> None:
                     print(f"  WARNING: 1-minute load above {MAX_LOAD:g} at this round's start", flush=True)
                 for name in order(CONTENDERS, r):
                     await meter.wait_quiet()
-                    got = await rounds.measure(name, lambda: run(name, f"{name}-r{r}"), "makespan s,tokens")
+                    got = await rounds.measure(name, lambda: run(name, f"{name}-r{r}"), "makespan s,tokens,client cpu s")
                     if got["tokens"] != total:
                         raise SystemExit(f"{name} made {got['tokens']} tokens, expected {total}")
                 print(f"round {r + 1}/{args.rounds}: load average at end {_load()}", flush=True)
@@ -143,14 +145,15 @@ async def pair_step(args, starved: bool) -> None:
            f"{'n=1 request per sample' if args.unit == 'sample' else 'n=k request per group'}), lognormal lengths "
            f"(mean {args.mean:.0f}, σ {args.sigma}); every contender on the pool's aiohttp client; pools "
            f"{'kept across rounds' if args.keep_pools else 'fresh per run (opened off the clock)'}; "
-           f"load at start {load_at_start:.1f}", args.rounds)
+           f"engines {'without' if args.plain_engines else 'in'} dev mode; load at start {load_at_start:.1f}", args.rounds)
     summarize(rounds, "hetero" if starved else "pair", load_at_start)
 
 
 def summarize(rounds: Rounds, variant: str, load_at_start: float) -> None:
     key = "makespan s"
     st = rounds.median("static", key)
-    rounds.table([("median makespan (s)", key)], per_round=key,
+    # The benchmark process's CPU (the pool, or a baseline's client): on 2 cores it is taken from the engines.
+    rounds.table([("median makespan (s)", key), ("median client CPU (s)", "client cpu s")], per_round=key,
                  extra=lambda n: [f"{rounds.worst(n, key):.2f}", f"{rounds.median(n, key) / st:.2f}×",
                                   f"{rounds.worst(n, key) / st:.2f}×"],
                  extra_headers=["worst (s)", "median ÷ static median", "worst ÷ static median"])

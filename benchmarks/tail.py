@@ -112,6 +112,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import statistics
 import sys
@@ -461,6 +462,10 @@ def main() -> None:
     ap.add_argument("--expected-tokens", type=int, default=None, help="pair/hetero: controller hint (default: none)")
     ap.add_argument("--unit", choices=["sample", "group"], default="sample",
                     help="pair/hetero: one n=1 request per sample (issue 22, default) or one n=k request per group")
+    ap.add_argument("--log", help="write the pool's INFO log (caps, moves, state changes) to this file")
+    ap.add_argument("--plain-engines", action="store_true",
+                    help="pair/hetero: engines without dev mode (no /abort_requests: the pool's tail spread stays "
+                         "off); by default they run as an RL server does, in dev mode for weight updates")
     ap.add_argument("--keep-pools", action="store_true",
                     help="pair/hetero: one pool per pool contender kept across rounds (its controller then also "
                          "sees the other contenders' traffic); default: a fresh pool per run, opened off the clock")
@@ -480,6 +485,9 @@ def main() -> None:
         raise SystemExit(f"--rounds={args.rounds}: medians need at least 3 interleaved rounds")
     args.in_flight = args.in_flight or -(-3 * args.groups // 2)
     args.model_dir = resolve_model("embedded:tiny-llama")
+    if args.log:
+        logging.basicConfig(filename=args.log, level=logging.INFO,
+                            format="%(asctime)s.%(msecs)03d %(name)s %(message)s", datefmt="%H:%M:%S")
     asyncio.run({"multistep": multistep, "skewed": skewed, "pair": lambda a: pair_step(a, starved=False),
                  "hetero": lambda a: pair_step(a, starved=True), "failover": failover,
                  "idle": idle}[args.which](args))

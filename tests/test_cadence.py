@@ -15,7 +15,7 @@ from rollout_plugin.config.schema import CollectConfig, ControllerConfig, PoolCo
 from rollout_plugin.config.validate import validate_collect
 from rollout_plugin.errors import ConfigError
 from rollout_plugin.pool.api.pool import RolloutPool
-from rollout_plugin.pool.policy.cadence import Needs, next_wait
+from rollout_plugin.pool.policy.cadence import Needs, next_wait, tail_opened
 from rollout_plugin.sim.loop import run_virtual
 from rollout_plugin.types import Request
 
@@ -102,3 +102,39 @@ def test_work_that_queues_while_the_monitor_waits_brings_the_looks_back_at_once(
 
     after = run_virtual(main())
     assert after[0] <= 1.0 + 1e-6 and len([t for t in after if t <= 6.0]) >= 5, after  # every second again
+
+
+def test_an_engine_going_idle_at_a_steps_end_opens_the_tail_only_while_another_holds_work():
+    assert tail_opened(frozenset({0}), frozenset(), backlog=0, crowded=True)
+    assert not tail_opened(frozenset({0}), frozenset({0}), backlog=0, crowded=True)  # idle at the last look too
+    assert not tail_opened(frozenset({0}), frozenset(), backlog=3, crowded=True)  # routing gives it queued work
+    assert not tail_opened(frozenset({0}), frozenset(), backlog=0, crowded=False)  # nothing left worth moving
+
+
+def test_an_engine_going_idle_while_another_holds_work_brings_the_next_look_at_once():
+    """A quiet monitor (8 s) would let a short step's whole tail pass unseen; the tail spread acts on a look."""
+    async def main():
+        fast, slow = Counting("a"), Counting("b")
+        loop = asyncio.get_running_loop()
+        ctl = ControllerConfig(expected_tokens=64)
+        async with RolloutPool(pool=PoolConfig(per_engine=8, over_concurrency_ratio=1.0), controller=ctl,
+                               clients=[fast, slow], clock=loop.time) as pool:  # caps of 8: 8 on each engine
+            await asyncio.sleep(60.0)
+            assert pool.monitor.wait_s == ctl.quiet_interval_s  # backed off: nothing to decide
+            looks = slow.looks
+            while slow.looks == looks:  # virtual time: until the next look, then half a second on
+                await asyncio.sleep(0.25)
+            await asyncio.sleep(0.5)
+            fast.gate, slow.gate = asyncio.Event(), asyncio.Event()
+            task = asyncio.ensure_future(pool.generate([Request(f"r{i}", "p") for i in range(16)]))
+            await asyncio.sleep(1.5)  # a poll sees both engines busy
+            assert fast.inflight > 0 and slow.inflight >= 2, (fast.inflight, slow.inflight)
+            fast.gate.set()
+            opened = loop.time()
+            await asyncio.sleep(3.0)
+            slow.gate.set()
+            assert all(r.ok for r in await task)
+        return [t - opened for t in slow.at if t > opened]
+
+    after = run_virtual(main())
+    assert after and after[0] <= 1.0 + 1e-6, after  # not ~6 s later, when the quiet period would have ended

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import re
 import socket
 import warnings
 from collections.abc import Iterator
@@ -211,6 +213,58 @@ async def test_a_connection_the_server_dropped_as_it_was_reused_is_tried_once_mo
         with pytest.raises(Unavailable):
             await c.call_root("/pause", {"mode": "abort"})
         assert len(seen) == 2  # once more, not for ever
+    finally:
+        await c.aclose()
+        server.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_generate_call_dropped_on_a_reused_connection_before_any_answer_goes_once_more(stream):
+    """The keep-alive race on a generate call: the server hangs up a kept-alive connection as the call reuses it.
+    The call never ran there: it goes once more on a fresh connection instead of failing the engine (which sent
+    both engines of a loaded CPU pair to ``suspect``: benchmarks/RESULTS.md, session 12). A drop on a fresh
+    connection is the engine's verdict at once: that call may have run."""
+    requests, hang_up = [], set()
+    body = {"choices": [{"index": 0, "text": "x", "token_ids": [7], "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # keep-alive: one connection, many requests
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+                await reader.readexactly(length)
+                requests.append(writer.get_extra_info("peername"))
+                if len(requests) in hang_up:
+                    writer.close()
+                    return
+                payload = json.dumps(body).encode()
+                if stream:
+                    chunk = dict(body, choices=[dict(body["choices"][0])])
+                    payload = (b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+                    ctype = b"text/event-stream"
+                else:
+                    ctype = b"application/json"
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+                             % (ctype, len(payload), payload))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    c = client(url, stream=stream)
+    req = [Request("r", [1], sampling=SamplingParams(max_tokens=1))]
+    try:
+        hang_up = {2}  # the second call reuses the first's connection, and the server hangs up on it
+        assert [g.samples[0].token_ids for g in await c.generate(req)] == [(7,)]
+        assert [g.samples[0].token_ids for g in await c.generate(req)] == [(7,)]
+        assert len(requests) == 3 and requests[1] == requests[0] != requests[2]  # reused, then a fresh one
+        await c.aclose()
+        c, requests[:], hang_up = client(url, stream=stream), [], {1}
+        with pytest.raises(Unavailable):  # a fresh connection: nothing raced, the verdict stands
+            await c.generate(req)
+        assert len(requests) == 1
     finally:
         await c.aclose()
         server.close()

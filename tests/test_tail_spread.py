@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
-from rollout_plugin.pool.policy.spread import TailShare, plan_spread
+from rollout_plugin.pool.observe.telemetry import EngineMetrics, step_point
+from rollout_plugin.pool.policy.spread import StepFit, TailShare, batch_bound, fit_step, plan_spread
 from rollout_plugin.sim.client import SimEngineClient
 from rollout_plugin.sim.config import Policy, SimulateConfig
 from rollout_plugin.sim.engine import SimEngine
@@ -28,6 +30,46 @@ def test_each_idle_engine_takes_a_sequence_off_the_most_crowded_engine_at_that_p
     assert plan_spread(engines, backlog=0) == {0: 3}  # 6 -> 5 -> 4: still above engine 1's 3 each time
     engines = [share(0, 6), share(1, 5), share(2, 0), share(3, 0), share(4, 0)]
     assert plan_spread(engines, backlog=0) == {0: 2, 1: 1}
+
+
+def test_past_one_each_a_sequence_moves_only_to_an_engine_left_less_crowded_than_its_own():
+    # Batch-bound engines (CPU): 6 and 3 over three idle engines go one each (6 -> 3), then engine 0's fourth
+    # and engine 1's first land as seconds (2 <= what each leaves behind); then every engine holds 2.
+    engines = [share(0, 6, batch_bound=True), share(1, 3, batch_bound=True), share(2, 0), share(3, 0), share(4, 0)]
+    assert plan_spread(engines, backlog=0) == {0: 4, 1: 1}
+
+
+def test_a_batch_bound_pair_splits_its_tail_evenly_and_a_flat_one_keeps_it():
+    # The CPU pair's tail: 80 sequences in 10 calls on engine 0, engine 1 idle: engine 1 takes calls while it
+    # stays no busier than engine 0 (40 and 40). Where a step costs the same with fewer sequences (an H100 near
+    # the tail) one idle engine cannot take a call's 8 "one each", and nothing moves.
+    assert plan_spread([share(0, 80, movable=10, calls=10, batch_bound=True), share(1, 0)], backlog=0) == {0: 5}
+    assert plan_spread([share(0, 80, movable=10, calls=10), share(1, 0)], backlog=0) == {}
+    # A KV-starved idle engine takes only what its cap holds: two calls of 8 into a cap of 20, not five.
+    starved = share(1, 0, cap=20)
+    assert plan_spread([share(0, 80, movable=10, calls=10, batch_bound=True), starved], backlog=0) == {0: 2}
+
+
+def test_a_batch_counts_as_batch_bound_only_where_measured_so():
+    cpu, gpu = StepFit(), StepFit()
+    for batch in (256, 200, 32):
+        cpu = fit_step(cpu, batch, step_s=batch / 4000)  # CPU engine: tokens/s flat, a step all per-sequence work
+        gpu = fit_step(gpu, batch, step_s=0.0062 + 0.0001 * batch)  # H100-like: 6.2 ms fixed
+    assert batch_bound(cpu, 8) and batch_bound(cpu, 200)
+    assert not batch_bound(gpu, 30) and batch_bound(gpu, 100)  # 3 ms of 9 per step vs 10 of 16
+    assert not batch_bound(StepFit(), 100)  # nothing measured
+    assert not batch_bound(fit_step(StepFit(), 80, 0.02), 80)  # one batch size: no fit
+    assert not batch_bound(fit_step(fit_step(StepFit(), 100, 0.025), 60, 0.016), 80)  # too close to fit
+    assert fit_step(cpu, 0, 0.01) == cpu and fit_step(cpu, 50, 0.0) == cpu  # no decoding, no measurement
+
+
+def test_a_windows_batch_and_step_time_come_from_vllms_histograms_however_long_the_engine_idled():
+    before = EngineMetrics(step_tokens_sum=1000.0, steps_total=100.0, itl_sum=2.0, itl_count=900.0)
+    after = EngineMetrics(step_tokens_sum=1000.0 + 40 * 50, steps_total=150.0, itl_sum=2.0 + 0.01 * 2000,
+                          itl_count=2900.0)
+    assert step_point(before, after) == pytest.approx((40.0, 0.01))
+    assert step_point(before, replace(after, steps_total=104.0)) is None  # too few steps to count
+    assert step_point(EngineMetrics(), after) is None  # a server without the histograms: no measurement
 
 
 def test_a_call_moves_only_while_idle_engines_remain_for_the_sequences_it_is_reckoned_to_hold():
@@ -120,3 +162,23 @@ def test_a_simulated_abort_in_a_segments_first_step_leaves_the_engines_clock_rig
     # The first step and the partial one (0.013 s), then 49 steps with two sequences and 50 with one.
     assert alone_after_abort == pytest.approx(0.013 + 49 * 0.012 + 50 * 0.011, rel=0.02)
     assert alone_after_abort < both
+
+
+def test_the_simulated_engine_reports_vllms_step_histograms_so_the_fit_sees_its_step_model():
+    """The simulator's /metrics carries what the tail spread measures on a real engine (iteration tokens and
+    inter-token latency): a batch of 8 on a 10 ms + 1 ms/sequence step model reads as 8 sequences at 18 ms."""
+    step = StepModel(base_s=0.01, per_seq_s=0.001, per_ctx_token_s=0.0, per_prefill_token_s=0.0)
+    profile = EngineProfile("t", step, kv_tokens=100_000, max_num_seqs=64, max_num_batched_tokens=8192)
+
+    async def run():
+        engine = SimEngine("e", profile)
+        call = engine.submit([8], [[200] * 8])
+        await asyncio.sleep(0.5)
+        before = engine.metrics()
+        await asyncio.sleep(1.0)  # mid-segment: the partial segment's steps count too
+        after = engine.metrics()
+        await call.future
+        return step_point(before, after), step_point(before, engine.metrics())
+
+    mid, whole = run_virtual(run())
+    assert mid == pytest.approx((8.0, 0.018), rel=0.01) and whole == pytest.approx((8.0, 0.018), rel=0.01)

@@ -33,6 +33,7 @@ class Baseline:
         self.inflight = [0] * len(self.clients)
         self.output_tokens = 0
         self.failed = 0
+        self.errors: list[str] = []  # the first few failures, for a benchmark to say why (a failed request is data)
 
     async def call(self, engine: int, request: Request) -> bool:
         for attempt in range(self.retries + 1):
@@ -40,7 +41,8 @@ class Baseline:
             self.inflight[e] += 1
             try:
                 gens = await self.clients[e].generate([request])
-            except CallError:
+            except CallError as exc:
+                self._note(exc)
                 continue
             finally:
                 self.inflight[e] -= 1
@@ -48,6 +50,10 @@ class Baseline:
             return True
         self.failed += 1
         return False
+
+    def _note(self, exc: CallError) -> None:
+        if len(self.errors) < 5:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def pick(self, index: int) -> int:
         raise NotImplementedError
@@ -94,7 +100,8 @@ class LeastInflight(Baseline):
             self._move(e, +1)
             try:
                 gens = await self.clients[e].generate([request])
-            except CallError:
+            except CallError as exc:
+                self._note(exc)
                 continue
             finally:
                 self._move(e, -1)

@@ -68,6 +68,10 @@ def metrics_text(m: EngineMetrics, model: str = "sim", block_size: int = 16) -> 
         f"vllm:generation_tokens_total{lab} {m.generation_tokens_total}",
         f"vllm:prompt_tokens_total{lab} {m.prompt_tokens_total}",
         f'vllm:cache_config_info{{block_size="{block_size}",num_gpu_blocks="{(m.kv_tokens or 0) // block_size}"}} 1.0',
+        f"vllm:iteration_tokens_total_sum{lab} {m.step_tokens_sum}",
+        f"vllm:iteration_tokens_total_count{lab} {m.steps_total}",
+        f"vllm:inter_token_latency_seconds_sum{lab} {m.itl_sum}",
+        f"vllm:inter_token_latency_seconds_count{lab} {m.itl_count}",
         "",
     ])
 

@@ -142,6 +142,7 @@ class SimEngine:
         self.preemptions = 0
         self.recomputed_tokens = 0.0  # prefilled again after a preemption (included in prompt_tokens)
         self.busy_s = 0.0
+        self.decode_s = 0.0  # Σ batch × step time over finished segments (vLLM's inter-token latency sum)
 
     # -- the calls' side ---------------------------------------------------------------------------
     @property
@@ -303,11 +304,14 @@ class SimEngine:
         running = self._running - gone
         k = self._k - (self._done_k[gone - 1] if gone else 0.0)
         kv = k + running * (self._steps + j) + running * self.profile.block_size / 2  # half a block of rounding
+        generated = self.generation_tokens + self._tokens(j)
         return EngineMetrics(running=running, waiting=len(self._waiting),
                              kv_usage=min(1.0, kv / self.profile.kv_tokens),
                              preemptions_total=float(self.preemptions),
-                             generation_tokens_total=self.generation_tokens + self._tokens(j),
-                             prompt_tokens_total=self.prompt_tokens, kv_tokens=self.profile.kv_tokens)
+                             generation_tokens_total=generated,
+                             prompt_tokens_total=self.prompt_tokens, kv_tokens=self.profile.kv_tokens,
+                             step_tokens_sum=generated, steps_total=float(self._steps + j),
+                             itl_sum=self.decode_s + self._decode_s(j), itl_count=generated)
 
     # -- the model ---------------------------------------------------------------------------------
     def _piece(self, step: int) -> int:
@@ -343,6 +347,17 @@ class SimEngine:
             total += (min(hi, j) - ps[i]) * pb[i]
         return total
 
+    def _decode_s(self, j: int) -> float:
+        """Σ batch × step time over the first ``j`` steps of the segment: each sequence waits a whole step for its
+        token, so this is what vLLM's ``inter_token_latency_seconds`` sums."""
+        total, ps = 0.0, self._ps
+        for i in range(len(ps)):
+            if ps[i] >= j:
+                break
+            hi = min(ps[i + 1] if i + 1 < len(ps) else self._m, j)
+            total += self._pb[i] * (self._span(hi) - self._pt[i])
+        return total
+
     def _sync_partial(self) -> None:
         """Bring the counters to the last finished step, cutting the segment there."""
         if self._timer is None:
@@ -372,6 +387,7 @@ class SimEngine:
         self.busy_s += t - self._t0
         if self._ps:
             self.generation_tokens += self._tokens(m)
+            self.decode_s += self._decode_s(m)
         self._steps += m
         self._t0 = t
         self._m = 0

@@ -28,11 +28,11 @@ from rollout_plugin.pool.policy.caps import (
 )
 from rollout_plugin.pool.dispatch.dispatcher import Dispatcher
 from rollout_plugin.pool.transport.health import looks_healthy
-from rollout_plugin.pool.policy.cadence import Needs, busy, next_wait, urgent
+from rollout_plugin.pool.policy.cadence import Needs, busy, next_wait, tail_opened, urgent
 from rollout_plugin.pool.policy.packing import PackObservation, initial_pack_state, pack_step
-from rollout_plugin.pool.policy.spread import TailShare, plan_spread
+from rollout_plugin.pool.policy.spread import MIN_CROWD, StepFit, TailShare, batch_bound, fit_step, plan_spread
 from rollout_plugin.pool.policy.straggler import EngineRate, EngineShare, judge_speeds, plan_moves
-from rollout_plugin.pool.observe.telemetry import EngineMetrics, parse_vllm_metrics
+from rollout_plugin.pool.observe.telemetry import EngineMetrics, parse_vllm_metrics, step_point
 from rollout_plugin.pool.observe.timeline import TimelineRecorder
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class Monitor:
         self.sized = cfg.expected_tokens is not None or cfg.mode == ControllerMode.off
         self.moved = 0  # samples cut off slow engines at a step's end
         self.spread = 0  # samples of calls moved from crowded engines to idle ones at a step's end
+        self.fit = StepFit()  # the fleet's decode step time against batch size (spread.fit_step)
+        # Engines idle at the last look and every poll since: one idle now and not in it opens the tail.
+        self.idle_seen: frozenset[int] = frozenset()
         self.wait_s = cfg.interval_s  # until the next look (pool/policy/cadence.py)
 
     @property
@@ -154,7 +157,7 @@ class Monitor:
         engine, when its answer came and how long it took (a late one is no measurement); unset: ``now``, 0."""
         now = self.clock() if now is None else now
         timing = list(timing) if timing is not None else []
-        self.latest = metrics
+        previous, self.latest = self.latest, metrics
         self.observed += any(m.generation_tokens_total is not None for m in metrics)
         if self.states is None:
             self.states = self._start(metrics)
@@ -196,11 +199,15 @@ class Monitor:
             self.states[i], decision = step(self.states[i], obs, self.cfg)
             needs.append(self._engine_needs(before, self.states[i], decision, m, inflight))
             rates[i] = EngineRate(i, self.states[i].throughput if measured else None, m.running, kv_usage=m.kv_usage)
+            point = step_point(previous[i], m) if i < len(previous) else None
+            if point is not None:
+                self.fit = fit_step(self.fit, *point)
             if decision.changed:
                 self.dispatcher.set_cap(i, decision.cap, decision.reason or "")
                 self.cap_changes += 1
             self._export(i, client.name, m, inflight, backlog, now)
         pack_changes, moved = self.pack_changes, self.moved + self.spread
+        self.idle_seen, _ = self._idle_engines()
         self._tune_pack(now, backlog, pool_tokens)
         self._judge_stragglers(rates, backlog)
         self._spread_tail(rates, backlog)
@@ -283,15 +290,16 @@ class Monitor:
         movable, calls = self.dispatcher.movable_calls()
         shares = []
         for i, r in enumerate(rates[:len(movable)]):
-            inflight, _, _, healthy = self.dispatcher.engine_state(i)
+            inflight, cap, _, healthy = self.dispatcher.engine_state(i)
             slow = i < len(self.speeds) and self.speeds[i] < self.cfg.slow_below
             shares.append(TailShare(i, r.running if r.running is not None else inflight, inflight, movable[i],
-                                    calls[i], healthy and r.healthy, slow))
+                                    calls[i], healthy and r.healthy, slow, batch_bound(self.fit, r.running or inflight), cap))
         for i, calls in plan_spread(shares, backlog).items():
             samples = self.dispatcher.spread_calls(i, calls)
             self.spread += samples
-            log.info("%s: moving %d call(s) (%d sample(s)) to idle engines (%d decoding, queue empty)",
-                     self.clients[i].name, calls, samples, shares[i].running)
+            log.info("%s: moving %d call(s) (%d sample(s)) to idle engines (%d decoding, queue empty; %s)",
+                     self.clients[i].name, calls, samples, shares[i].running,
+                     "a step shrinks with its batch: up to an even split" if shares[i].batch_bound else "one each")
 
     def _tune_pack(self, now: float, backlog: int, tokens: float) -> None:
         """Pool-wide: one pack size for every engine, scored by all engines' output tokens/s."""
@@ -344,11 +352,30 @@ class Monitor:
                 failing = False
             await self._pause()
 
+    def _idle_engines(self) -> tuple[frozenset[int], bool]:
+        """The healthy engines the pool has nothing on, and whether some engine holds several samples."""
+        idle, crowded = set(), False
+        for i in range(len(self.clients)):
+            inflight, _, _, healthy = self.dispatcher.engine_state(i)
+            if healthy and inflight == 0:
+                idle.add(i)
+            crowded = crowded or inflight >= MIN_CROWD
+        return frozenset(idle), crowded
+
+    def _tail_opened(self) -> bool:
+        if self.cfg.mode == ControllerMode.off or not self.cfg.tail_spread:
+            return False
+        idle, crowded = self._idle_engines()
+        opened = tail_opened(idle, self.idle_seen, self.dispatcher.backlog_samples, crowded)
+        self.idle_seen &= idle  # an engine seen busy since the last look counts as new when it goes idle
+        return opened
+
     async def _pause(self) -> None:
-        """Wait ``wait_s`` in steps of ``interval_s``, ending early when work queues (no I/O per step)."""
+        """Wait ``wait_s`` in steps of ``interval_s``, ending early when work queues or a step's tail opens (no
+        I/O per step)."""
         waited = 0.0
         while True:
             await asyncio.sleep(self.cfg.interval_s)  # the poll period itself, not a synchronisation
             waited += self.cfg.interval_s
-            if waited >= self.wait_s - 1e-9 or urgent(self.dispatcher.backlog_samples):
+            if waited >= self.wait_s - 1e-9 or urgent(self.dispatcher.backlog_samples) or self._tail_opened():
                 return

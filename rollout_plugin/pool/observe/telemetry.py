@@ -24,6 +24,11 @@ class EngineMetrics:
     generation_tokens_total: float | None = None
     prompt_tokens_total: float | None = None
     kv_tokens: int | None = None  # KV cache capacity in tokens (num blocks × block size)
+    # Histogram sums and counts: tokens per engine step, and seconds between a sequence's tokens (a decode step).
+    step_tokens_sum: float | None = None
+    steps_total: float | None = None
+    itl_sum: float | None = None
+    itl_count: float | None = None
 
 
 _SUMS = {
@@ -32,6 +37,10 @@ _SUMS = {
     "vllm:num_preemptions_total": "preemptions_total",
     "vllm:generation_tokens_total": "generation_tokens_total",
     "vllm:prompt_tokens_total": "prompt_tokens_total",
+    "vllm:iteration_tokens_total_sum": "step_tokens_sum",
+    "vllm:iteration_tokens_total_count": "steps_total",
+    "vllm:inter_token_latency_seconds_sum": "itl_sum",
+    "vllm:inter_token_latency_seconds_count": "itl_count",
 }
 
 
@@ -75,4 +84,25 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
         generation_tokens_total=sums.get("generation_tokens_total"),
         prompt_tokens_total=sums.get("prompt_tokens_total"),
         kv_tokens=kv_tokens,
+        step_tokens_sum=sums.get("step_tokens_sum"),
+        steps_total=sums.get("steps_total"),
+        itl_sum=sums.get("itl_sum"),
+        itl_count=sums.get("itl_count"),
     )
+
+
+MIN_STEPS = 8  # engine steps in a window before its mean batch and step time count as a measurement
+
+
+def step_point(before: EngineMetrics, after: EngineMetrics) -> tuple[float, float] | None:
+    """(mean tokens per engine step, mean seconds per decode step) between two looks, from vLLM's histograms
+    (``iteration_tokens_total``, ``inter_token_latency_seconds``): exact for the steps taken, however long the
+    engine idled in the window. None without the series, or with fewer than :data:`MIN_STEPS` steps."""
+    counters = (before.step_tokens_sum, before.steps_total, before.itl_sum, before.itl_count,
+                after.step_tokens_sum, after.steps_total, after.itl_sum, after.itl_count)
+    if any(c is None for c in counters):
+        return None
+    steps, itls = after.steps_total - before.steps_total, after.itl_count - before.itl_count
+    if steps < MIN_STEPS or itls <= 0:
+        return None
+    return (after.step_tokens_sum - before.step_tokens_sum) / steps, (after.itl_sum - before.itl_sum) / itls

@@ -7,14 +7,17 @@ beat the pool with looks every second 9 of 9 rounds). The controller needs fresh
 something to decide: work waiting for a cap, an engine at its cap (a raise may pay), KV pressure or preemptions
 (a cut), a trial open, a slow engine (moves at a step's end), an engine that did not answer. With none of these
 the period doubles from ``controller.interval_s`` up to ``controller.quiet_interval_s``; work that queues ends
-the wait at once (:func:`urgent`, checked every ``interval_s`` without any I/O).
+the wait at once (:func:`urgent`, checked every ``interval_s`` without any I/O), and so does an engine
+going idle at a step's end while another still holds work (:func:`tail_opened`): the tail spread acts on that
+look, and a quiet period of 8 s would otherwise let a short step's whole tail pass unseen (a CPU pair's 2 s
+tail on a 9 s step was never spread: benchmarks/RESULTS.md, session 12).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Needs", "busy", "next_wait", "urgent"]
+__all__ = ["Needs", "busy", "next_wait", "tail_opened", "urgent"]
 
 
 @dataclass(frozen=True)
@@ -45,3 +48,9 @@ def next_wait(previous_s: float, needs: Needs, interval_s: float, quiet_interval
 def urgent(backlog: int) -> bool:
     """Work queued while the monitor waits: caps may bind, so the next look comes now."""
     return backlog > 0
+
+
+def tail_opened(idle: frozenset[int], idle_at_last_look: frozenset[int], backlog: int, crowded: bool) -> bool:
+    """An engine went idle since the last look while nothing waits in the pool and another engine still decodes
+    several of its samples (``crowded``): the step's tail began, and the spread decides on a look."""
+    return backlog == 0 and crowded and bool(idle - idle_at_last_look)

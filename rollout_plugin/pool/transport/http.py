@@ -40,6 +40,7 @@ from rollout_plugin.pool.core.engine_client import (
     Unavailable,
     verdict_for_status,
 )
+from rollout_plugin.pool.transport.keepalive import KEEPALIVE_S, REUSE_TRACE, Exchange, Raced
 from rollout_plugin.pool.transport.sse import StreamedAnswer, aiter_events, logprob_values
 from rollout_plugin.types import Request, Sample, SamplingParams
 
@@ -48,9 +49,6 @@ __all__ = ["JSON_HEADERS", "CallError", "EngineClient", "Generation", "HttpEngin
 
 log = logging.getLogger(__name__)
 
-# Idle connections close before vLLM's own keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s) closes them:
-# a POST sent on a connection the server is closing fails, and aiohttp retries only idempotent methods.
-KEEPALIVE_S = 4.0
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -170,7 +168,7 @@ class HttpEngineClient:
             # hosted API's load-balancer cookie would only pin every call to one backend).
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
             self._http = aiohttp.ClientSession(connector=connector, headers=self._headers, timeout=self._timeout,
-                                               cookie_jar=aiohttp.DummyCookieJar())
+                                               cookie_jar=aiohttp.DummyCookieJar(), trace_configs=[REUSE_TRACE])
         return self._http
 
     async def aclose(self) -> None:
@@ -183,9 +181,12 @@ class HttpEngineClient:
                     timeout: aiohttp.ClientTimeout | None = None, again: bool = True,
                     headers: dict[str, str] | None = None) -> Reply:
         """One whole exchange; transport failures become :class:`TimedOut` / :class:`Unavailable`. ``again``:
-        a connection dropped before the answer is tried once more (control calls; a generate call's failure
-        is the dispatcher's to retry, elsewhere if need be)."""
-        kwargs: dict[str, Any] = {**self._proxy}
+        a dropped connection is tried once more (control calls). Without it (a generate call, whose failure is the
+        dispatcher's to retry elsewhere) only a kept-alive connection dropped before any answer is: the keep-alive
+        race, in which the server closed it as we reused it and the request never ran there — not an engine
+        failure (counted as one, it once sent both engines of a loaded pair to ``suspect``)."""
+        exchange = Exchange()
+        kwargs: dict[str, Any] = {**self._proxy, "trace_request_ctx": exchange}
         if body is not None:
             kwargs["data"], kwargs["headers"] = json_body(body), {**JSON_HEADERS, **(headers or {})}
         if timeout is not None:
@@ -193,10 +194,13 @@ class HttpEngineClient:
         try:
             try:
                 async with self._session().request(method, url, **kwargs) as resp:
+                    exchange.answered = True
                     return Reply(resp.status, await resp.read(), resp.headers)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if not again or isinstance(exc, aiohttp.ClientConnectorError):  # refused: nothing was reused
+                raced = exchange.reused and not exchange.answered
+                if isinstance(exc, aiohttp.ClientConnectorError) or not (again or raced):  # refused: nothing reused
                     raise
+                kwargs["trace_request_ctx"] = Exchange()
                 # A kept-alive connection the server closed as we reused it (its idle timeout raced ours): the
                 # request never ran there. Once more, on a fresh connection; a second failure is the verdict.
                 log.debug("%s: %s %s: %s on a reused connection; once more", self.name, method, url, exc)
@@ -328,17 +332,14 @@ class HttpEngineClient:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         answer = StreamedAnswer()
         try:
-            async with self._session().post(self.api_base + path, data=json_body(body),
-                                            headers={**JSON_HEADERS, **(headers or {})}, **self._proxy) as resp:
-                if resp.status != 200:
-                    text = (await resp.read()).decode("utf-8", "replace")
-                    raise_for_status(self.name, resp.status, text, resp.headers)
-                # Raw chunks, not lines: sampled text holds separators a line splitter breaks on (pool/transport/sse.py).
-                # Read to the end, past [DONE], so the connection goes back for reuse instead of closing.
-                async for data in aiter_events(resp.content.iter_any()):
-                    for acc in answer.add(data):
-                        if progress is not None:
-                            _report(progress[acc["index"] // n][acc["index"] % n], acc)
+            try:
+                await self._stream_into(answer, path, body, progress, n, headers)
+            except Raced as raced:
+                log.debug("%s: %s on a reused connection before any answer; once more", self.name, raced.__cause__)
+                await self._stream_into(answer, path, body, progress, n, headers)
+        except Raced as raced:  # twice: the verdict
+            exc = raced.__cause__
+            raise Unavailable(f"{self.name}: {type(exc).__name__}: {exc}") from exc
         except TimeoutError as exc:  # before OSError: TimeoutError is one
             raise TimedOut(f"{self.name}: {type(exc).__name__}: {exc}") from exc
         except (aiohttp.ClientError, OSError) as exc:
@@ -351,6 +352,31 @@ class HttpEngineClient:
         if failure is not None:
             raise failure
         return answer.merged(), answer.usage
+
+
+    async def _stream_into(self, answer: StreamedAnswer, path: str, body: dict[str, Any], progress: Progress | None,
+                           n: int, headers: dict[str, str] | None) -> None:
+        """One streamed exchange into ``answer``; a drop before any answer on a kept-alive connection is marked
+        :class:`Raced` (see :meth:`HttpEngineClient._send`)."""
+        exchange = Exchange()
+        try:
+            async with self._session().post(self.api_base + path, data=json_body(body),
+                                            headers={**JSON_HEADERS, **(headers or {})}, trace_request_ctx=exchange,
+                                            **self._proxy) as resp:
+                exchange.answered = True
+                if resp.status != 200:
+                    text = (await resp.read()).decode("utf-8", "replace")
+                    raise_for_status(self.name, resp.status, text, resp.headers)
+                # Raw chunks, not lines: sampled text holds separators a line splitter breaks on
+                # (pool/transport/sse.py). Read to the end, past [DONE], so the connection goes back for reuse.
+                async for data in aiter_events(resp.content.iter_any()):
+                    for acc in answer.add(data):
+                        if progress is not None:
+                            _report(progress[acc["index"] // n][acc["index"] % n], acc)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if exchange.reused and not exchange.answered and not isinstance(exc, aiohttp.ClientConnectorError):
+                raise Raced() from exc
+            raise
 
 
 def _report(p: Partial, acc: dict[str, Any]) -> None:
