@@ -292,8 +292,9 @@ class Monitor:
         for i, r in enumerate(rates[:len(movable)]):
             inflight, cap, _, healthy = self.dispatcher.engine_state(i)
             slow = i < len(self.speeds) and self.speeds[i] < self.cfg.slow_below
-            shares.append(TailShare(i, r.running if r.running is not None else inflight, inflight, movable[i],
-                                    calls[i], healthy and r.healthy, slow, batch_bound(self.fit, r.running or inflight), cap))
+            running = r.running if r.running is not None else inflight
+            shares.append(TailShare(i, running, inflight, movable[i], calls[i], healthy and r.healthy, slow,
+                                    batch_bound(self.fit, running), cap))
         for i, calls in plan_spread(shares, backlog).items():
             samples = self.dispatcher.spread_calls(i, calls)
             self.spread += samples

@@ -8,10 +8,12 @@ empty), :func:`plan_spread` moves calls off the engine decoding the most sequenc
 sequence to each. Past one each, a sequence sharing an idle engine with others gains only where a decode step
 costs less with fewer sequences: not on an H100 near the tail (a step is ~6 ms whatever a few sequences hold),
 but on a CPU engine (a step is nearly all per-sequence work) it is the whole gain — a pair has one idle engine
-for its busy twin's dozens of tail sequences. So each engine's step time is measured against its batch
-(:func:`fit_step`, from the monitor's looks); where a crowded engine's batch is batch-bound (:func:`batch_bound`),
-its calls move until the idle engines hold as many as it keeps, and never more than their caps (a KV-starved
-engine of a pair took 50 moved sequences it could hold 6 of: a 25 s step for static's 15 s). The dispatcher ends each call engine-side (vLLM's ``/abort_requests``: it
+for its busy twin's dozens of tail sequences. So the fleet's step time is measured against batch size
+(:func:`fit_step`, from vLLM's step histograms at the monitor's looks); where a crowded engine's batch is
+batch-bound (:func:`batch_bound`), its calls move until the idle engines hold as many as it keeps, and never more
+than their caps (without the caps a KV-starved idle engine was handed an even split it could not hold: a 25 s
+step for static's 15 s, benchmarks/RESULTS.md session 12). The dispatcher ends each call engine-side (vLLM's
+``/abort_requests``: it
 answers with the tokens so far) and its unfinished samples continue from their tokens, each alone
 (``Unit.spread``: never packed), on the idle engines — a re-prefill, ~10x cheaper per token than decode on an
 H100. A call moves at most once: moved work is never moved again, so the tail cannot chase itself round the
@@ -49,9 +51,10 @@ def plan_spread(engines: Sequence[TailShare], backlog: int) -> dict[int, int]:
     """``{engine: calls to move}``: calls off the engine decoding the most sequences (at least :data:`MIN_CROWD`)
     at each point. A call is reckoned to hold ``running / calls`` of its engine's sequences (a non-streamed call's
     finished samples are not known apart); they land one by one on the least loaded idle engines, as routing
-    places them. A call moves while each engine it lands on holds one sequence, or no more than the engine it left
-    still decodes: the busiest engine gets lighter and none becomes the new busiest. Empty while work waits in the
-    pool (routing fills idle engines then) or no engine is idle."""
+    places them. A call moves while each engine it lands on holds one sequence — or, from a batch-bound engine, no
+    more than that engine still decodes (the busiest gets lighter, none becomes the new busiest) — and no idle
+    engine goes past its cap. Empty while work waits in the pool (routing fills idle engines then) or no engine is
+    idle."""
     if backlog > 0:
         return {}
     # The idle engines as a heap of (load, cap): a KV-starved engine takes only what its cap holds.
