@@ -83,9 +83,24 @@ def test_pool_ray_group_selects_the_backend():
 
 # -- a real two-node cluster ----------------------------------------------------------------------
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, taken: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """``n`` distinct free ports, none in ``taken``: all bound at once while picked (one at a time, the OS may
+    hand back the port it just freed — CI saw a node refuse to start with two of its components on 39099)."""
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            socks.append(s)  # kept bound, taken or not, so that it is not offered again
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] not in taken:
+                ports.append(s.getsockname()[1])
+        return ports
+    finally:
+        for s in socks:
+            s.close()
 
 
 def wait_until(predicate, timeout_s: float, what: str) -> None:
@@ -142,6 +157,7 @@ class LocalRayCluster:
         self.mark = uuid.uuid4().hex
         self.temp = tempfile.mkdtemp(prefix="rp-ray-")  # short: Ray's socket paths live under it
         self.port = free_port()
+        self.used = {self.port}  # ports handed to this cluster's nodes: never twice
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
         self.killed: set[str] = set()
@@ -152,14 +168,16 @@ class LocalRayCluster:
         if resource in self.nodes:
             self.retired.append(self.nodes.pop(resource))
             self.killed.discard(resource)
+        ports = free_ports(6, taken=self.used)  # distinct within the node and across the cluster's nodes
+        self.used.update(ports)
         cmd = [str(RAY), "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
                "--num-cpus=1", "--num-gpus=0", f"--resources={json.dumps({resource: 1})}",
                "--object-store-memory=100000000",  # Ray's floor is ~75 MB; we only pass endpoints
-               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+               f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
+               f"--runtime-env-agent-port={ports[2]}", f"--metrics-export-port={ports[3]}"]
         if head:
             cmd += ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp}",
-                    f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}"]
+                    f"--ray-client-server-port={ports[4]}", f"--dashboard-port={ports[5]}"]
         else:
             cmd += [f"--address={self.address}"]
         log = open(Path(self.temp) / f"{resource}.log", "wb")
